@@ -1,0 +1,33 @@
+"""The exception types FlexPipe raises to its users.
+
+Every error a caller can act on derives from ``FlexPipeError`` so that an
+application can catch FlexPipe failures without catching programming errors.
+"""
+
+
+class FlexPipeError(Exception):
+    """Base class of every error FlexPipe raises on purpose."""
+
+
+class CheckpointError(FlexPipeError):
+    """A model directory is missing, unreadable, corrupt or inconsistent."""
+
+
+class UnsupportedModelError(FlexPipeError):
+    """The checkpoint's architecture has no FlexPipe adapter."""
+
+
+class PartitionError(FlexPipeError):
+    """No layout satisfies the requested stage count and device limits."""
+
+
+class InvalidRequestError(FlexPipeError, ValueError):
+    """A request or sampling parameter is out of range."""
+
+
+class PipelineError(FlexPipeError):
+    """The pipeline cannot serve: a stage process died or stopped answering."""
+
+
+class TransportError(FlexPipeError):
+    """A data-plane channel failed or was configured wrongly."""

@@ -1,0 +1,33 @@
+"""The private runtime directory that holds IPC endpoints and shared-memory files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def runtime_dir() -> Path:
+    """``$FLEXPIPE_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/flexpipe``, else ``/tmp/flexpipe-<uid>``; always mode 0700."""
+    base = os.environ.get("FLEXPIPE_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "flexpipe") if xdg else os.path.join(tempfile.gettempdir(), f"flexpipe-{os.getuid()}")
+    path = Path(base)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def new_session_dir(prefix: str) -> Path:
+    """A fresh 0700 directory under the runtime directory for one pipeline's sockets."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=runtime_dir()))
+
+
+def shared_memory_dir() -> Path:
+    """Where shared-memory ring files live: /dev/shm when present, else the runtime dir."""
+    dev_shm = Path("/dev/shm")
+    if dev_shm.is_dir() and os.access(dev_shm, os.W_OK):
+        return dev_shm
+    return runtime_dir()

@@ -1,0 +1,13 @@
+"""FlexPipe data plane: model units, stages, KV cache, engine and transports."""
+
+from dataplane.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+
+
+def __getattr__(name):
+    if name == "LLM":
+        from dataplane.llm import LLM
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

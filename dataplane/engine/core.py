@@ -1,0 +1,152 @@
+"""The engine loop: feeds micro-batches into the pipeline and turns sampled tokens into results."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from common.errors import PipelineError
+from dataplane import messages
+from dataplane.engine.scheduler import Scheduler
+from dataplane.engine.sequence import Sequence
+from dataplane.transport import Inbox, Outbox
+
+log = logging.getLogger("flexpipe.engine")
+
+
+@dataclass(slots=True)
+class InFlight:
+    seqs: list[Sequence]
+    launched_at: float
+
+
+class EngineCore:
+    """Runs the scheduler against a live pipeline on a background thread.
+
+    Invariants: only the loop thread touches the scheduler and the sockets; callers
+    talk to it through ``submit`` (a thread-safe queue). At most ``num_stages``
+    micro-batches are in flight. Every sequence ends with ``on_finish`` called once:
+    finished normally, failed with its micro-batch, or failed because the pipeline died.
+    """
+
+    def __init__(self, scheduler: Scheduler, to_first_stage: Outbox, from_last_stage: Inbox,
+                 liveness_check, epoch: int = 0, step_timeout_s: float = 60.0) -> None:
+        self.scheduler = scheduler
+        self.to_first_stage = to_first_stage
+        self.from_last_stage = from_last_stage
+        self.liveness_check = liveness_check
+        self.epoch = epoch
+        self.step_timeout_s = step_timeout_s
+        self.in_flight: dict[int, InFlight] = {}
+        self.submissions: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self.fatal_error: PipelineError | None = None
+        self._next_batch_id = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="flexpipe-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        if self.fatal_error is not None:
+            seq.fail(self.fatal_error)
+            seq.on_finish(seq)
+            return
+        self.submissions.put(seq)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
+
+    def _run(self) -> None:
+        last_check = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self._admit_submissions()
+                self._launch()
+                self._collect(timeout_ms=5 if self.in_flight else 20)
+                if time.monotonic() - last_check > 0.2:
+                    self._check_health()
+                    last_check = time.monotonic()
+        except PipelineError as exc:
+            self._fail_everything(exc)
+        except Exception as exc:  # a bug in the loop must still release every waiting caller
+            log.exception("engine loop crashed")
+            self._fail_everything(PipelineError(f"engine loop crashed: {type(exc).__name__}: {exc}"))
+        else:
+            self._fail_everything(PipelineError("the pipeline was closed"))
+
+    def _admit_submissions(self) -> None:
+        while True:
+            try:
+                self.scheduler.add(self.submissions.get_nowait())
+            except queue.Empty:
+                return
+
+    def _launch(self) -> None:
+        while len(self.in_flight) < self.scheduler.num_stages:
+            seqs = self.scheduler.next_micro_batch()
+            if not seqs:
+                return
+            batch_id = self._next_batch_id
+            self._next_batch_id += 1
+            header = messages.MicroBatch(batch_id, self.epoch, [s.work() for s in seqs])
+            self.in_flight[batch_id] = InFlight(seqs, time.monotonic())
+            self.to_first_stage.send(messages.encode(header))
+
+    def _collect(self, timeout_ms: int) -> None:
+        message = self.from_last_stage.recv(timeout_ms)
+        while message is not None:
+            self._on_message(message.header)
+            message = self.from_last_stage.recv(0)
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            reply = messages.decode(data)
+        except msgspec.DecodeError as exc:
+            log.error("dropping malformed message from the last stage: %s", exc)
+            return
+        flight = self.in_flight.pop(reply.batch_id, None)
+        if flight is None:
+            log.error("dropping reply for unknown micro-batch %s", reply.batch_id)
+            return
+        if isinstance(reply, messages.StageFailure):
+            error = PipelineError(f"stage {reply.stage} failed micro-batch {reply.batch_id}: {reply.message}")
+            for seq in flight.seqs:
+                seq.fail(error)
+                self._finish(seq)
+            return
+        logprobs = reply.logprobs or [None] * len(reply.token_ids)
+        for seq, token, logprob in zip(flight.seqs, reply.token_ids, logprobs):
+            seq.append_token(token, logprob)
+            if seq.finished:
+                self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if seq.on_finish is not None:
+            seq.on_finish(seq)
+
+    def _check_health(self) -> None:
+        self.liveness_check()
+        now = time.monotonic()
+        for batch_id, flight in self.in_flight.items():
+            if now - flight.launched_at > self.step_timeout_s:
+                raise PipelineError(f"micro-batch {batch_id} got no answer within {self.step_timeout_s:.0f}s")
+
+    def _fail_everything(self, error: PipelineError) -> None:
+        self.fatal_error = error
+        self._admit_submissions()
+        doomed = {id(s): s for f in self.in_flight.values() for s in f.seqs}
+        doomed.update({id(s): s for s in [*self.scheduler.running, *self.scheduler.waiting]})
+        self.in_flight.clear()
+        for seq in doomed.values():
+            seq.fail(error)
+            self._finish(seq)

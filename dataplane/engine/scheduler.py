@@ -1,0 +1,98 @@
+"""Continuous batching across pipeline stages: which sequences go into the next micro-batch."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from dataplane.engine.sequence import Sequence
+from dataplane.kv_cache import BlockAllocator
+
+
+class Scheduler:
+    """Forms micro-batches from running and waiting sequences. Pure logic, no I/O.
+
+    Invariants: a sequence is in ``waiting`` or ``running``, never both; only a
+    sequence that is not in flight is scheduled or preempted; blocks are allocated
+    before a micro-batch is formed, so a launched micro-batch never runs out of KV.
+    With K stages each micro-batch takes about 1/K of the active sequences, so K
+    micro-batches keep every stage busy.
+    """
+
+    def __init__(self, allocator: BlockAllocator, num_stages: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.allocator = allocator
+        self.num_stages = num_stages
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def next_micro_batch(self) -> list[Sequence]:
+        active = len(self.running) + min(len(self.waiting), self.max_num_seqs - len(self.running))
+        target = max(1, -(-active // self.num_stages))
+        batch: list[Sequence] = []
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if len(batch) >= target or budget < 1:
+                break
+            if seq.in_flight or seq not in self.running:
+                continue
+            tokens = seq.num_tokens - seq.num_computed
+            if tokens > budget or not self._grow(seq, protect=batch):
+                continue
+            batch.append(seq)
+            budget -= tokens
+        while self.waiting and len(batch) < target and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            tokens = seq.num_tokens
+            blocks = self.allocator.blocks_for(seq.num_tokens)
+            if tokens > budget or not self.allocator.can_allocate(blocks):
+                break
+            self.waiting.popleft()
+            seq.block_table = self.allocator.allocate(blocks)
+            self.running.append(seq)
+            batch.append(seq)
+            budget -= tokens
+        return batch
+
+    def _grow(self, seq: Sequence, protect: list[Sequence]) -> bool:
+        """Make the block table cover every token of ``seq``, preempting others if needed."""
+        needed = self.allocator.blocks_for(seq.num_tokens) - len(seq.block_table)
+        while needed > 0 and not self.allocator.can_allocate(needed):
+            victim = self._preemption_victim(exclude=[seq, *protect])
+            if victim is None:
+                return False
+            self.preempt(victim)
+        if needed > 0:
+            seq.block_table += self.allocator.allocate(needed)
+        return True
+
+    def _preemption_victim(self, exclude: list[Sequence]) -> Sequence | None:
+        for seq in reversed(self.running):
+            if not seq.in_flight and seq not in exclude:
+                return seq
+        return None
+
+    def preempt(self, seq: Sequence) -> None:
+        """Drop a sequence's KV; it recomputes prompt + generated tokens when readmitted."""
+        self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.block_table = []

@@ -1,0 +1,235 @@
+"""The offline API: ``LLM(model, num_stages=...)`` and ``llm.generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Sequence as Seq
+
+import zmq
+
+from common.errors import CheckpointError, InvalidRequestError, PipelineError
+from common.runtime import new_session_dir
+from dataplane import worker_protocol as proto
+from dataplane.engine.core import EngineCore
+from dataplane.engine.scheduler import Scheduler
+from dataplane.engine.sequence import Sequence
+from dataplane.kv_cache import BlockAllocator, kv_bytes_per_block
+from dataplane.messages import SamplingOptions
+from dataplane.models import adapter_for
+from dataplane.models.checkpoint import CheckpointReader, read_config
+from dataplane.models.spec import ModelSpec
+from dataplane.partitioner import CostModel, partition, unit_costs
+from dataplane.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from dataplane.stage import resolve_dtype
+from dataplane.stage_processes import StageProcesses
+from dataplane.transport import Inbox, check_transport, inbox_address, open_outbox
+from dataplane.units import Layout, unit_names
+
+
+class LLM:
+    """A model served by a pipeline of stage processes, driven from this process.
+
+    Invariants: after construction every stage is loaded and serving; ``generate``
+    may be called from many threads at once and all their requests share one running
+    batch; ``close()`` (or leaving the ``with`` block) stops every child process.
+    """
+
+    def __init__(self, model: str | Path | None = None, *, num_stages: int = 1, layout: Seq | None = None,
+                 transport: str = "shm", devices: Seq[str] | None = None, device_memory: Seq[int] | None = None,
+                 dtype: str = "float32", block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 max_model_len: int | None = None, start_timeout_s: float = 120.0, step_timeout_s: float = 60.0) -> None:
+        if model is None:
+            from dataplane.tiny_model import ensure_tiny_model
+            model = ensure_tiny_model()
+        self.model_dir = Path(model).resolve()
+        self.transport = check_transport(transport)
+        self.dtype = dtype
+        resolve_dtype(dtype)
+        self.spec = ModelSpec.from_config(read_config(self.model_dir))
+        self._check_tensors()
+        self.unit_names = unit_names(self.spec.num_layers)
+        self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        self.layout = self._layout(num_stages, layout, device_memory)
+        stages = self.layout.num_stages
+        self.devices = list(devices) if devices else [self._default_device(i) for i in range(stages)]
+        if len(self.devices) != stages:
+            raise InvalidRequestError(f"{len(self.devices)} devices given for {stages} stages")
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks or self._default_kv_blocks(kv_cache_bytes, max_num_seqs)
+        self.max_num_batched_tokens = max_num_batched_tokens or max(self.max_model_len, 2048)
+        self.tokenizer = self._load_tokenizer()
+        self._ids = itertools.count()
+        self._closed = False
+        self._context = zmq.Context()
+        self._session_dir = new_session_dir("pipeline-")
+        self._processes = None
+        try:
+            self._start(dtype, start_timeout_s, step_timeout_s, max_num_seqs)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_tensors(self) -> None:
+        reader = CheckpointReader(self.model_dir)
+        adapter = adapter_for(self.spec, set(reader.weight_map))
+        for unit in unit_names(self.spec.num_layers):
+            missing = [n for n in adapter.tensor_names(unit) if not reader.has(n)]
+            if missing:
+                raise CheckpointError(f"checkpoint {str(self.model_dir)!r} lacks tensors of unit {unit}: {missing}")
+
+    def _layout(self, num_stages: int, layout: Seq | None, device_memory: Seq[int] | None) -> Layout:
+        if layout is not None:
+            return Layout.from_spec(layout, self.unit_names)
+        cost_model = CostModel(activation_bytes_per_token=self.spec.hidden_size * self.spec.dtype_bytes)
+        return partition(unit_costs(self.spec), num_stages, cost_model, device_memory)
+
+    def _default_device(self, stage: int) -> str:
+        if self.transport in ("cuda_ipc", "nccl"):
+            return f"cuda:{stage}"
+        return "cpu"
+
+    def _default_kv_blocks(self, kv_cache_bytes: int, max_num_seqs: int) -> int:
+        layers_per_stage = max(sum(1 for u in self.layout.stage_units(s, self.unit_names) if u.endswith(".attn"))
+                               for s in range(self.layout.num_stages))
+        per_block = kv_bytes_per_block(self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
+                                       resolve_dtype(self.dtype).itemsize) * max(1, layers_per_stage)
+        wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
+        return max(1, min(wanted, kv_cache_bytes // per_block))
+
+    def _load_tokenizer(self):
+        if not any((self.model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            return None
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(str(self.model_dir))
+        except Exception as exc:  # transformers raises many types for broken tokenizer files
+            raise CheckpointError(f"cannot load the tokenizer of {self.model_dir}: {exc}") from exc
+
+    def _start(self, dtype: str, start_timeout_s: float, step_timeout_s: float, max_num_seqs: int) -> None:
+        stages = self.layout.num_stages
+        self._inbox = Inbox(self._context, inbox_address("shm", str(self._session_dir), "engine"))
+        self._processes = StageProcesses(stages, self._session_dir, self.transport, self._context, start_timeout_s)
+        slot_bytes = max(1 << 20, self.max_num_batched_tokens * self.spec.hidden_size * 4 + 4096)
+        dist_init = ""
+        if self.transport in ("nccl", "gloo"):
+            import socket
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                dist_init = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        commands = [
+            proto.LoadStage(stage, stages, 0, str(self.model_dir), self.layout.stage_units(stage, self.unit_names),
+                            self.num_kv_blocks, self.block_size, dtype, self.devices[stage], self.transport,
+                            self._processes.inboxes[stage + 1] if stage + 1 < stages else "",
+                            self._inbox.address, slot_bytes, dist_init)
+            for stage in range(stages)
+        ]
+        self.stages = self._processes.load(commands)
+        self._to_first = open_outbox("tcp", self._context, self._processes.inboxes[0])
+        scheduler = Scheduler(BlockAllocator(self.num_kv_blocks, self.block_size), stages,
+                              max_num_seqs, self.max_num_batched_tokens)
+        self.engine = EngineCore(scheduler, self._to_first, self._inbox, self._processes.raise_if_dead,
+                                 step_timeout_s=step_timeout_s)
+        self.engine.start()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self._processes.pids if self._processes else []
+
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 timeout_s: float | None = None) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); blocks until all are done.
+
+        Raises ``InvalidRequestError`` for a bad prompt before anything is queued and
+        ``PipelineError`` if the pipeline cannot finish a request."""
+        if self._closed:
+            raise PipelineError("this LLM is closed")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        token_lists = [self._tokenize(p) for p in prompts]
+        done = threading.Semaphore(0)
+        seqs = [self._new_sequence(tokens, p, lambda _seq: done.release()) for tokens, p in zip(token_lists, params_list)]
+        for seq in seqs:
+            self.engine.submit(seq)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for seq in seqs:
+            while not done.acquire(timeout=0.5):
+                if not self.engine.thread.is_alive() and not all(s.finished for s in seqs):
+                    raise PipelineError(f"the engine stopped: {self.engine.fatal_error}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PipelineError(f"generate did not finish within {timeout_s}s")
+        failed = next((s for s in seqs if s.error is not None), None)
+        if failed is not None:
+            raise failed.error
+        return [self._output(seq, prompt) for seq, prompt in zip(seqs, prompts)]
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer; pass token ids instead of text")
+            tokens = self.tokenizer.encode(prompt)
+        else:
+            tokens = [int(t) for t in prompt]
+        if not tokens:
+            raise InvalidRequestError("a prompt must hold at least one token")
+        bad = [t for t in tokens if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary of {self.spec.vocab_size}")
+        if len(tokens) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt of {len(tokens)} tokens does not fit the model's context of {self.max_model_len} tokens")
+        return tokens
+
+    def _new_sequence(self, tokens: list[int], params: SamplingParams, on_finish) -> Sequence:
+        needed = -(-min(len(tokens) + params.max_tokens, self.max_model_len) // self.block_size)
+        if needed > self.num_kv_blocks:
+            raise InvalidRequestError(f"request needs {needed} KV blocks but the pipeline has {self.num_kv_blocks}")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        options = SamplingOptions(params.temperature, params.top_k, params.top_p, seed, params.logprobs or 0)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.spec.eos_token_ids)
+        return Sequence(next(self._ids), tokens, params, options, frozenset(stop_ids), self.max_model_len, on_finish)
+
+    def _output(self, seq: Sequence, prompt) -> RequestOutput:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if self.tokenizer else ""
+        logprobs = [msg_logprob_dict(lp) for lp in seq.logprobs] if seq.params.logprobs is not None else None
+        metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
+                   "finish_time": seq.finish_time, "token_times": list(seq.token_times)}
+        return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None, seq.prompt_token_ids,
+                             [CompletionOutput(list(seq.output_token_ids), text, seq.finish_reason, logprobs)], metrics)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+        if self._processes is not None:
+            self._processes.close()
+        for endpoint in (getattr(self, "_to_first", None), getattr(self, "_inbox", None)):
+            if endpoint is not None:
+                endpoint.close()
+        self._context.term()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+def msg_logprob_dict(logprob) -> dict:
+    return {"logprob": logprob.logprob, "top": dict(zip(logprob.top_ids, logprob.top_logprobs))}

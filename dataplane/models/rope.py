@@ -1,0 +1,226 @@
+"""Rotary position embeddings computed exactly as Hugging Face transformers computes them.
+
+This mirrors ``transformers.modeling_rope_utils`` (``ROPE_INIT_FUNCTIONS`` and ``dynamic_rope_update``) and the
+Llama rotary embedding, but imports only torch so that worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.errors import CheckpointError, UnsupportedModelError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+_DEFAULT_THETA = 10_000.0
+_USES_ORIGINAL_MAX = ("yarn", "longrope", "llama3")
+
+
+@dataclass(frozen=True, slots=True)
+class RopeSpec:
+    """Everything that determines a model's rotary embedding, in a hashable form.
+
+    Invariants:
+
+    * ``rope_type`` is one of ``SUPPORTED_ROPE_TYPES``.
+    * ``rotary_dim`` is even and positive; the first ``rotary_dim`` dims of every head are rotated, the rest
+      (partial rotary) pass through unchanged.
+    * ``params`` holds, sorted by name, exactly the scaling parameters ``rope_type`` uses, with every default
+      already resolved the way transformers resolves it (yarn/longrope ``attention_factor``, yarn ``beta_*`` and
+      ``truncate``, ``original_max_position_embeddings``); sequences are tuples. Equal specs therefore give
+      identical embeddings, and a spec can be hashed, compared and sent to worker processes.
+    * ``inv_freq_and_scaling`` and ``cos_sin`` are pure functions of the spec and their arguments; unlike
+      transformers' module, nothing is cached between forward calls that could change a result.
+    """
+
+    rope_type: str
+    theta: float
+    rotary_dim: int
+    max_position_embeddings: int
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"RoPE type {self.rope_type!r} is not supported; supported types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise UnsupportedModelError(f"the rotary dimension must be even and positive, got {self.rotary_dim}")
+
+    @classmethod
+    def from_hf_config(cls, config: dict, head_dim: int) -> RopeSpec:
+        """Reads a raw config.json dict in the transformers v5 (``rope_parameters``) or v4 (``rope_scaling``,
+        ``rope_theta``) form."""
+        rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+        if any(isinstance(value, dict) for value in rope.values()):
+            raise UnsupportedModelError("RoPE parameters that differ per layer type are not supported")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"RoPE type {rope_type!r} is not supported; supported types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        theta = _first_set(rope.get("rope_theta"), config.get("rope_theta"), _DEFAULT_THETA)
+        partial = _first_set(rope.get("partial_rotary_factor"), config.get("partial_rotary_factor"), 1.0)
+        rotary_dim = int(head_dim * partial)
+        max_pos = config.get("max_position_embeddings")
+        if max_pos is None:
+            raise CheckpointError("config.json lacks max_position_embeddings")
+        if rope_type in _USES_ORIGINAL_MAX:
+            # As in transformers, a top-level value (Phi-3 style) overrides the one inside the RoPE dict.
+            rope["original_max_position_embeddings"] = _first_set(
+                config.get("original_max_position_embeddings"), rope.get("original_max_position_embeddings"), max_pos
+            )
+        try:
+            params = _resolve_params(rope_type, rope, int(max_pos), rotary_dim)
+        except KeyError as missing:
+            raise CheckpointError(f"RoPE parameters of type {rope_type!r} lack {missing}") from None
+        return cls(rope_type, float(theta), rotary_dim, int(max_pos), tuple(sorted(params.items())))
+
+    def inv_freq_and_scaling(self, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+        """Returns the float32 inverse frequencies, shape [rotary_dim // 2], and the factor cos/sin are scaled by.
+
+        ``seq_len`` (the largest position of a forward call + 1) matters only to "dynamic" and "longrope".
+        """
+        p = dict(self.params)
+        dim = self.rotary_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        if self.rope_type == "default":
+            return 1.0 / (self.theta**exponents), 1.0
+        if self.rope_type == "linear":
+            return 1.0 / (self.theta**exponents) / p["factor"], 1.0
+        if self.rope_type == "dynamic":
+            base: float | torch.Tensor = self.theta
+            if seq_len is not None and seq_len > self.max_position_embeddings:
+                # transformers passes seq_len as an int64 tensor, which makes this arithmetic float32.
+                seq = torch.tensor(seq_len, dtype=torch.int64)
+                factor = p["factor"]
+                base = self.theta * ((factor * seq / self.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+            return 1.0 / (base**exponents), 1.0
+        if self.rope_type == "yarn":
+            return _yarn_inv_freq(self.theta, dim, exponents, p), p["attention_factor"]
+        if self.rope_type == "longrope":
+            is_long = seq_len is not None and seq_len > p["original_max_position_embeddings"]
+            ext_factors = torch.tensor(p["long_factor" if is_long else "short_factor"], dtype=torch.float32)
+            return 1.0 / (ext_factors * self.theta**exponents), p["attention_factor"]
+        return _llama3_inv_freq(1.0 / (self.theta**exponents), p), 1.0
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, shape [num_tokens, rotary_dim], for the absolute ``positions`` of a flat token batch."""
+        inv_freq, scaling = _inv_freq_on(self, self._table_seq_len(positions), positions.device)
+        freqs = positions[:, None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+    def _table_seq_len(self, positions: torch.Tensor) -> int | None:
+        """The seq_len to compute inv_freq for, folded to None where it gives the same table as no seq_len."""
+        if self.rope_type not in ("dynamic", "longrope") or positions.numel() == 0:
+            return None
+        seq_len = int(positions.max()) + 1
+        if self.rope_type == "dynamic":
+            return seq_len if seq_len > self.max_position_embeddings else None
+        original = dict(self.params)["original_max_position_embeddings"]
+        return original + 1 if seq_len > original else None
+
+
+def apply_rotary(q_or_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first ``cos.shape[-1]`` dims of each head of ``q_or_k`` [num_tokens, num_heads, head_dim]."""
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x_rot, x_pass = q_or_k[..., :rotary_dim], q_or_k[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq_on(spec: RopeSpec, seq_len: int | None, device: torch.device) -> tuple[torch.Tensor, float]:
+    # Cached per device so that a forward call does not copy the table from the host (which would synchronize).
+    inv_freq, scaling = spec.inv_freq_and_scaling(seq_len)
+    return inv_freq.to(device), scaling
+
+
+def _first_set(*values: Any) -> Any:
+    return next(value for value in values if value is not None)
+
+
+def _resolve_params(rope_type: str, rope: dict, max_pos: int, rotary_dim: int) -> dict[str, Any]:
+    if rope_type == "default":
+        return {}
+    if rope_type in ("linear", "dynamic"):
+        return {"factor": float(rope["factor"])}
+    original = int(rope["original_max_position_embeddings"])
+    if rope_type == "llama3":
+        names = ("factor", "low_freq_factor", "high_freq_factor")
+        return {"original_max_position_embeddings": original, **{name: float(rope[name]) for name in names}}
+    factor = rope["factor"] if rope_type == "yarn" else rope.get("factor")
+    if factor is None:
+        factor = max_pos / original
+    attention_factor = rope.get("attention_factor")
+    if rope_type == "yarn":
+        if attention_factor is None:
+            mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
+        return {
+            "original_max_position_embeddings": original,
+            "factor": float(factor),
+            "attention_factor": float(attention_factor),
+            "beta_fast": float(rope.get("beta_fast") or 32),
+            "beta_slow": float(rope.get("beta_slow") or 1),
+            "truncate": bool(rope.get("truncate", True)),
+        }
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short_factor, long_factor = tuple(map(float, rope["short_factor"])), tuple(map(float, rope["long_factor"]))
+    if len(short_factor) != rotary_dim // 2 or len(long_factor) != rotary_dim // 2:
+        raise CheckpointError(f"longrope short_factor and long_factor must have {rotary_dim // 2} entries")
+    return {
+        "original_max_position_embeddings": original,
+        "factor": float(factor),
+        "attention_factor": float(attention_factor),
+        "short_factor": short_factor,
+        "long_factor": long_factor,
+    }
+
+
+def _yarn_mscale(scale: float, mscale: float = 1) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(base: float, dim: int, exponents: torch.Tensor, p: dict) -> torch.Tensor:
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(p["original_max_position_embeddings"] / (num_rotations * 2 * math.pi))) / (
+            2 * math.log(base)
+        )
+
+    low, high = correction_dim(p["beta_fast"]), correction_dim(p["beta_slow"])
+    if p["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base**exponents
+    extrapolation_factor = 1 - ramp
+    return (1.0 / (p["factor"] * pos_freqs)) * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    factor, low_freq_factor, high_freq_factor = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_context_len = p["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth_factor) * scaled / factor + smooth_factor * scaled
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed, scaled)
