@@ -65,6 +65,9 @@ class Outbox:
         self.socket.connect(address)
 
     def send(self, header: bytes, tensors: Sequence[torch.Tensor] = ()) -> None:
+        for tensor in tensors:
+            if tensor.dtype not in DTYPE_NAMES:
+                raise TransportError(f"cannot send a {tensor.dtype} tensor; supported dtypes: {', '.join(map(str, DTYPE_NAMES))}")
         if not tensors:
             frames = [header]
         else:
@@ -83,7 +86,7 @@ class Outbox:
         for tensor in tensors:
             tensor = tensor.detach().to("cpu").contiguous()
             meta.append([DTYPE_NAMES[tensor.dtype], list(tensor.shape), ["frame", len(frames)]])
-            frames.append(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b"")
+            frames.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b"")
         return meta, frames, None
 
     def close(self) -> None:
@@ -116,11 +119,18 @@ class Inbox:
         if len(frames) == 1:
             return Message(header, [])
         message = Message(header, [])
-        for dtype, shape, where in _meta_decoder.decode(frames[1].buffer):
-            tensor, release = self._reader(where[0]).read(DTYPES_BY_NAME[dtype], shape, where, frames[2:])
-            message.tensors.append(tensor)
-            if release is not None:
-                message._releases.append(release)
+        try:
+            for dtype, shape, where in _meta_decoder.decode(frames[1].buffer):
+                tensor, release = self._reader(where[0]).read(DTYPES_BY_NAME[dtype], shape, where, frames[2:])
+                message.tensors.append(tensor)
+                if release is not None:
+                    message._releases.append(release)
+        except TransportError:
+            message.release()
+            raise
+        except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            message.release()
+            raise TransportError(f"unreadable message on {self.address} (malformed tensor metadata?): {exc!r}") from exc
         return message
 
     def _reader(self, kind: str):

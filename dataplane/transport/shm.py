@@ -55,6 +55,8 @@ class ShmRing:
             delay = min(delay * 2 or 1e-5, 1e-3)
 
     def write(self, slot: int, offset: int, tensor: torch.Tensor) -> None:
+        if tensor.numel() == 0:
+            return
         start = FLAG_BYTES + slot * self.slot_bytes + offset
         view = torch.frombuffer(self.map, dtype=torch.uint8, count=tensor.numel() * tensor.element_size(), offset=start)
         view.copy_(tensor.reshape(-1).view(torch.uint8))
@@ -101,10 +103,10 @@ class ShmReader:
 
     def _map(self, path: str) -> mmap.mmap:
         if path not in self.maps:
-            if not path.startswith(str(shared_memory_dir())):
+            if os.path.dirname(os.path.normpath(path)) != str(shared_memory_dir()):
                 raise TransportError(f"refusing shared-memory file outside {shared_memory_dir()}: {path}")
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
             except OSError as exc:
                 raise TransportError(f"cannot open shared-memory ring {path}: {exc}") from exc
             try:
@@ -115,6 +117,8 @@ class ShmReader:
 
     def read(self, dtype, shape, where, frames):
         _, path, slot, offset, slot_bytes = where
+        if not 0 <= slot < FLAG_BYTES:
+            raise TransportError(f"shared-memory slot {slot} out of range")
         ring = self._map(path)
         count = 1
         for dim in shape:

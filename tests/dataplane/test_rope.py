@@ -1,5 +1,6 @@
 """RopeSpec against transformers' own RoPE code, which serves as the independent reference."""
 
+import copy
 import subprocess
 import sys
 
@@ -99,11 +100,11 @@ CASES = {
             "factor": 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
+            "original_max_position_embeddings": 64,  # puts one frequency in the smoothed band
             "rope_theta": 500000.0,
         },
-        128,
-        120,
+        256,
+        200,
     ),
 }
 
@@ -118,7 +119,7 @@ def llama_config(rope_parameters=None, max_position_embeddings=64, **kwargs):
         num_key_value_heads=2,
         head_dim=HEAD_DIM,
         max_position_embeddings=max_position_embeddings,
-        rope_parameters=dict(rope_parameters) if rope_parameters is not None else None,
+        rope_parameters=copy.deepcopy(rope_parameters),
         **kwargs,
     )
 
@@ -214,11 +215,11 @@ V4_CASES = {
                 "factor": 8.0,
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
+                "original_max_position_embeddings": 64,
             },
         },
-        128,
-        120,
+        256,
+        200,
     ),
 }
 
@@ -238,7 +239,7 @@ def test_v4_config_matches_transformers(name):
         "max_position_embeddings": max_pos,
         **v4_keys,
     }
-    config = LlamaConfig.from_dict(raw)  # transformers v5 converts the v4 keys itself
+    config = LlamaConfig.from_dict(copy.deepcopy(raw))  # transformers converts the v4 keys, in place
     spec = RopeSpec.from_hf_config(raw, HEAD_DIM)
     assert spec.rope_type == config.rope_parameters["rope_type"]
     assert spec.theta == config.rope_parameters["rope_theta"]
@@ -263,7 +264,7 @@ def test_phi3_top_level_original_max_position_embeddings():
         "eos_token_id": None,
         "bos_token_id": None,
     }
-    config = Phi3Config.from_dict(raw)
+    config = Phi3Config.from_dict(copy.deepcopy(raw))  # transformers edits the dict in place
     spec = RopeSpec.from_hf_config(raw, HEAD_DIM)
     assert dict(spec.params)["original_max_position_embeddings"] == 32
     for largest in (20, 100):
@@ -272,7 +273,9 @@ def test_phi3_top_level_original_max_position_embeddings():
 
 def test_partial_rotary_default_matches_gpt_neox():
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-    config = GPTNeoXConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_parameters=rope_parameters)
+    config = GPTNeoXConfig(
+        hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_parameters=rope_parameters
+    )
     spec = RopeSpec.from_hf_config(config.to_dict(), HEAD_DIM)
     assert spec.rotary_dim == 8
     positions = flat_positions(50)
@@ -292,7 +295,7 @@ def test_partial_rotary_default_matches_gpt_neox():
 def test_apply_rotary_matches_transformers(dtype):
     config = llama_config(*CASES["llama3"][:2])
     spec = RopeSpec.from_hf_config(config.to_dict(), HEAD_DIM)
-    positions = flat_positions(120)
+    positions = flat_positions(200)
     cos, sin = spec.cos_sin(positions, dtype)
     ref_cos, ref_sin = reference_cos_sin(config, positions, dtype)
     assert cos.dtype == sin.dtype == dtype

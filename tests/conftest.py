@@ -1,0 +1,55 @@
+"""Shared fixtures: real tiny checkpoints on disk and a guard against leftover processes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+_CACHE = Path(tempfile.mkdtemp(prefix="flexpipe-test-cache-"))
+os.environ.setdefault("FLEXPIPE_CACHE_DIR", str(_CACHE))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from dataplane.tiny_model import ensure_tiny_model
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """``checkpoint(kind, **overrides)``: a tiny random HF checkpoint written once per session."""
+    from dataplane.checkpoints_for_tests import write_checkpoint
+    written: dict[tuple, Path] = {}
+
+    def make(kind: str, **overrides) -> Path:
+        key = (kind, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in written:
+            written[key] = write_checkpoint(kind, tmp_path_factory.mktemp(kind), **overrides)
+        return written[key]
+
+    return make
+
+
+def stage_worker_children() -> list[psutil.Process]:
+    children = psutil.Process().children(recursive=True)
+    result = []
+    for child in children:
+        try:
+            if "dataplane.worker" in " ".join(child.cmdline()):
+                result.append(child)
+        except psutil.Error:
+            pass
+    return result
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leftover_workers():
+    yield
+    leftovers = psutil.wait_procs(stage_worker_children(), timeout=10)[1]
+    for process in leftovers:
+        process.kill()
+    assert not leftovers, f"stage worker processes left running: {[p.pid for p in leftovers]}"
