@@ -92,12 +92,13 @@ class EngineCore:
 
     def _launch(self) -> None:
         while len(self.in_flight) < self.scheduler.num_stages:
-            seqs = self.scheduler.next_micro_batch()
-            if not seqs:
+            scheduled = self.scheduler.next_micro_batch()
+            if not scheduled:
                 return
+            seqs = [seq for seq, _ in scheduled]
             batch_id = self._next_batch_id
             self._next_batch_id += 1
-            header = messages.MicroBatch(batch_id, self.epoch, [s.work() for s in seqs])
+            header = messages.MicroBatch(batch_id, self.epoch, [work for _, work in scheduled])
             self.in_flight[batch_id] = InFlight(seqs, time.monotonic())
             self.to_first_stage.send(messages.encode(header))
 

@@ -6,6 +6,7 @@ from collections import deque
 
 from dataplane.engine.sequence import Sequence
 from dataplane.kv_cache import BlockAllocator
+from dataplane.messages import SeqWork
 
 
 class Scheduler:
@@ -34,7 +35,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def next_micro_batch(self) -> list[Sequence]:
+    def next_micro_batch(self) -> list[tuple[Sequence, SeqWork]]:
+        """The next micro-batch's sequences with their work, now marked in flight; empty if none is ready."""
         active = len(self.running) + min(len(self.waiting), self.max_num_seqs - len(self.running))
         target = max(1, -(-active // self.num_stages))
         batch: list[Sequence] = []
@@ -60,7 +62,7 @@ class Scheduler:
             self.running.append(seq)
             batch.append(seq)
             budget -= tokens
-        return batch
+        return [(seq, seq.work()) for seq in batch]
 
     def _grow(self, seq: Sequence, protect: list[Sequence]) -> bool:
         """Make the block table cover every token of ``seq``, preempting others if needed."""
