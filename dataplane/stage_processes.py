@@ -14,6 +14,7 @@ import msgspec
 import zmq
 
 from common.errors import PipelineError
+from common.runtime import shared_memory_dir
 from dataplane import worker_protocol as proto
 
 
@@ -111,5 +112,8 @@ def _stop_processes(processes: list[subprocess.Popen], control: zmq.Socket, sess
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    for process in processes:
+        for ring in shared_memory_dir().glob(f"flexpipe-{process.pid}-*"):
+            ring.unlink(missing_ok=True)
     control.close(linger=0)
     shutil.rmtree(session_dir, ignore_errors=True)

@@ -60,10 +60,12 @@ class CudaIpcReader:
         from dataplane.transport.shm import ShmReader
         self.device = device
         self.flags = ShmReader(torch.device("cpu"))
-        self.buffers: dict[bytes, torch.Tensor] = {}
+        self.buffers: dict[tuple[bytes, int], torch.Tensor] = {}
 
     def _open(self, handle: list) -> torch.Tensor:
-        key = bytes(handle[1])
+        # the IPC handle names the sender's whole cudaMalloc segment, which the caching
+        # allocator may share between slots: the slot is the handle plus its byte offset
+        key = (bytes(handle[1]), handle[3])
         if key not in self.buffers:
             storage = torch.UntypedStorage._new_shared_cuda(*handle)
             self.buffers[key] = torch.empty(0, dtype=torch.uint8, device=f"cuda:{handle[0]}").set_(storage)

@@ -101,6 +101,8 @@ def spawned(*targets):
             if process.is_alive():
                 process.kill()
                 process.join(timeout=10)
+                for ring in shared_memory_dir().glob(f"flexpipe-{process.pid}-*"):
+                    ring.unlink(missing_ok=True)  # a killed child cannot remove its own ring
 
 
 @pytest.fixture
