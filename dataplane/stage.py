@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import InvalidRequestError
 from dataplane.batch import BatchInput
 from dataplane.kv_cache import new_kv_pool
 from dataplane.models import adapter_for
@@ -18,7 +19,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    from common.errors import InvalidRequestError
     if name not in DTYPES:
         raise InvalidRequestError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
     return DTYPES[name]

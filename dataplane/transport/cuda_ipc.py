@@ -79,7 +79,7 @@ class CudaIpcReader:
             count *= dim
         nbytes = count * torch.empty(0, dtype=dtype).element_size()
         tensor = buffer[offset:offset + nbytes].view(dtype).view(shape)
-        flags = self.flags._map(flag_path)
+        flags = self.flags.map_ring(flag_path)
 
         def release() -> None:
             torch.cuda.current_stream(tensor.device).synchronize()

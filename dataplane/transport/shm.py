@@ -101,7 +101,7 @@ class ShmReader:
         self.device = device
         self.maps: dict[str, mmap.mmap] = {}
 
-    def _map(self, path: str) -> mmap.mmap:
+    def map_ring(self, path: str) -> mmap.mmap:
         if path not in self.maps:
             if os.path.dirname(os.path.normpath(path)) != str(shared_memory_dir()):
                 raise TransportError(f"refusing shared-memory file outside {shared_memory_dir()}: {path}")
@@ -119,7 +119,7 @@ class ShmReader:
         _, path, slot, offset, slot_bytes = where
         if not 0 <= slot < FLAG_BYTES:
             raise TransportError(f"shared-memory slot {slot} out of range")
-        ring = self._map(path)
+        ring = self.map_ring(path)
         count = 1
         for dim in shape:
             count *= dim

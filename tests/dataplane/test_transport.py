@@ -7,13 +7,7 @@ they outlive a test, and no shared-memory ring file of this process may be left 
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
-import queue
-import shutil
-import socket
-import tempfile
 import threading
 import time
 import traceback
@@ -27,10 +21,10 @@ from common.errors import TransportError
 from common.runtime import shared_memory_dir
 from dataplane.transport import TRANSPORTS, Inbox, Outbox, check_transport, inbox_address, open_outbox
 from dataplane.transport.shm import FLAG_BYTES, ShmOutbox
+from transport_support import SPAWN, assert_same, free_port, queue_get, spawned
 
 RECV_MS = 30_000        # the longest any single recv may wait
 CHILD_JOIN_S = 60       # the longest a child may take to finish after the test is done with it
-SPAWN = multiprocessing.get_context("spawn")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -54,71 +48,8 @@ def sample_tensors(seed: int) -> list[torch.Tensor]:
     ]
 
 
-def assert_same(expected: list[torch.Tensor], got: list[torch.Tensor]) -> None:
-    assert len(got) == len(expected)
-    for index, (want, have) in enumerate(zip(expected, got)):
-        assert have.dtype == want.dtype, f"tensor {index}: dtype {have.dtype} != {want.dtype}"
-        assert tuple(have.shape) == tuple(want.shape), f"tensor {index}: shape {tuple(have.shape)} != {tuple(want.shape)}"
-        assert torch.equal(have.cpu(), want.cpu()), f"tensor {index}: values differ"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ring_files(pid: int) -> list[str]:
     return sorted(p.name for p in shared_memory_dir().glob(f"flexpipe-{pid}-*"))
-
-
-def queue_get(q, what: str, timeout_s: float = 60.0):
-    """The next item of a child's result queue; a child's reported traceback fails the test."""
-    try:
-        item = q.get(timeout=timeout_s)
-    except queue.Empty:
-        pytest.fail(f"no {what!r} from the child process within {timeout_s:.0f}s")
-    if item[0] == "error":
-        pytest.fail(f"child process failed:\n{item[1]}")
-    assert item[0] == what, f"expected {what!r} from the child, got {item!r}"
-    return item[1]
-
-
-@contextlib.contextmanager
-def spawned(*targets):
-    """Starts spawn-context processes; on exit joins them (bounded) and kills any still alive."""
-    processes = [SPAWN.Process(target=fn, args=args, daemon=True) for fn, args in targets]
-    try:
-        for process in processes:
-            process.start()
-        yield processes
-    finally:
-        deadline = time.monotonic() + CHILD_JOIN_S
-        for process in processes:
-            if process.pid is None:
-                continue
-            process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=10)
-                for ring in shared_memory_dir().glob(f"flexpipe-{process.pid}-*"):
-                    ring.unlink(missing_ok=True)  # a killed child cannot remove its own ring
-
-
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
-@pytest.fixture
-def session_dir():
-    # short path: ipc:// socket paths are limited to ~107 bytes
-    path = tempfile.mkdtemp(prefix="fp-tr-")
-    os.chmod(path, 0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -7,15 +7,8 @@ after fork), every wait is bounded, and children still alive after a test are ki
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import multiprocessing
 import os
-import queue
-import shutil
-import socket
-import tempfile
-import time
 import traceback
 
 import pytest
@@ -25,6 +18,7 @@ import zmq
 from common.errors import TransportError
 from common.runtime import shared_memory_dir
 from dataplane.transport import Inbox, inbox_address, open_outbox
+from transport_support import SPAWN, assert_same, free_port, queue_get, spawned
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,7 +27,6 @@ pytestmark = [
 
 RECV_MS = 60_000
 CHILD_JOIN_S = 90
-SPAWN = multiprocessing.get_context("spawn")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -62,68 +55,6 @@ def device_tensors(seed: int, device: str) -> list[torch.Tensor]:
     result[4] = full[::2, 1::3]
     assert not result[4].is_contiguous()
     return result
-
-
-def assert_same(expected: list[torch.Tensor], got: list[torch.Tensor], device: torch.device | None = None) -> None:
-    assert len(got) == len(expected)
-    for index, (want, have) in enumerate(zip(expected, got)):
-        if device is not None:
-            assert have.device == device, f"tensor {index} on {have.device}, expected {device}"
-        assert have.dtype == want.dtype, f"tensor {index}: dtype {have.dtype} != {want.dtype}"
-        assert tuple(have.shape) == tuple(want.shape), f"tensor {index}: shape {tuple(have.shape)} != {tuple(want.shape)}"
-        assert torch.equal(have.cpu(), want.cpu()), f"tensor {index}: values differ"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def queue_get(q, what: str, timeout_s: float = 120.0):
-    try:
-        item = q.get(timeout=timeout_s)
-    except queue.Empty:
-        pytest.fail(f"no {what!r} from the child process within {timeout_s:.0f}s")
-    if item[0] == "error":
-        pytest.fail(f"child process failed:\n{item[1]}")
-    assert item[0] == what, f"expected {what!r} from the child, got {item!r}"
-    return item[1]
-
-
-@contextlib.contextmanager
-def spawned(*targets):
-    processes = [SPAWN.Process(target=fn, args=args, daemon=True) for fn, args in targets]
-    try:
-        for process in processes:
-            process.start()
-        yield processes
-    finally:
-        deadline = time.monotonic() + CHILD_JOIN_S
-        for process in processes:
-            if process.pid is None:
-                continue
-            process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=10)
-                for ring in shared_memory_dir().glob(f"flexpipe-{process.pid}-*"):
-                    ring.unlink(missing_ok=True)  # a killed child cannot remove its own ring
-
-
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
-@pytest.fixture
-def session_dir():
-    path = tempfile.mkdtemp(prefix="fp-trg-")
-    os.chmod(path, 0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- CUDA IPC
@@ -176,7 +107,7 @@ def test_cuda_ipc_round_trip_between_processes(context, session_dir):
     inbox = Inbox(context, inbox_address("cuda_ipc", session_dir, "gpu"), device="cuda:0")
     results, done = SPAWN.Queue(), SPAWN.Event()
     try:
-        with spawned((_cuda_ipc_sender, (inbox.address, results, done))) as (child,):
+        with spawned((_cuda_ipc_sender, (inbox.address, results, done)), join_s=CHILD_JOIN_S) as (child,):
             child_pid = queue_get(results, "pid")
             held = [inbox.recv(RECV_MS), inbox.recv(RECV_MS)]
             for i, message in enumerate(held):
@@ -276,7 +207,7 @@ def test_nccl_point_to_point_between_processes():
     addresses, results = SPAWN.Queue(), SPAWN.Queue()
     try:
         with spawned((_nccl_rank, (0, init_method, addresses, results)),
-                     (_nccl_rank, (1, init_method, addresses, results))) as ranks:
+                     (_nccl_rank, (1, init_method, addresses, results)), join_s=CHILD_JOIN_S) as ranks:
             reported = sorted(queue_get(results, "ok", timeout_s=240) for _ in ranks)
             assert reported == [0, 1]
             for process in ranks:
