@@ -1,10 +1,17 @@
-"""Per-micro-batch tensors every stage derives from the micro-batch header."""
+"""Per-micro-batch tensors every stage derives from the micro-batch header.
+
+The index arithmetic runs in numpy: these arrays hold a few hundred entries, where a
+numpy operation costs a fraction of a torch dispatch, and the result is shared with
+torch without a copy.
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -12,16 +19,19 @@ import torch
 class AttentionLayout:
     """Padded view of a ragged batch: B sequences x max_q queries x max_ctx keys.
 
-    ``query_rows``/``query_cols`` place each flat token in the padded grid;
-    ``key_slots`` are KV-pool slot indices; ``mask`` is True where a query may
-    attend to a key (causal, within the sequence's context and sliding window).
+    ``query_rows``/``query_cols`` place each flat token in the padded grid (None when
+    every sequence brings ``max_q`` tokens, so the flat tokens already form the grid);
+    ``key_slots`` are the KV-pool slot indices of the grid's keys, flattened row-major;
+    ``mask`` is additive, [B, 1, max_q, max_ctx] float32: 0 where a query may attend to a
+    key (causal, within the sequence's context and sliding window), -inf elsewhere.
     """
 
-    query_rows: torch.Tensor
-    query_cols: torch.Tensor
+    query_rows: torch.Tensor | None
+    query_cols: torch.Tensor | None
     key_slots: torch.Tensor
     mask: torch.Tensor
     max_q: int
+    max_ctx: int
 
 
 @dataclass(slots=True)
@@ -30,38 +40,46 @@ class BatchInput:
 
     Invariant: sequence b contributes ``q_lens[b]`` consecutive tokens whose positions
     end at ``context_lens[b] - 1``; the KV of every earlier position is already in the pool.
+    ``block_tables`` is the tables padded with block 0 to a rectangle; padded entries are
+    never read unmasked.
     """
 
     token_ids: torch.Tensor
     positions: torch.Tensor
     slot_mapping: torch.Tensor
     logits_indices: torch.Tensor
-    q_lens: list[int]
-    context_lens: list[int]
-    block_tables: list[list[int]]
+    q_lens: np.ndarray
+    context_lens: np.ndarray
+    block_tables: np.ndarray
     block_size: int
     _cache: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, token_ids: Sequence[Sequence[int]], start_positions: Sequence[int],
               block_tables: Sequence[Sequence[int]], block_size: int, device: torch.device | str = "cpu") -> "BatchInput":
-        flat_tokens, positions, slots, last_index = [], [], [], []
-        q_lens, context_lens = [], []
-        for tokens, start, table in zip(token_ids, start_positions, block_tables):
-            seq_positions = range(start, start + len(tokens))
-            flat_tokens.extend(tokens)
-            positions.extend(seq_positions)
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in seq_positions)
-            last_index.append(len(flat_tokens) - 1)
-            q_lens.append(len(tokens))
-            context_lens.append(start + len(tokens))
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        return cls(as_long(flat_tokens), as_long(positions), as_long(slots), as_long(last_index),
-                   q_lens, context_lens, [list(t) for t in block_tables], block_size)
+        q_lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+        total = int(q_lens.sum())
+        flat_tokens = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
+        seq_index = np.repeat(np.arange(len(q_lens)), q_lens)
+        first_index = np.cumsum(q_lens) - q_lens
+        starts = np.asarray(start_positions, dtype=np.int64)
+        positions = starts[seq_index] + np.arange(total) - first_index[seq_index]
+        width = max(map(len, block_tables), default=0)
+        tables = np.zeros((len(block_tables), max(width, 1)), dtype=np.int64)
+        for row, table in zip(tables, block_tables):
+            row[:len(table)] = table
+        slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
+        as_tensor = lambda values: torch.from_numpy(values).to(device)  # noqa: E731
+        return cls(as_tensor(flat_tokens), as_tensor(positions), as_tensor(slots),
+                   as_tensor(first_index + q_lens - 1), q_lens, starts + q_lens, tables, block_size)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
 
     def memo(self, key, compute):
         """Values shared by all units of a stage for this micro-batch (rope tables, masks)."""
@@ -74,20 +92,21 @@ class BatchInput:
 
     def _attention_layout(self, window: int | None) -> AttentionLayout:
         device = self.token_ids.device
-        num_seqs, max_q, max_ctx = len(self.q_lens), max(self.q_lens), max(self.context_lens)
-        rows = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(self.q_lens))
-        cols = torch.cat([torch.arange(n) for n in self.q_lens])
-        key_pos = torch.arange(max_ctx)
-        tables = torch.zeros(num_seqs, (max_ctx + self.block_size - 1) // self.block_size, dtype=torch.long)
-        for b, table in enumerate(self.block_tables):
-            used = min(len(table), tables.shape[1])
-            tables[b, :used] = torch.tensor(table[:used], dtype=torch.long)
-        key_slots = tables[:, key_pos // self.block_size] * self.block_size + key_pos % self.block_size
-        ctx = torch.tensor(self.context_lens).view(-1, 1, 1)
-        query_pos = ctx - torch.tensor(self.q_lens).view(-1, 1, 1) + torch.arange(max_q).view(1, -1, 1)
-        mask = (key_pos.view(1, 1, -1) <= query_pos) & (key_pos.view(1, 1, -1) < ctx)
+        q_lens, ctx = self.q_lens, self.context_lens
+        max_q, max_ctx = int(q_lens.max()), int(ctx.max())
+        key_pos = np.arange(max_ctx)
+        key_slots = self.block_tables[:, key_pos // self.block_size] * self.block_size + key_pos % self.block_size
+        query_pos = (ctx - q_lens)[:, None, None] + np.arange(max_q)[None, :, None]
+        keys = key_pos[None, None, :]
+        mask = (keys <= query_pos) & (keys < ctx[:, None, None])
         if window is not None:
-            mask &= query_pos - key_pos.view(1, 1, -1) < window
-        mask[:, :, 0] |= ~mask.any(dim=-1)  # padded query rows attend somewhere so SDPA stays finite
-        return AttentionLayout(rows.to(device), cols.to(device), key_slots.to(device),
-                               mask.unsqueeze(1).to(device), max_q)
+            mask &= query_pos - keys < window
+        rows = cols = None
+        if int(q_lens.min()) != max_q:
+            seq_index = np.repeat(np.arange(len(q_lens)), q_lens)
+            rows = torch.from_numpy(seq_index).to(device)
+            cols = self.positions - torch.from_numpy((ctx - q_lens)[seq_index]).to(device)
+            mask[:, :, 0] |= ~mask.any(axis=-1)  # padded query rows attend somewhere so SDPA stays finite
+        additive = np.where(mask[:, None], np.float32(0.0), np.float32(-np.inf))
+        return AttentionLayout(rows, cols, torch.from_numpy(key_slots.reshape(-1)).to(device),
+                               torch.from_numpy(additive).to(device), max_q, max_ctx)

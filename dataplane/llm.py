@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 import time
@@ -86,7 +87,7 @@ class LLM:
         if layout is not None:
             return Layout.from_spec(layout, self.unit_names)
         cost_model = CostModel(activation_bytes_per_token=self.spec.hidden_size * self.spec.dtype_bytes)
-        return partition(unit_costs(self.spec), num_stages, cost_model, device_memory)
+        return partition(unit_costs(self.spec, context_tokens=self.max_model_len // 2), num_stages, cost_model, device_memory)
 
     def _default_device(self, stage: int) -> str:
         if self.transport in ("cuda_ipc", "nccl"):
@@ -113,7 +114,8 @@ class LLM:
     def _start(self, dtype: str, start_timeout_s: float, step_timeout_s: float, max_num_seqs: int) -> None:
         stages = self.layout.num_stages
         self._inbox = Inbox(self._context, inbox_address("shm", str(self._session_dir), "engine"))
-        self._processes = StageProcesses(stages, self._session_dir, self.transport, self._context, start_timeout_s)
+        self._processes = StageProcesses(stages, self._session_dir, self.transport, self._context, start_timeout_s,
+                                         threads_per_worker=max(1, (os.cpu_count() or 1) // stages))
         slot_bytes = max(1 << 20, self.max_num_batched_tokens * self.spec.hidden_size * 4 + 4096)
         dist_init = ""
         if self.transport in ("nccl", "gloo"):
@@ -157,8 +159,7 @@ class LLM:
         token_lists = [self._tokenize(p) for p in prompts]
         done = threading.Semaphore(0)
         seqs = [self._new_sequence(tokens, p, lambda _seq: done.release()) for tokens, p in zip(token_lists, params_list)]
-        for seq in seqs:
-            self.engine.submit(seq)
+        self.engine.submit(seqs)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for seq in seqs:
             while not done.acquire(timeout=0.5):

@@ -71,8 +71,12 @@ class CostModel:
         return self.activation_bytes_per_token * self.tokens_per_step / self.bandwidth_bytes_per_second
 
 
-def unit_costs(spec) -> list[UnitCost]:
-    """Per-unit costs of a decoder-only model from its shape (biases and attention scores ignored).
+def unit_costs(spec, context_tokens: int = 0) -> list[UnitCost]:
+    """Per-unit costs of a decoder-only model from its shape (biases ignored).
+
+    An attention unit also pays for its scores and weighted values over
+    ``context_tokens`` cached tokens per query token (4 * heads * head_dim FLOPs each);
+    on small models that, not the projections, is most of a layer's time.
 
     ``spec`` has ``vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
     intermediate_size, tie_word_embeddings, dtype_bytes`` and optionally ``mlp_matrices``
@@ -85,13 +89,15 @@ def unit_costs(spec) -> list[UnitCost]:
     mlp_matmul = getattr(spec, "mlp_matrices", 3) * hidden * spec.intermediate_size
     kv_bytes = 2 * spec.num_kv_heads * spec.head_dim * dtype
 
-    def cost(name: str, matmul_params: int, other_params: int, kv: int = 0) -> UnitCost:
-        return UnitCost(name, 2.0 * matmul_params, (matmul_params + other_params) * dtype, kv)
+    attention_over_context = 4.0 * spec.num_heads * spec.head_dim * context_tokens
+
+    def cost(name: str, matmul_params: int, other_params: int, kv: int = 0, extra_flops: float = 0.0) -> UnitCost:
+        return UnitCost(name, 2.0 * matmul_params + extra_flops, (matmul_params + other_params) * dtype, kv)
 
     units = [UnitCost("embed", 0.0, vocab_matrix * dtype, 0)]
     for name in unit_names(spec.num_layers)[1:-1]:
         if name.endswith(".attn"):
-            units.append(cost(name, attn_matmul, hidden, kv_bytes))
+            units.append(cost(name, attn_matmul, hidden, kv_bytes, attention_over_context))
         else:
             units.append(cost(name, mlp_matmul, hidden))
     units.append(cost("head", vocab_matrix, hidden))

@@ -43,7 +43,7 @@ class EngineCore:
         self.epoch = epoch
         self.step_timeout_s = step_timeout_s
         self.in_flight: dict[int, InFlight] = {}
-        self.submissions: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self.submissions: queue.SimpleQueue[list[Sequence]] = queue.SimpleQueue()
         self.fatal_error: PipelineError | None = None
         self._next_batch_id = 0
         self._stop = threading.Event()
@@ -53,12 +53,14 @@ class EngineCore:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences for admission; they join the running batch together."""
         if self.fatal_error is not None:
-            seq.fail(self.fatal_error)
-            seq.on_finish(seq)
+            for seq in seqs:
+                seq.fail(self.fatal_error)
+                seq.on_finish(seq)
             return
-        self.submissions.put(seq)
+        self.submissions.put(list(seqs))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
@@ -86,7 +88,8 @@ class EngineCore:
     def _admit_submissions(self) -> None:
         while True:
             try:
-                self.scheduler.add(self.submissions.get_nowait())
+                for seq in self.submissions.get_nowait():
+                    self.scheduler.add(seq)
             except queue.Empty:
                 return
 

@@ -7,7 +7,7 @@ import torch
 from dataplane.attention import paged_attention
 from dataplane.batch import BatchInput
 from dataplane.models.layers import activation, linear, rms_norm
-from dataplane.models.rope import RopeSpec, apply_rotary
+from dataplane.models.rope import RopeSpec, apply_rotary_interleaved, interleave_rotary_rows, rotation
 from dataplane.models.spec import ModelSpec
 from dataplane.units import unit_layer
 
@@ -69,33 +69,56 @@ class Embed:
         return self.weight[batch.token_ids]
 
 
+def fuse(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One projection for several that read the same input: weights stacked by output row,
+    a missing bias taken as zeros (None when no projection has one)."""
+    weight = torch.cat([w for w, _ in weights])
+    if all(b is None for _, b in weights):
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in weights])
+
+
 class Attention:
+    """Self-attention of one layer over the paged KV cache; q, k and v come from one fused projection.
+
+    Invariant: q and k (and so the keys in the KV pool) hold each head's rotary dims
+    interleaved (``interleave_rotary_rows``); every reader of this layer's pool uses that layout.
+    """
+
     def __init__(self, spec: ModelSpec, rope: RopeSpec, layer: int, norm: torch.Tensor, weights: dict, kv_pool) -> None:
-        self.spec, self.rope, self.layer, self.norm, self.weights, self.kv_pool = spec, rope, layer, norm, weights, kv_pool
+        self.spec, self.rope, self.layer, self.norm, self.kv_pool = spec, rope, layer, norm, kv_pool
+        interleave = lambda t, heads: None if t is None else interleave_rotary_rows(t, heads, spec.head_dim, rope.rotary_dim)  # noqa: E731
+        q, k = weights["q"], weights["k"]
+        self.qkv = fuse([(interleave(q[0], spec.num_heads), interleave(q[1], spec.num_heads)),
+                         (interleave(k[0], spec.num_kv_heads), interleave(k[1], spec.num_kv_heads)), weights["v"]])
+        self.o = weights["o"]
         self.window = spec.sliding_windows[layer]
 
     def forward(self, hidden: torch.Tensor, batch: BatchInput) -> torch.Tensor:
         spec = self.spec
+        heads, kv_heads = spec.num_heads, spec.num_kv_heads
         x = rms_norm(hidden, self.norm, spec.norm_eps)
-        tokens = x.shape[0]
-        q = linear(x, *self.weights["q"]).view(tokens, spec.num_heads, spec.head_dim)
-        k = linear(x, *self.weights["k"]).view(tokens, spec.num_kv_heads, spec.head_dim)
-        v = linear(x, *self.weights["v"]).view(tokens, spec.num_kv_heads, spec.head_dim)
-        cos, sin = batch.memo("rope", lambda: self.rope.cos_sin(batch.positions, x.dtype))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = linear(x, *self.qkv).view(x.shape[0], heads + 2 * kv_heads, spec.head_dim)
+        table = batch.memo("rope", lambda: rotation(*self.rope.cos_sin(batch.positions, torch.float32)))
+        qk = apply_rotary_interleaved(qkv[:, :heads + kv_heads], table)
+        q, k, v = qk[:, :heads].contiguous(), qk[:, heads:], qkv[:, heads + kv_heads:]
         out = paged_attention(q, k, v, self.kv_pool, batch, spec.head_dim ** -0.5, self.window)
-        return hidden + linear(out, *self.weights["o"])
+        return hidden + linear(out, *self.o)
 
 
 class Mlp:
+    """Gated MLP of one layer; gate and up come from one fused projection."""
+
     def __init__(self, spec: ModelSpec, norm: torch.Tensor, weights: dict) -> None:
-        self.spec, self.norm, self.weights = spec, norm, weights
+        self.spec, self.norm = spec, norm
+        self.gate_up = fuse([weights["gate"], weights["up"]])
+        self.down = weights["down"]
         self.act = activation(spec.hidden_act)
 
     def forward(self, hidden: torch.Tensor, batch: BatchInput) -> torch.Tensor:
         x = rms_norm(hidden, self.norm, self.spec.norm_eps)
-        gated = self.act(linear(x, *self.weights["gate"])) * linear(x, *self.weights["up"])
-        return hidden + linear(gated, *self.weights["down"])
+        gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
+        return hidden + linear(self.act(gate) * up, *self.down)
 
 
 class Head:

@@ -224,3 +224,31 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
     smoothed = (1 - smooth_factor) * scaled / factor + smooth_factor * scaled
     is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium_freq, smoothed, scaled)
+
+
+def interleave_rotary_rows(weight: torch.Tensor, num_heads: int, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Reorder a q or k projection's output rows so each head's rotary dims come as pairs
+    ``(i, i + rotary_dim/2)`` side by side, the layout ``apply_rotary_interleaved`` rotates.
+
+    q.k products are unchanged because q and k get the same order; works on weights
+    [heads * head_dim, in] and biases [heads * head_dim]."""
+    half = rotary_dim // 2
+    pairs = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).reshape(-1)
+    order = torch.cat((pairs, torch.arange(rotary_dim, head_dim)))
+    rows = (torch.arange(num_heads)[:, None] * head_dim + order).reshape(-1)
+    return weight[rows].contiguous()
+
+
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The complex form of ``cos_sin``'s tables, shape [num_tokens, 1, rotary_dim // 2]."""
+    half = cos.shape[-1] // 2
+    return torch.complex(cos[:, :half].float(), sin[:, :half].float())[:, None, :]
+
+
+def apply_rotary_interleaved(x: torch.Tensor, rotation_table: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` for heads whose rotary dims are interleaved (see ``interleave_rotary_rows``):
+    one complex product per pair. x: [num_tokens, num_heads, head_dim]."""
+    rotary_dim = 2 * rotation_table.shape[-1]
+    rotated = x[..., :rotary_dim].float().unflatten(-1, (-1, 2))
+    out = torch.view_as_real(torch.view_as_complex(rotated) * rotation_table).flatten(-2).to(x.dtype)
+    return torch.cat((out, x[..., rotary_dim:]), dim=-1) if rotary_dim < x.shape[-1] else out

@@ -55,47 +55,76 @@ def make_workload(trace: Path, n: int, seed: int, max_prompt: int, max_output: i
     return prompts, out_lens
 
 
-def run_hf(model_dir: Path, prompts, out_lens, batch_size: int):
-    """Left-padded greedy batches; return (seconds, useful tokens, per-request token lists)."""
-    from transformers import AutoModelForCausalLM
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    gen_cfg = model.generation_config
-    pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else 0
-    gen_cfg.eos_token_id = None  # never stop early: same as ignore_eos on the FlexPipe side
-    gen_cfg.do_sample = False
 
-    def batch_generate(batch_prompts, batch_outs):
-        width = max(len(p) for p in batch_prompts)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch_prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch_prompts])
+class HfGenerate:
+    """HF ``generate()`` over left-padded greedy batches of ``batch_size``."""
+
+    def __init__(self, model_dir: Path, batch_size: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        gen_cfg = self.model.generation_config
+        self.pad_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else 0
+        gen_cfg.eos_token_id = None  # never stop early: same as ignore_eos on the FlexPipe side
+        gen_cfg.do_sample = False
+        self.batch_size = batch_size
+
+    def _batch(self, prompts, out_lens) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(batch_outs),
-                                 min_new_tokens=max(batch_outs), do_sample=False, pad_token_id=pad_id)
-        return [row[width:width + n].tolist() for row, n in zip(out, batch_outs)]
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(out_lens),
+                                      min_new_tokens=max(out_lens), do_sample=False, pad_token_id=self.pad_id)
+        return [row[width:width + n].tolist() for row, n in zip(out, out_lens)]
 
-    batch_generate(prompts[:2], [min(4, n) for n in out_lens[:2]])  # warm-up
-    tokens, start = [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        tokens += batch_generate(prompts[i:i + batch_size], out_lens[i:i + batch_size])
-    seconds = time.perf_counter() - start
-    return seconds, sum(len(t) for t in tokens), tokens
+    def run(self, prompts, out_lens) -> list[list[int]]:
+        tokens = []
+        for i in range(0, len(prompts), self.batch_size):
+            tokens += self._batch(prompts[i:i + self.batch_size], out_lens[i:i + self.batch_size])
+        return tokens
+
+    def close(self) -> None:
+        pass
 
 
-def run_flexpipe(model_dir: Path, stages: int, prompts, out_lens):
-    """One LLM with ``stages`` stages; return (start s, generate s, useful tokens, token lists)."""
-    from dataplane import LLM, SamplingParams
+class FlexPipeGenerate:
+    """One FlexPipe ``LLM`` with ``stages`` stages on the shm transport; all requests in one ``generate``."""
 
-    start = time.perf_counter()
-    with LLM(str(model_dir), num_stages=stages, transport="shm") as llm:
-        start_seconds = time.perf_counter() - start
-        llm.generate(prompts[:2], [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)] * 2)  # warm-up
+    def __init__(self, model_dir: Path, stages: int) -> None:
+        from dataplane import LLM
+
+        started = time.perf_counter()
+        self.llm = LLM(str(model_dir), num_stages=stages, transport="shm")
+        self.start_seconds = time.perf_counter() - started
+
+    def run(self, prompts, out_lens) -> list[list[int]]:
+        from dataplane import SamplingParams
+
         params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
-        t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        seconds = time.perf_counter() - t0
-    tokens = [list(o.token_ids)[:n] for o, n in zip(outputs, out_lens)]
-    return start_seconds, seconds, sum(len(t) for t in tokens), tokens
+        return [list(o.token_ids)[:n] for o, n in zip(self.llm.generate(prompts, params), out_lens)]
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def measure(systems: dict, prompts, out_lens, repeats: int) -> tuple[dict, dict]:
+    """Median seconds and the last token lists per system; runs are interleaved round by
+    round, so a slow spell of a shared host hits every system alike."""
+    for system in systems.values():
+        system.run(prompts[:2], [min(4, n) for n in out_lens[:2]])  # warm-up
+    seconds: dict = {name: [] for name in systems}
+    tokens: dict = {}
+    for round_index in range(repeats):
+        for name, system in systems.items():
+            started = time.perf_counter()
+            tokens[name] = system.run(prompts, out_lens)
+            seconds[name].append(time.perf_counter() - started)
+        log(f"round {round_index + 1}/{repeats}: " + ", ".join(f"{n} {s[-1]:.3f}s" for n, s in seconds.items()))
+    return {name: median(s) for name, s in seconds.items()}, tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-output", type=int, default=128, help="longest scaled output (default: %(default)s)")
     ap.add_argument("--hf-batch-size", type=int, default=32, help="HF generate batch size (default: %(default)s)")
     ap.add_argument("--stages", default="1,2,4", help="FlexPipe stage counts, comma-separated (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per system; the median counts (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in this process (default: %(default)s)")
     args = ap.parse_args(argv)
 
@@ -119,15 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     prompts, out_lens = make_workload(args.trace, args.requests, args.seed, args.max_prompt, args.max_output)
     log(f"{len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, {sum(out_lens)} output tokens")
 
-    hf_s, hf_useful, hf_tokens = run_hf(args.model, prompts, out_lens, args.hf_batch_size)
-    log(f"HF generate: {hf_s:.2f}s, {hf_useful / hf_s:.1f} tok/s")
+    systems = {"hf": HfGenerate(args.model, args.hf_batch_size)}
+    try:
+        for k in stage_counts:
+            systems[str(k)] = FlexPipeGenerate(args.model, k)
+        seconds, tokens = measure(systems, prompts, out_lens, args.repeats)
+    finally:
+        for system in systems.values():
+            system.close()
+    useful = sum(out_lens)
+    hf_s, hf_useful, hf_tokens = seconds["hf"], useful, tokens["hf"]
     flex, matches = {}, {}
     for k in stage_counts:
-        start_s, secs, useful, tokens = run_flexpipe(args.model, k, prompts, out_lens)
+        secs = seconds[str(k)]
         flex[str(k)] = {"tokens_per_s": round(useful / secs, 2), "seconds": round(secs, 3),
-                        "start_seconds": round(start_s, 3), "output_tokens": useful}
-        matches[str(k)] = sum(a == b for a, b in zip(tokens, hf_tokens))
-        log(f"FlexPipe {k} stage(s): {secs:.2f}s, {useful / secs:.1f} tok/s, {matches[str(k)]}/{len(prompts)} match HF")
+                        "start_seconds": round(systems[str(k)].start_seconds, 3), "output_tokens": useful}
+        matches[str(k)] = sum(a == b for a, b in zip(tokens[str(k)], hf_tokens))
+        log(f"FlexPipe {k} stage(s): {secs:.3f}s, {useful / secs:.1f} tok/s, {matches[str(k)]}/{len(prompts)} match HF")
 
     hf_tps = hf_useful / hf_s
     ratio = lambda a, b: round(a / b, 3) if a is not None and b else None  # noqa: E731
@@ -139,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     all_match = all(m == len(prompts) for m in matches.values())
     print(json.dumps({
         "benchmark": "serve_throughput", "model": str(args.model), "trace": str(args.trace), "seed": args.seed,
-        "requests": len(prompts), "prompt_tokens_total": sum(map(len, prompts)), "output_tokens_total": sum(out_lens),
+        "requests": len(prompts), "repeats": args.repeats, "prompt_tokens_total": sum(map(len, prompts)), "output_tokens_total": sum(out_lens),
         "hf_generate": {"tokens_per_s": round(hf_tps, 2), "seconds": round(hf_s, 3), "batch_size": args.hf_batch_size,
                         "padded_tokens_generated": sum(max(out_lens[i:i + args.hf_batch_size]) * len(out_lens[i:i + args.hf_batch_size])
                                                        for i in range(0, len(out_lens), args.hf_batch_size))},

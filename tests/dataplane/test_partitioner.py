@@ -65,6 +65,15 @@ def test_unit_costs_count_parameters_per_unit():
     assert unit_costs(llama_like(2, mlp_matrices=2))[2].flops_per_token == 2 * 2 * 64 * 256
 
 
+def test_attention_cost_grows_with_context_and_nothing_else_does():
+    spec = llama_like(2)
+    short, long = unit_costs(spec, context_tokens=0), unit_costs(spec, context_tokens=100)
+    for a, b in zip(short, long):
+        extra = 4 * 8 * 8 * 100 if a.name.endswith(".attn") else 0  # scores and weighted values, 8 heads x 8
+        assert b.flops_per_token - a.flops_per_token == extra, a.name
+        assert (a.param_bytes, a.kv_bytes_per_token) == (b.param_bytes, b.kv_bytes_per_token)
+
+
 def test_stage_cost_and_memory():
     model = CostModel(flops_per_second=1e9, bandwidth_bytes_per_second=1e6, activation_bytes_per_token=100,
                       tokens_per_step=10, kv_tokens=7, memory_reserve_bytes=5)

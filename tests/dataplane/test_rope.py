@@ -14,7 +14,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from common.errors import CheckpointError, UnsupportedModelError
-from dataplane.models.rope import SUPPORTED_ROPE_TYPES, RopeSpec, apply_rotary
+from dataplane.models.rope import (SUPPORTED_ROPE_TYPES, RopeSpec, apply_rotary, apply_rotary_interleaved,
+                                   interleave_rotary_rows, rotation)
 
 HEAD_DIM = 16
 ATOL = 1e-6
@@ -308,6 +309,35 @@ def test_apply_rotary_matches_transformers(dtype):
     ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
     torch.testing.assert_close(apply_rotary(q, cos, sin), ref_q, atol=ATOL, rtol=0)
     torch.testing.assert_close(apply_rotary(k, cos, sin), ref_k, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("rotary_dim", [HEAD_DIM, HEAD_DIM // 2])
+def test_interleaved_rotary_is_the_same_rotation_in_another_order(rotary_dim):
+    """Projections with interleaved rows, rotated pairwise, give transformers' q and k in that order,
+    so q.k (all attention reads) is unchanged."""
+    config = llama_config(*CASES["llama3"][:2])
+    spec = RopeSpec.from_hf_config(config.to_dict(), HEAD_DIM)
+    spec = RopeSpec(spec.rope_type, spec.theta, rotary_dim, spec.max_position_embeddings, spec.params)
+    positions = flat_positions(60)
+    cos, sin = spec.cos_sin(positions, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(positions.numel(), 32, generator=generator)
+    w_q = torch.randn(4 * HEAD_DIM, 32, generator=generator)
+    w_k = torch.randn(2 * HEAD_DIM, 32, generator=generator)
+    q, k = (x @ w_q.T).view(-1, 4, HEAD_DIM), (x @ w_k.T).view(-1, 2, HEAD_DIM)
+    ref_q, ref_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    q_i = (x @ interleave_rotary_rows(w_q, 4, HEAD_DIM, rotary_dim).T).view(-1, 4, HEAD_DIM)
+    k_i = (x @ interleave_rotary_rows(w_k, 2, HEAD_DIM, rotary_dim).T).view(-1, 2, HEAD_DIM)
+    table = rotation(cos, sin)
+    got_q, got_k = apply_rotary_interleaved(q_i, table), apply_rotary_interleaved(k_i, table)
+    half = rotary_dim // 2
+    order = torch.cat((torch.stack((torch.arange(half), torch.arange(half) + half), 1).reshape(-1),
+                       torch.arange(rotary_dim, HEAD_DIM)))
+    torch.testing.assert_close(got_q, ref_q[..., order], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, ref_k[..., order], atol=1e-5, rtol=1e-5)
+    scores = torch.einsum("thd,tgd->thg", got_q, got_k)
+    torch.testing.assert_close(scores, torch.einsum("thd,tgd->thg", ref_q, ref_k), atol=1e-4, rtol=1e-5)
 
 
 def test_unknown_rope_type_names_the_supported_ones():
