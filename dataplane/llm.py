@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import os
-import random
 import threading
 import time
 from pathlib import Path
@@ -17,14 +15,13 @@ from common.runtime import new_session_dir
 from dataplane import worker_protocol as proto
 from dataplane.engine.core import EngineCore
 from dataplane.engine.scheduler import Scheduler
-from dataplane.engine.sequence import Sequence
 from dataplane.kv_cache import BlockAllocator, kv_bytes_per_block
-from dataplane.messages import SamplingOptions
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader, read_config
 from dataplane.models.spec import ModelSpec
 from dataplane.partitioner import CostModel, partition, unit_costs
-from dataplane.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from dataplane.requests import RequestFactory, load_tokenizer
+from dataplane.sampling_params import RequestOutput, SamplingParams
 from dataplane.stage import resolve_dtype
 from dataplane.stage_processes import StageProcesses
 from dataplane.transport import Inbox, check_transport, inbox_address, open_outbox
@@ -63,8 +60,8 @@ class LLM:
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks or self._default_kv_blocks(kv_cache_bytes, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens or max(self.max_model_len, 2048)
-        self.tokenizer = self._load_tokenizer()
-        self._ids = itertools.count()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.requests = RequestFactory(self.spec, self.tokenizer, self.max_model_len, block_size, self.num_kv_blocks)
         self._closed = False
         self._context = zmq.Context()
         self._session_dir = new_session_dir("pipeline-")
@@ -101,15 +98,6 @@ class LLM:
                                        resolve_dtype(self.dtype).itemsize) * max(1, layers_per_stage)
         wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(wanted, kv_cache_bytes // per_block))
-
-    def _load_tokenizer(self):
-        if not any((self.model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-            return None
-        from transformers import AutoTokenizer
-        try:
-            return AutoTokenizer.from_pretrained(str(self.model_dir))
-        except Exception as exc:  # transformers raises many types for broken tokenizer files
-            raise CheckpointError(f"cannot load the tokenizer of {self.model_dir}: {exc}") from exc
 
     def _start(self, dtype: str, start_timeout_s: float, step_timeout_s: float, max_num_seqs: int) -> None:
         stages = self.layout.num_stages
@@ -156,9 +144,9 @@ class LLM:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        token_lists = [self._tokenize(p) for p in prompts]
+        token_lists = [self.requests.tokenize(p) for p in prompts]
         done = threading.Semaphore(0)
-        seqs = [self._new_sequence(tokens, p, lambda _seq: done.release()) for tokens, p in zip(token_lists, params_list)]
+        seqs = [self.requests.new_sequence(tokens, p, lambda _seq: done.release()) for tokens, p in zip(token_lists, params_list)]
         self.engine.submit(seqs)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for seq in seqs:
@@ -170,42 +158,7 @@ class LLM:
         failed = next((s for s in seqs if s.error is not None), None)
         if failed is not None:
             raise failed.error
-        return [self._output(seq, prompt) for seq, prompt in zip(seqs, prompts)]
-
-    def _tokenize(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer; pass token ids instead of text")
-            tokens = self.tokenizer.encode(prompt)
-        else:
-            tokens = [int(t) for t in prompt]
-        if not tokens:
-            raise InvalidRequestError("a prompt must hold at least one token")
-        bad = [t for t in tokens if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary of {self.spec.vocab_size}")
-        if len(tokens) >= self.max_model_len:
-            raise InvalidRequestError(f"prompt of {len(tokens)} tokens does not fit the model's context of {self.max_model_len} tokens")
-        return tokens
-
-    def _new_sequence(self, tokens: list[int], params: SamplingParams, on_finish) -> Sequence:
-        needed = -(-min(len(tokens) + params.max_tokens, self.max_model_len) // self.block_size)
-        if needed > self.num_kv_blocks:
-            raise InvalidRequestError(f"request needs {needed} KV blocks but the pipeline has {self.num_kv_blocks}")
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        options = SamplingOptions(params.temperature, params.top_k, params.top_p, seed, params.logprobs or 0)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= set(self.spec.eos_token_ids)
-        return Sequence(next(self._ids), tokens, params, options, frozenset(stop_ids), self.max_model_len, on_finish)
-
-    def _output(self, seq: Sequence, prompt) -> RequestOutput:
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if self.tokenizer else ""
-        logprobs = [msg_logprob_dict(lp) for lp in seq.logprobs] if seq.params.logprobs is not None else None
-        metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
-                   "finish_time": seq.finish_time, "token_times": list(seq.token_times)}
-        return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None, seq.prompt_token_ids,
-                             [CompletionOutput(list(seq.output_token_ids), text, seq.finish_reason, logprobs)], metrics)
+        return [self.requests.output(seq, prompt) for seq, prompt in zip(seqs, prompts)]
 
     def close(self) -> None:
         if self._closed:
@@ -231,6 +184,3 @@ class LLM:
         if not getattr(self, "_closed", True):
             self.close()
 
-
-def msg_logprob_dict(logprob) -> dict:
-    return {"logprob": logprob.logprob, "top": dict(zip(logprob.top_ids, logprob.top_logprobs))}

@@ -13,20 +13,16 @@ import os
 import signal
 import sys
 import time
-import traceback
 
 import msgspec
 import torch
 import zmq
 
 from common.errors import FlexPipeError
-from dataplane import messages, worker_protocol as proto
-from dataplane.batch import BatchInput
-from dataplane.sampler import sample
-from dataplane.stage import StageExecutor, StageSpec
-from dataplane.transport import Inbox, inbox_address, open_outbox
-
-log = logging.getLogger("flexpipe.worker")
+from dataplane import worker_protocol as proto
+from dataplane.stage import StageSpec
+from dataplane.stage_server import StageServer, set_device
+from dataplane.transport import Inbox, inbox_address
 POLL_MS = 500
 
 
@@ -40,10 +36,10 @@ def die_with_parent() -> None:
 
 
 class StageWorker:
-    """One stage's serving loop.
+    """A worker process serving one stage for the ``LLM`` that started it.
 
-    Invariants: a micro-batch of another epoch is refused, never run; a micro-batch that
-    fails is reported to the engine as ``StageFailure`` and the worker keeps serving.
+    Invariant: the worker serves only after its ``LoadStage`` succeeded; every load
+    failure goes back to the supervisor as a readable ``WorkerError``.
     """
 
     def __init__(self, control_endpoint: str, worker_id: str, session_dir: str, transport: str) -> None:
@@ -51,30 +47,27 @@ class StageWorker:
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.connect(control_endpoint)
-        self.worker_id = worker_id
+        self.worker_id, self.session_dir, self.transport = worker_id, session_dir, transport
         self.inbox = Inbox(self.context, inbox_address(transport, session_dir, f"stage-{worker_id}"))
-        self.executor: StageExecutor | None = None
-        self.load: proto.LoadStage | None = None
-        self.next_out = self.engine_out = None
+        self.server: StageServer | None = None
         self.parent_pid = os.getppid()
 
     def run(self) -> None:
         self._send_control(proto.WorkerHello(self.worker_id, os.getpid(), self.inbox.address))
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
-        poller.register(self.inbox.socket, zmq.POLLIN)
         while os.getppid() == self.parent_pid:
             ready = dict(poller.poll(POLL_MS))
-            if self.control in ready and not self._handle_control(self.control.recv()):
+            if self.control in ready and not self._handle_control(self.control.recv(), poller):
                 break
-            if self.inbox.socket in ready:
-                self._handle_data()
+            if self.server is not None and self.server.inbox.socket in ready:
+                self.server.serve_one()
         self.close()
 
     def _send_control(self, message) -> None:
         self.control.send(proto.encode(message))
 
-    def _handle_control(self, data: bytes) -> bool:
+    def _handle_control(self, data: bytes, poller: zmq.Poller) -> bool:
         try:
             command = proto.decode(data)
         except msgspec.DecodeError as exc:
@@ -83,75 +76,38 @@ class StageWorker:
         if isinstance(command, proto.Shutdown):
             return False
         if isinstance(command, proto.LoadStage):
-            self._load(command)
+            self._load(command, poller)
         return True
 
-    def _load(self, command: proto.LoadStage) -> None:
+    def _load(self, command: proto.LoadStage, poller: zmq.Poller) -> None:
         started = time.perf_counter()
         try:
-            if command.device.startswith("cuda"):
-                torch.cuda.set_device(torch.device(command.device))
+            set_device(command.device)
             if command.transport in ("nccl", "gloo"):
                 from dataplane.transport.torch_dist import init_group
                 init_group(command.transport, command.dist_init_method, command.stage, command.num_stages)
             spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks,
                              command.block_size, command.dtype, command.device)
-            self.executor = StageExecutor(spec)
-            self.load = command
-            if command.stage < command.num_stages - 1:
-                self.next_out = open_outbox(command.transport, self.context, command.next_address,
-                                            device=command.device, rank=command.stage,
-                                            dst_rank=command.stage + 1, slot_bytes=command.slot_bytes)
-            self.engine_out = open_outbox("tcp", self.context, command.engine_address)
+            server = StageServer(self.context, spec, stage=command.stage, num_stages=command.num_stages,
+                                 epoch=command.epoch, transport=command.transport, session_dir=self.session_dir,
+                                 name=f"stage-{self.worker_id}", inbox=self.inbox)
+            server.connect(command.next_address, command.engine_address, command.slot_bytes)
         except Exception as exc:  # any load failure goes back to the supervisor as a readable error
             detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
             self._send_control(proto.WorkerError(f"stage {command.stage} failed to load: {detail}"))
             return
-        executor = self.executor
+        self.server = server
+        poller.register(server.inbox.socket, zmq.POLLIN)
+        executor = server.executor
         self._send_control(proto.StageLoaded(command.stage, list(command.units), executor.tensors_read,
                                              executor.param_bytes, executor.kv_bytes, time.perf_counter() - started))
 
-    def _handle_data(self) -> None:
-        message = self.inbox.recv()
-        batch_id = -1
-        try:
-            header = messages.decode(message.header)
-            if not isinstance(header, messages.MicroBatch) or self.executor is None:
-                raise FlexPipeError("stage received a message it cannot serve")
-            batch_id = header.batch_id
-            if header.epoch != self.load.epoch:
-                raise FlexPipeError(f"micro-batch of epoch {header.epoch} refused by stage serving epoch {self.load.epoch}")
-            self._forward(header, message)
-        except Exception as exc:  # a failed micro-batch is reported, the stage keeps serving
-            log.error("micro-batch %s failed: %s", batch_id, traceback.format_exc())
-            if self.engine_out is not None:
-                stage = self.load.stage if self.load else -1
-                self.engine_out.send(messages.encode(messages.StageFailure(batch_id, stage, f"{type(exc).__name__}: {exc}")))
-        finally:
-            message.release()
-
-    def _forward(self, header: messages.MicroBatch, message) -> None:
-        seqs = header.seqs
-        batch = BatchInput.build([s.token_ids for s in seqs], [s.start for s in seqs],
-                                 [s.block_table for s in seqs], self.load.block_size, self.executor.device)
-        hidden = message.tensors[0] if message.tensors else None
-        out = self.executor.forward(batch, hidden)
-        if self.next_out is not None:
-            self.next_out.send(message.header, [out])
-            return
-        tokens, logprobs = sample(out, [s.sampling for s in seqs], [s.step for s in seqs])
-        reply = messages.SampledTokens(header.batch_id, header.epoch, [s.seq_id for s in seqs], tokens, logprobs)
-        self.engine_out.send(messages.encode(reply))
-
     def close(self) -> None:
-        for outbox in (self.next_out, self.engine_out):
-            if outbox is not None:
-                outbox.close()
-        self.inbox.close()
+        if self.server is not None:
+            self.server.close()
+        else:
+            self.inbox.close()
         self.control.close(linger=0)
-        if self.load is not None and self.load.transport in ("nccl", "gloo"):
-            from dataplane.transport.torch_dist import close_group
-            close_group()
         self.context.term()
 
 

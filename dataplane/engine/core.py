@@ -130,6 +130,8 @@ class EngineCore:
         logprobs = reply.logprobs or [None] * len(reply.token_ids)
         for seq, token, logprob in zip(flight.seqs, reply.token_ids, logprobs):
             seq.append_token(token, logprob)
+            if seq.on_token is not None:
+                seq.on_token(seq)
             if seq.finished:
                 self._finish(seq)
 

@@ -26,6 +26,7 @@ class Sequence:
     stop_ids: frozenset[int]
     max_model_len: int
     on_finish: Callable[["Sequence"], None] | None = None
+    on_token: Callable[["Sequence"], None] | None = None
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

@@ -1,0 +1,163 @@
+"""FlexPipe's configuration: one TOML file, environment overrides, defaults that work on one machine.
+
+Lookup: the path given explicitly, else ``$FLEXPIPE_CONFIG``, else
+``~/.config/flexpipe/flexpipe.toml`` when it exists, else defaults only. Any field can be
+overridden by ``FLEXPIPE_<SECTION>_<FIELD>`` (upper case), e.g. ``FLEXPIPE_CONTROLLER_TCP=tcp://0.0.0.0:7700``.
+
+    [controller]
+    ipc = ""                      # default: ipc://<runtime dir>/controller.sock
+    tcp = ""                      # e.g. "tcp://0.0.0.0:7700"; CURVE unless [security] insecure
+    heartbeat_interval_s = 1.0
+    lost_after_heartbeats = 3
+
+    [security]
+    key_dir = ""                  # default: $FLEXPIPE_KEY_DIR or ~/.config/flexpipe/keys
+    insecure = false              # plain TCP, loopback only
+
+    [cluster]                     # what `fpctl up` starts
+    workers = 2
+    worker_memory = "4GiB"        # the virtual device of each CPU worker
+    restart_limit = 3
+    ready_timeout_s = 60.0
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from common.errors import FlexPipeError
+from common.runtime import runtime_dir
+
+
+class ConfigError(FlexPipeError):
+    """The configuration file or an override is invalid."""
+
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``4096``, ``"512MiB"``, ``"24 GiB"`` or ``"1.5GB"`` as a byte count."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"a size cannot be negative: {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"not a size: {value!r} (use bytes or a number with KiB/MiB/GiB/TiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    """Invariant: ``heartbeat_interval_s > 0`` and ``lost_after_heartbeats >= 1``."""
+
+    ipc: str = ""
+    tcp: str = ""
+    heartbeat_interval_s: float = 1.0
+    lost_after_heartbeats: int = 3
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0 or self.lost_after_heartbeats < 1:
+            raise ConfigError("controller.heartbeat_interval_s must be > 0 and lost_after_heartbeats >= 1")
+
+    @property
+    def ipc_endpoint(self) -> str:
+        return self.ipc or f"ipc://{runtime_dir()}/controller.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    key_dir: str = ""
+    insecure: bool = False
+
+    @property
+    def key_path(self) -> Path:
+        if self.key_dir:
+            return Path(self.key_dir).expanduser()
+        return Path(os.environ.get("FLEXPIPE_KEY_DIR") or Path.home() / ".config" / "flexpipe" / "keys")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Invariant: at least one worker, a positive worker memory, restart_limit >= 0."""
+
+    workers: int = 2
+    worker_memory: int = 4 << 30
+    restart_limit: int = 3
+    ready_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "worker_memory", parse_bytes(self.worker_memory))
+        if self.workers < 1 or self.worker_memory <= 0 or self.restart_limit < 0 or self.ready_timeout_s <= 0:
+            raise ConfigError(f"invalid [cluster] settings: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class FlexPipeConfig:
+    """The root configuration, passed explicitly to every process."""
+
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    source: str = "defaults"
+
+
+SECTIONS = {"controller": ControllerConfig, "security": SecurityConfig, "cluster": ClusterConfig}
+
+
+def default_config_path() -> Path:
+    return Path.home() / ".config" / "flexpipe" / "flexpipe.toml"
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> FlexPipeConfig:
+    """Read the configuration file (if any) and apply ``FLEXPIPE_<SECTION>_<FIELD>`` overrides."""
+    environ = os.environ if environ is None else environ
+    chosen = path or environ.get("FLEXPIPE_CONFIG") or (default_config_path() if default_config_path().exists() else None)
+    raw: dict = {}
+    if chosen:
+        try:
+            raw = tomllib.loads(Path(chosen).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {chosen} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {chosen} is not valid TOML: {exc}") from None
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown configuration sections {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = dict(raw.get(name, {}))
+        known = {f.name: f for f in fields(cls)}
+        if set(values) - set(known):
+            raise ConfigError(f"unknown keys in [{name}]: {sorted(set(values) - set(known))}")
+        for key, spec in known.items():
+            override = environ.get(f"FLEXPIPE_{name.upper()}_{key.upper()}")
+            if override is not None:
+                values[key] = _coerce(override, type(getattr(cls(), key)), f"FLEXPIPE_{name.upper()}_{key.upper()}")
+        try:
+            sections[name] = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid [{name}] section: {exc}") from None
+    return FlexPipeConfig(**sections, source=str(chosen) if chosen else "defaults")
+
+
+def _coerce(text: str, kind: type, name: str):
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        return kind(text) if kind in (int, float) and not (kind is int and not text.strip().lstrip("-").isdigit()) else text
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+
+
+def with_overrides(config: FlexPipeConfig, **sections) -> FlexPipeConfig:
+    """A copy with some fields of some sections replaced, e.g. ``cluster={"workers": 3}``."""
+    return replace(config, **{name: replace(getattr(config, name), **values) for name, values in sections.items()})

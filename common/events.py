@@ -1,0 +1,340 @@
+"""The control bus's event catalogue: every message between FlexPipe processes, defined once.
+
+Each event is a msgspec Struct encoded as a MessagePack map whose ``type`` field names
+it (the tag), so a plain ``msgpack`` client can read and write any of them. Every event
+carries the protocol version ``v`` and its ``sender``. A command carries ``cmd_id``,
+unique per sender and increasing; its reply echoes it as ``reply_to``. Anything about a
+pipeline carries ``pipeline_id`` and ``epoch``.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="type", forbid_unknown_fields=True):
+    """Base of every control-bus event. Invariant: ``v == PROTOCOL_VERSION`` once decoded."""
+
+    v: int = PROTOCOL_VERSION
+    sender: str = ""
+
+
+class Command(Event, kw_only=True):
+    """An event that expects a reply echoing ``cmd_id``."""
+
+    cmd_id: int
+
+
+class Reply(Event, kw_only=True):
+    reply_to: int
+
+
+# ---- generic replies -------------------------------------------------------------------
+
+class Ack(Reply, tag="ack"):
+    pass
+
+
+class ErrorReply(Reply, tag="error"):
+    """A rejected message. ``reply_to`` is -1 when the message had no readable ``cmd_id``."""
+
+    code: str
+    message: str
+
+
+# ---- workers ---------------------------------------------------------------------------
+
+class DeviceInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One device a worker serves: a GPU seen through NVML, or a declared virtual CPU device."""
+
+    device_id: str
+    kind: str
+    name: str
+    memory_total: int
+    memory_free: int
+    host: str
+    rack: str = "rack0"
+    nvlink_peers: list[str] = []
+
+
+class RegisterWorker(Command, tag="register_worker"):
+    worker_id: str
+    host: str
+    pid: int
+    device: DeviceInfo
+
+
+class WorkerRegistered(Reply, tag="worker_registered"):
+    heartbeat_interval_s: float
+
+
+class Heartbeat(Event, tag="heartbeat"):
+    worker_id: str
+    seq: int
+
+
+class StageMetrics(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pipeline_id: str
+    epoch: int
+    stage: int
+    queue_length: int
+    busy_fraction: float
+    kv_blocks_used: int
+    kv_blocks_free: int
+    tokens_per_s: float
+
+
+class WorkerMetrics(Event, tag="worker_metrics"):
+    worker_id: str
+    stages: list[StageMetrics]
+
+
+class LoadStage(Command, tag="load_stage"):
+    """Load units of one pipeline stage and bind its data inbox (wired up later by ``ConnectStage``)."""
+
+    pipeline_id: str
+    epoch: int
+    stage: int
+    num_stages: int
+    model_dir: str
+    units: list[str]
+    num_kv_blocks: int
+    block_size: int
+    dtype: str
+    transport: str
+
+
+class StageLoaded(Reply, tag="stage_loaded"):
+    pipeline_id: str
+    epoch: int
+    stage: int
+    inbox_address: str
+    param_bytes: int
+    kv_bytes: int
+    load_seconds: float
+
+
+class ConnectStage(Command, tag="connect_stage"):
+    """Point a loaded stage at its successor (empty for the last stage) and at the engine."""
+
+    pipeline_id: str
+    epoch: int
+    next_address: str
+    engine_address: str
+    slot_bytes: int
+
+
+class UnloadStage(Command, tag="unload_stage"):
+    pipeline_id: str
+
+
+# ---- engine hosts ----------------------------------------------------------------------
+
+class RegisterEngineHost(Command, tag="register_engine_host"):
+    host_id: str
+    host: str
+    pid: int
+    request_address: str
+
+
+class PrepareEngine(Command, tag="prepare_engine"):
+    """Create the engine of a pipeline and bind the inbox its last stage answers to."""
+
+    pipeline_id: str
+    epoch: int
+    model_dir: str
+    num_stages: int
+    num_kv_blocks: int
+    block_size: int
+    max_num_seqs: int
+    transport: str
+
+
+class EnginePrepared(Reply, tag="engine_prepared"):
+    pipeline_id: str
+    inbox_address: str
+
+
+class StartEngine(Command, tag="start_engine"):
+    pipeline_id: str
+    epoch: int
+    first_stage_address: str
+
+
+class StopEngine(Command, tag="stop_engine"):
+    pipeline_id: str
+
+
+class EngineMetrics(Event, tag="engine_metrics"):
+    host_id: str
+    pipeline_id: str
+    epoch: int
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    tokens_per_s: float
+
+
+# ---- operators ---------------------------------------------------------------------------
+
+class StatusRequest(Command, tag="status"):
+    pass
+
+
+class WorkerView(msgspec.Struct, kw_only=True):
+    worker_id: str
+    state: str
+    host: str
+    pid: int
+    device: DeviceInfo
+    last_heartbeat_age_s: float
+    stages: list[StageMetrics]
+
+
+class EngineHostView(msgspec.Struct, kw_only=True):
+    host_id: str
+    state: str
+    pid: int
+    request_address: str
+
+
+class StageView(msgspec.Struct, kw_only=True):
+    stage: int
+    worker_id: str
+    units: list[str]
+    queue_length: int = 0
+    busy_fraction: float = 0.0
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+
+
+class PipelineView(msgspec.Struct, kw_only=True):
+    pipeline_id: str
+    state: str
+    epoch: int
+    model_dir: str
+    engine_host: str
+    stages: list[StageView]
+    reason: str = ""
+
+
+class StatusReply(Reply, tag="status_reply"):
+    workers: list[WorkerView]
+    engine_hosts: list[EngineHostView]
+    pipelines: list[PipelineView]
+    rejected_messages: int
+
+
+class DeployPipeline(Command, tag="deploy"):
+    """Deploy a model as a pipeline: ``num_stages`` stages cut by the partitioner, or an explicit ``layout``."""
+
+    pipeline_id: str
+    model_dir: str
+    num_stages: int = 0
+    layout: list[str] = []
+    transport: str = "shm"
+    dtype: str = "float32"
+    block_size: int = 16
+    max_num_seqs: int = 64
+
+
+class DeployAccepted(Reply, tag="deploy_accepted"):
+    pipeline_id: str
+
+
+class UndeployPipeline(Command, tag="undeploy"):
+    pipeline_id: str
+
+
+class ShutdownRequest(Command, tag="shutdown"):
+    pass
+
+
+# ---- notifications (controller -> subscribers, and the log) ------------------------------
+
+class WorkerLost(Event, tag="worker_lost"):
+    worker_id: str
+    silent_for_s: float
+
+
+class PipelineStateChanged(Event, tag="pipeline_state"):
+    pipeline_id: str
+    epoch: int
+    state: str
+    reason: str = ""
+
+
+# ---- the engine host's request endpoint (used by fpctl generate and the gateway) -----------
+
+class GenerateRequest(Command, tag="generate"):
+    pipeline_id: str
+    prompt: str = ""
+    prompt_token_ids: list[int] = []
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    ignore_eos: bool = False
+
+
+class TokenChunk(Reply, tag="tokens"):
+    """Tokens of one request as they arrive; the last chunk has ``finish_reason`` set."""
+
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# ---- between actors (co-hosted in the controller, or over the bus when an actor runs alone) ----
+
+class PlaceStages(Command, tag="place_stages"):
+    """Ask the allocator for one device per stage; ``stage_memory[k]`` bytes must fit on stage k's device."""
+
+    pipeline_id: str
+    stage_memory: list[int]
+
+
+class PlacementDecided(Reply, tag="placement"):
+    """``devices[k]`` is the worker id for stage k; empty with a ``reason`` when refused."""
+
+    pipeline_id: str
+    devices: list[str]
+    reason: str = ""
+
+
+class ReleasePlacement(Event, tag="release_placement"):
+    pipeline_id: str
+
+
+class MessageRejected(Event, tag="message_rejected"):
+    """A bus shell rejected a message from ``peer`` (counted by the monitor)."""
+
+    code: str
+    peer: str
+
+
+class PipelineUpdated(Event, tag="pipeline_updated"):
+    """The coordinator's current view of one pipeline, for the monitor's status answers."""
+
+    pipeline: PipelineView
+    removed: bool = False
+
+
+ANY_EVENT = Union[
+    Ack, ErrorReply, RegisterWorker, WorkerRegistered, Heartbeat, WorkerMetrics, LoadStage, StageLoaded,
+    ConnectStage, UnloadStage, RegisterEngineHost, PrepareEngine, EnginePrepared, StartEngine, StopEngine,
+    EngineMetrics, StatusRequest, StatusReply, DeployPipeline, DeployAccepted, UndeployPipeline,
+    ShutdownRequest, WorkerLost, PipelineStateChanged, GenerateRequest, TokenChunk, PlaceStages,
+    PlacementDecided, ReleasePlacement, PipelineUpdated, MessageRejected,
+]
+
+CATALOGUE: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in ANY_EVENT.__args__}
+

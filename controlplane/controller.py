@@ -1,0 +1,121 @@
+"""The controller process: monitor, coordinator and allocator behind the control bus.
+
+Run as ``python -m controlplane.controller [--config FILE] [--insecure]``. It binds the
+IPC endpoint in the 0700 runtime directory and, when configured, a TCP endpoint
+protected by CURVE (plain TCP only on loopback with ``--insecure``, with a warning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import zmq
+
+from common.config import FlexPipeConfig, load_config
+from common.errors import FlexPipeError
+from common.logging import configure_logging, emit, get_logger
+from controlplane.allocator import Allocator
+from controlplane.coordinator import Coordinator
+from controlplane.monitor import Monitor
+from controlplane.planner import plan_pipeline
+from controlplane.shell import ActorShell
+
+
+def build_actors(config: FlexPipeConfig, inventory=None) -> list:
+    """The actors a controller hosts; ``inventory`` is an optional resource graph from a TOML file."""
+    controller = config.controller
+    allocator = Allocator(inventory) if inventory is not None else Allocator()
+    return [Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats),
+            Coordinator(plan_pipeline), allocator]
+
+
+class Controller:
+    """Owns the controller's sockets and authenticator. Invariant: ``close()`` releases all of them."""
+
+    def __init__(self, config: FlexPipeConfig, insecure: bool = False, inventory=None) -> None:
+        self.config = config
+        self.context = zmq.Context()
+        self.log = get_logger(process="controller")
+        self.authenticator = None
+        self.routers = [self._bind(config.controller.ipc_endpoint)]
+        if config.controller.tcp:
+            self.routers.append(self._bind_tcp(config.controller.tcp, insecure or config.security.insecure))
+        self.shell = ActorShell(build_actors(config, inventory), self.routers, name="controller")
+
+    def _bind(self, endpoint: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if endpoint.startswith("ipc://") and os.path.exists(endpoint[len("ipc://"):]):
+            os.unlink(endpoint[len("ipc://"):])
+        socket.bind(endpoint)
+        emit(self.log, "bus.listening", endpoint=endpoint)
+        return socket
+
+    def _bind_tcp(self, endpoint: str, insecure: bool) -> zmq.Socket:
+        from controlplane import security
+        if insecure:
+            security.check_insecure_endpoint(endpoint, insecure=True)
+            emit(self.log, "bus.insecure", level="warning", endpoint=endpoint,
+                 detail="plain TCP without CURVE: any local process can talk to the controller")
+            return self._bind(endpoint)
+        keys = security.load_keys(self.config.security.key_path)
+        self.authenticator = security.start_authenticator(
+            self.context, keys, lambda address, reason: emit(self.log, "bus.peer_denied", level="warning",
+                                                            address=address, reason=reason))
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        security.secure_server_socket(socket, keys)
+        self.authenticator.watch(socket)
+        socket.bind(endpoint)
+        emit(self.log, "bus.listening", endpoint=endpoint, curve=True)
+        return socket
+
+    def run(self) -> None:
+        loop = asyncio.new_event_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.shell.stop)
+        emit(self.log, "controller.started", endpoints=[self.config.controller.ipc_endpoint,
+                                                                         self.config.controller.tcp])
+        try:
+            loop.run_until_complete(self.shell.run())
+        finally:
+            loop.close()
+            self.close()
+            emit(self.log, "controller.stopped")
+
+    def close(self) -> None:
+        for socket in self.routers:
+            socket.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.context.term()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="FlexPipe controller")
+    parser.add_argument("--config", help="FlexPipe TOML configuration")
+    parser.add_argument("--inventory", help="TOML resource inventory (default: built from worker registrations)")
+    parser.add_argument("--insecure", action="store_true", help="allow plain TCP on a loopback endpoint")
+    args = parser.parse_args(argv)
+    configure_logging("controller")
+    try:
+        config = load_config(args.config)
+        inventory = None
+        if args.inventory:
+            from common.topology import load_inventory
+            inventory = load_inventory(args.inventory)
+        Controller(config, args.insecure, inventory).run()
+    except FlexPipeError as exc:
+        print(f"flexpipe controller: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The monitor actor: who is alive, what they report, and the cluster status operators read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from common import events as ev
+from controlplane.actor import Action, Log, Send, Tell, Tick
+
+
+@dataclass
+class Member:
+    """A registered worker or engine host. ``state`` is ``alive`` or ``lost``."""
+
+    member_id: str
+    kind: str
+    pid: int
+    host: str
+    last_seen: float
+    state: str = "alive"
+    device: ev.DeviceInfo | None = None
+    request_address: str = ""
+    stages: list[ev.StageMetrics] = field(default_factory=list)
+
+
+class Monitor:
+    """Registry of workers and engine hosts, heartbeat watchdog, metrics and status.
+
+    Invariants: a member is ``lost`` once it has been silent for more than
+    ``heartbeat_interval_s * lost_after_heartbeats``, and the coordinator and allocator
+    are told exactly once per loss; a member that registers again with the same id
+    replaces its old record (a restart with a new pid counts as a loss of the old one
+    first); status answers reflect every event handled before the request.
+    """
+
+    name: ClassVar[str] = "monitor"
+    accepts: ClassVar[tuple[type, ...]] = (
+        ev.RegisterWorker, ev.RegisterEngineHost, ev.Heartbeat, ev.WorkerMetrics, ev.EngineMetrics,
+        ev.StatusRequest, ev.PipelineUpdated, ev.MessageRejected, Tick,
+    )
+
+    def __init__(self, heartbeat_interval_s: float = 1.0, lost_after_heartbeats: int = 3) -> None:
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.lost_after_s = heartbeat_interval_s * lost_after_heartbeats
+        self.members: dict[str, Member] = {}
+        self.pipelines: dict[str, ev.PipelineView] = {}
+        self.engine_metrics: dict[str, ev.EngineMetrics] = {}
+        self.rejected_messages = 0
+
+    def handle(self, event, now: float) -> list[Action]:
+        handler = getattr(self, f"_on_{type(event).__name__}")
+        return handler(event, now)
+
+    def _on_RegisterWorker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
+        actions = self._replace_member(event.worker_id, event.pid, now)
+        self.members[event.worker_id] = Member(event.worker_id, "worker", event.pid, event.host, now, device=event.device)
+        actions += [
+            Tell("allocator", event),
+            Send(event.sender, ev.WorkerRegistered(sender=self.name, reply_to=event.cmd_id,
+                                                   heartbeat_interval_s=self.heartbeat_interval_s)),
+            Log("worker.registered", {"worker_id": event.worker_id, "worker_pid": event.pid, "host": event.host,
+                                      "device": event.device.device_id, "memory_total": event.device.memory_total}),
+        ]
+        return actions
+
+    def _on_RegisterEngineHost(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
+        actions = self._replace_member(event.host_id, event.pid, now)
+        self.members[event.host_id] = Member(event.host_id, "engine_host", event.pid, event.host, now,
+                                             request_address=event.request_address)
+        return actions + [
+            Tell("coordinator", event),
+            Send(event.sender, ev.Ack(sender=self.name, reply_to=event.cmd_id)),
+            Log("engine_host.registered", {"host_id": event.host_id, "host_pid": event.pid, "request_address": event.request_address}),
+        ]
+
+    def _replace_member(self, member_id: str, pid: int, now: float) -> list[Action]:
+        old = self.members.get(member_id)
+        if old is None:
+            return []
+        actions: list[Action] = [Log("worker.reregistered", {"worker_id": member_id, "old_pid": old.pid, "new_pid": pid})]
+        if old.state == "alive" and old.pid != pid:
+            actions += self._declare_lost(old, now)
+        return actions
+
+    def _on_Heartbeat(self, event: ev.Heartbeat, now: float) -> list[Action]:
+        member = self.members.get(event.worker_id)
+        if member is None or member.state == "lost":
+            return [Send(event.sender, ev.ErrorReply(sender=self.name, reply_to=-1, code="not_registered",
+                                                     message=f"{event.worker_id} is not registered; register again"))]
+        member.last_seen = now
+        return []
+
+    def _on_WorkerMetrics(self, event: ev.WorkerMetrics, now: float) -> list[Action]:
+        member = self.members.get(event.worker_id)
+        if member is not None and member.state == "alive":
+            member.last_seen = now
+            member.stages = list(event.stages)
+        return []
+
+    def _on_EngineMetrics(self, event: ev.EngineMetrics, now: float) -> list[Action]:
+        self.engine_metrics[event.pipeline_id] = event
+        member = self.members.get(event.host_id)
+        if member is not None and member.state == "alive":
+            member.last_seen = now
+        return []
+
+    def _on_PipelineUpdated(self, event: ev.PipelineUpdated, now: float) -> list[Action]:
+        if event.removed:
+            self.pipelines.pop(event.pipeline.pipeline_id, None)
+            self.engine_metrics.pop(event.pipeline.pipeline_id, None)
+        else:
+            self.pipelines[event.pipeline.pipeline_id] = event.pipeline
+        return []
+
+    def _on_MessageRejected(self, event: ev.MessageRejected, now: float) -> list[Action]:
+        self.rejected_messages += 1
+        return []
+
+    def _on_Tick(self, event: Tick, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for member in self.members.values():
+            if member.state == "alive" and now - member.last_seen > self.lost_after_s:
+                actions += self._declare_lost(member, now)
+        return actions
+
+    def _declare_lost(self, member: Member, now: float) -> list[Action]:
+        member.state = "lost"
+        lost = ev.WorkerLost(sender=self.name, worker_id=member.member_id, silent_for_s=round(now - member.last_seen, 3))
+        return [Tell("coordinator", lost), Tell("allocator", lost),
+                Log("worker.lost", {"worker_id": member.member_id, "kind": member.kind, "member_pid": member.pid,
+                                    "silent_for_s": lost.silent_for_s}, level="warning")]
+
+    def _on_StatusRequest(self, event: ev.StatusRequest, now: float) -> list[Action]:
+        return [Send(event.sender, self.status(event.cmd_id, now))]
+
+    def status(self, reply_to: int, now: float) -> ev.StatusReply:
+        workers = [ev.WorkerView(worker_id=m.member_id, state=m.state, host=m.host, pid=m.pid, device=m.device,
+                                 last_heartbeat_age_s=round(now - m.last_seen, 3), stages=m.stages)
+                   for m in self.members.values() if m.kind == "worker"]
+        hosts = [ev.EngineHostView(host_id=m.member_id, state=m.state, pid=m.pid, request_address=m.request_address)
+                 for m in self.members.values() if m.kind == "engine_host"]
+        return ev.StatusReply(sender=self.name, reply_to=reply_to, workers=workers, engine_hosts=hosts,
+                              pipelines=[self._with_metrics(p) for p in self.pipelines.values()],
+                              rejected_messages=self.rejected_messages)
+
+    def _with_metrics(self, pipeline: ev.PipelineView) -> ev.PipelineView:
+        engine = self.engine_metrics.get(pipeline.pipeline_id)
+        stages = []
+        for stage in pipeline.stages:
+            member = self.members.get(stage.worker_id)
+            reported = next((s for s in (member.stages if member else []) if s.pipeline_id == pipeline.pipeline_id), None)
+            stages.append(ev.StageView(
+                stage=stage.stage, worker_id=stage.worker_id, units=stage.units,
+                queue_length=reported.queue_length if reported else 0,
+                busy_fraction=reported.busy_fraction if reported else 0.0,
+                kv_blocks_used=engine.kv_blocks_used if engine else 0,
+                kv_blocks_free=engine.kv_blocks_free if engine else 0))
+        return ev.PipelineView(pipeline_id=pipeline.pipeline_id, state=pipeline.state, epoch=pipeline.epoch,
+                               model_dir=pipeline.model_dir, engine_host=pipeline.engine_host, stages=stages,
+                               reason=pipeline.reason)

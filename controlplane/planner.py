@@ -1,0 +1,54 @@
+"""Turning a deploy request into stage layouts and memory needs, from the model's config alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dataplane.kv_cache import kv_bytes_per_block
+from dataplane.models.checkpoint import read_config
+from dataplane.models.spec import ModelSpec
+from dataplane.partitioner import CostModel, partition, unit_costs
+from dataplane.stage import resolve_dtype
+from dataplane.units import Layout, unit_names
+
+ACTIVATION_RESERVE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PipelinePlan:
+    """Units and device bytes per stage. Invariant: the stages' units, in order, are every unit once."""
+
+    stage_units: list[list[str]]
+    stage_memory: list[int]
+    num_kv_blocks: int
+    max_model_len: int
+
+
+def plan_pipeline(model_dir: str, num_stages: int, layout: list[str], dtype: str, block_size: int,
+                  max_num_seqs: int, kv_cache_bytes: int = 256 << 20) -> PipelinePlan:
+    """Cut the model into ``num_stages`` stages (or the explicit ``layout``) and size its KV cache.
+
+    Raises CheckpointError / UnsupportedModelError / PartitionError / InvalidRequestError."""
+    spec = ModelSpec.from_config(read_config(Path(model_dir)))
+    names = unit_names(spec.num_layers)
+    dtype_bytes = resolve_dtype(dtype).itemsize
+    max_model_len = spec.max_position_embeddings
+    costs = unit_costs(spec, context_tokens=max_model_len // 2)
+    if layout:
+        cut = Layout.from_spec(layout, names)
+    else:
+        cost_model = CostModel(activation_bytes_per_token=spec.hidden_size * spec.dtype_bytes)
+        cut = partition(costs, num_stages, cost_model)
+    stage_units = [list(cut.stage_units(s, names)) for s in range(cut.num_stages)]
+    per_block_layer = kv_bytes_per_block(block_size, spec.num_kv_heads, spec.head_dim, dtype_bytes)
+    attn_layers = [sum(1 for u in units if u.endswith(".attn")) for units in stage_units]
+    wanted = max_num_seqs * -(-max_model_len // block_size)
+    num_kv_blocks = max(1, min(wanted, kv_cache_bytes // (per_block_layer * max(1, max(attn_layers)))))
+    by_name = {c.name: c for c in costs}
+    stage_memory = [
+        sum(by_name[u].param_bytes for u in units) * dtype_bytes // spec.dtype_bytes
+        + layers * num_kv_blocks * per_block_layer + ACTIVATION_RESERVE_BYTES
+        for units, layers in zip(stage_units, attn_layers)
+    ]
+    return PipelinePlan(stage_units, stage_memory, num_kv_blocks, max_model_len)

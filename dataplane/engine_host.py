@@ -1,0 +1,294 @@
+"""The engine host process: one engine per deployed pipeline, and the request endpoint clients use.
+
+Run as ``python -m dataplane.engine_host --controller ENDPOINT --host-id ID``. It
+registers with the controller, prepares/starts/stops engines on the coordinator's
+commands, and serves ``GenerateRequest``s on its own ROUTER endpoint (``fpctl generate``
+and the gateway), streaming ``TokenChunk`` replies as tokens arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import socket as pysocket
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from common import events as ev
+from common.config import load_config
+from common.errors import FlexPipeError, InvalidRequestError, PipelineError
+from common.logging import configure_logging, emit, get_logger
+from common.runtime import new_session_dir, runtime_dir
+from controlplane.client import BusClient, Heartbeater
+from dataplane.engine.core import EngineCore
+from dataplane.engine.scheduler import Scheduler
+from dataplane.kv_cache import BlockAllocator
+from dataplane.models.checkpoint import read_config
+from dataplane.models.spec import ModelSpec
+from dataplane.requests import RequestFactory, load_tokenizer
+from dataplane.sampling_params import SamplingParams
+from dataplane.transport import Inbox, inbox_address, open_outbox
+
+
+class HostedEngine:
+    """One pipeline's engine. Invariant: requests are accepted only while it is started and not degraded."""
+
+    def __init__(self, context: zmq.Context, command: ev.PrepareEngine, session_dir: Path) -> None:
+        self.pipeline_id, self.epoch = command.pipeline_id, command.epoch
+        self.context = context
+        spec = ModelSpec.from_config(read_config(Path(command.model_dir)))
+        self.requests = RequestFactory(spec, load_tokenizer(Path(command.model_dir)), spec.max_position_embeddings,
+                                       command.block_size, command.num_kv_blocks)
+        self.inbox = Inbox(context, inbox_address(command.transport, str(session_dir), f"engine-{command.pipeline_id}"))
+        self.allocator = BlockAllocator(command.num_kv_blocks, command.block_size)
+        self.scheduler = Scheduler(self.allocator, command.num_stages, command.max_num_seqs,
+                                   max(spec.max_position_embeddings, 2048))
+        self.engine: EngineCore | None = None
+        self.to_first = None
+        self.unavailable = "not started"
+        self.tokens_emitted = 0
+
+    def start(self, first_stage_address: str) -> None:
+        self.to_first = open_outbox("tcp", self.context, first_stage_address)
+        self.engine = EngineCore(self.scheduler, self.to_first, self.inbox, lambda: None)
+        self.engine.start()
+        self.unavailable = ""
+
+    def fail_all(self, reason: str) -> None:
+        self.unavailable = reason
+        if self.engine is not None:
+            self.engine.stop()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        for endpoint in (self.to_first, self.inbox):
+            if endpoint is not None:
+                endpoint.close()
+
+
+class EngineHost:
+    """Hosts engines and streams generated tokens to clients.
+
+    Invariants: only the main thread touches sockets; engine threads hand finished
+    tokens over through ``outgoing``; every GenerateRequest is answered with token
+    chunks ending in one with ``finish_reason`` set, or with an ``ErrorReply``.
+    """
+
+    def __init__(self, bus: BusClient, host_id: str, request_endpoint: str, key_dir=None, insecure: bool = False) -> None:
+        self.bus, self.host_id = bus, host_id
+        self.key_dir, self.insecure = key_dir, insecure
+        self.context = bus.context
+        self.requests_socket = self.context.socket(zmq.ROUTER)
+        self.requests_socket.setsockopt(zmq.LINGER, 0)
+        self.requests_socket.bind(request_endpoint)
+        self.request_endpoint = request_endpoint
+        self.session_dir = new_session_dir(f"engine-{host_id}-")
+        self.engines: dict[str, HostedEngine] = {}
+        self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self.heartbeat_interval_s = 1.0
+        self.log = get_logger(host_id=host_id)
+        self.heartbeater: Heartbeater | None = None
+        self._running = True
+
+    def stop(self, *_args) -> None:
+        self._running = False
+
+    def register(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.bus.request(ev.RegisterEngineHost, timeout_s=2.0, host_id=self.host_id,
+                                 host=pysocket.gethostname(), pid=os.getpid(), request_address=self.request_endpoint)
+                return
+            except FlexPipeError:
+                if time.monotonic() > deadline or not self._running:
+                    raise
+
+    def run(self) -> None:
+        self.register()
+        self.heartbeater = Heartbeater(self.bus.endpoint, self.host_id, self.heartbeat_interval_s, key_dir=self.key_dir,
+                                       insecure=self.insecure, context=self.context, metrics=self._metrics).start()
+        emit(self.log, "process.ready", request_address=self.request_endpoint)
+        poller = zmq.Poller()
+        poller.register(self.bus.socket, zmq.POLLIN)
+        poller.register(self.requests_socket, zmq.POLLIN)
+        while self._running:
+            if self.heartbeater.needs_registration.is_set():
+                self.heartbeater.needs_registration.clear()
+                self.register()
+            ready = dict(poller.poll(5))
+            if self.bus.socket in ready:
+                while (event := self.bus.receive(0)) is not None:
+                    self._on_command(event)
+            if self.requests_socket in ready:
+                self._drain_requests()
+            self._flush_outgoing()
+        self.close()
+
+    def _metrics(self) -> list[ev.Event]:
+        events = []
+        for hosted in list(self.engines.values()):
+            free = hosted.allocator.num_free
+            events.append(ev.EngineMetrics(
+                sender=f"{self.host_id}.heartbeat", host_id=self.host_id, pipeline_id=hosted.pipeline_id,
+                epoch=hosted.epoch, running=len(hosted.scheduler.running), waiting=len(hosted.scheduler.waiting),
+                kv_blocks_used=hosted.allocator.num_blocks - free, kv_blocks_free=free, tokens_per_s=0.0))
+        return events
+
+    def _on_command(self, event) -> None:
+        if isinstance(event, ev.PipelineStateChanged):
+            hosted = self.engines.get(event.pipeline_id)
+            if hosted is not None and event.state == "DEGRADED":
+                hosted.fail_all(f"pipeline {event.pipeline_id} is degraded: {event.reason}")
+            return
+        handler = {ev.PrepareEngine: self._prepare, ev.StartEngine: self._start, ev.StopEngine: self._stop}.get(type(event))
+        if handler is None:
+            return
+        try:
+            reply = handler(event)
+        except Exception as exc:  # every command gets an answer, failures included
+            detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
+            reply = ev.ErrorReply(sender=self.host_id, reply_to=event.cmd_id, code="command_failed", message=detail)
+        self.bus.send(reply)
+
+    def _prepare(self, command: ev.PrepareEngine) -> ev.EnginePrepared:
+        old = self.engines.pop(command.pipeline_id, None)
+        if old is not None:
+            old.close()
+        hosted = HostedEngine(self.context, command, self.session_dir)
+        self.engines[command.pipeline_id] = hosted
+        return ev.EnginePrepared(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
+                                 inbox_address=hosted.inbox.address)
+
+    def _start(self, command: ev.StartEngine) -> ev.Ack:
+        hosted = self.engines.get(command.pipeline_id)
+        if hosted is None:
+            raise FlexPipeError(f"no engine prepared for pipeline {command.pipeline_id}")
+        hosted.start(command.first_stage_address)
+        emit(self.log, "engine.started", pipeline_id=command.pipeline_id, epoch=command.epoch)
+        return ev.Ack(sender=self.host_id, reply_to=command.cmd_id)
+
+    def _stop(self, command: ev.StopEngine) -> ev.Ack:
+        hosted = self.engines.pop(command.pipeline_id, None)
+        if hosted is not None:
+            hosted.close()
+            emit(self.log, "engine.stopped", pipeline_id=command.pipeline_id)
+        return ev.Ack(sender=self.host_id, reply_to=command.cmd_id)
+
+    def _drain_requests(self) -> None:
+        while True:
+            try:
+                identity, data = self.requests_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            self._on_request(identity, data)
+
+    def _on_request(self, identity: bytes, data: bytes) -> None:
+        from common.wire import WireError, decode, encode
+        try:
+            request = decode(data)
+            if not isinstance(request, ev.GenerateRequest):
+                raise WireError("unexpected", "this endpoint takes generate requests only", getattr(request, "cmd_id", -1))
+        except WireError as error:
+            emit(self.log, "bus.message_rejected", level="warning", code=error.code, detail=str(error)[:200])
+            self.requests_socket.send_multipart([identity, encode(error.reply(self.host_id))])
+            return
+        try:
+            seq = self._submit(identity, request)
+        except FlexPipeError as exc:
+            reply = ev.ErrorReply(sender=self.host_id, reply_to=request.cmd_id, code="request_refused", message=str(exc))
+            self.requests_socket.send_multipart([identity, encode(reply)])
+            return
+        emit(self.log, "request.started", pipeline_id=request.pipeline_id, seq_id=seq.seq_id,
+             prompt_tokens=len(seq.prompt_token_ids), max_tokens=request.max_tokens)
+
+    def _submit(self, identity: bytes, request: ev.GenerateRequest):
+        hosted = self.engines.get(request.pipeline_id)
+        if hosted is None:
+            raise PipelineError(f"no pipeline {request.pipeline_id!r} on this engine host")
+        if hosted.unavailable:
+            raise PipelineError(f"pipeline {request.pipeline_id!r} is unavailable: {hosted.unavailable}")
+        if request.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be >= 1")
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                                top_k=request.top_k, seed=request.seed, ignore_eos=request.ignore_eos)
+        prompt = request.prompt_token_ids or request.prompt
+        tokens = hosted.requests.tokenize(prompt)
+        sent = [0]
+
+        def on_token(seq) -> None:
+            if seq.finished:
+                return  # the final chunk carries it
+            new = seq.output_token_ids[sent[0]:]
+            sent[0] = len(seq.output_token_ids)
+            self.outgoing.put((identity, ev.TokenChunk(sender=self.host_id, reply_to=request.cmd_id, token_ids=new)))
+
+        def on_finish(seq) -> None:
+            new = seq.output_token_ids[sent[0]:]
+            if seq.error is not None:
+                reply = ev.ErrorReply(sender=self.host_id, reply_to=request.cmd_id, code="request_failed", message=str(seq.error))
+            else:
+                reply = ev.TokenChunk(sender=self.host_id, reply_to=request.cmd_id, token_ids=new,
+                                      text=hosted.requests.decode(seq.output_token_ids), finish_reason=seq.finish_reason,
+                                      prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids))
+            self.outgoing.put((identity, reply))
+
+        seq = hosted.requests.new_sequence(tokens, params, on_finish, on_token=on_token)
+        hosted.engine.submit([seq])
+        return seq
+
+    def _flush_outgoing(self) -> None:
+        from common.wire import encode
+        while True:
+            try:
+                identity, event = self.outgoing.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.requests_socket.send_multipart([identity, encode(event)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+
+    def close(self) -> None:
+        if self.heartbeater is not None:
+            self.heartbeater.stop()
+        for hosted in self.engines.values():
+            hosted.close()
+        self.engines.clear()
+        self.requests_socket.close(linger=0)
+        self.bus.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="FlexPipe engine host")
+    parser.add_argument("--config", help="FlexPipe TOML configuration")
+    parser.add_argument("--controller", help="controller endpoint (default: from the configuration)")
+    parser.add_argument("--host-id", default="engine-0")
+    parser.add_argument("--request-endpoint", help="where clients send generate requests (default: ipc in the runtime dir)")
+    parser.add_argument("--insecure", action="store_true", help="plain TCP to a loopback controller")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    configure_logging("engine_host")
+    endpoint = args.request_endpoint or f"ipc://{runtime_dir()}/requests-{args.host_id}.sock"
+    bus = BusClient(args.controller or config.controller.ipc_endpoint, sender=args.host_id,
+                    key_dir=config.security.key_path, insecure=args.insecure or config.security.insecure)
+    host = EngineHost(bus, args.host_id, endpoint, config.security.key_path, args.insecure or config.security.insecure)
+    signal.signal(signal.SIGTERM, host.stop)
+    signal.signal(signal.SIGINT, host.stop)
+    try:
+        host.run()
+    except FlexPipeError as exc:
+        print(f"flexpipe engine host {args.host_id}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""A real controller process on its sockets: hostile traffic, command-id discipline, CURVE on TCP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from common import events as ev
+from common.wire import decode, encode
+from controlplane.client import BusClient, BusError
+from wire_samples import hostile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ControllerProcess:
+    """``python -m controlplane.controller`` with its own runtime dir; its log lines are kept."""
+
+    def __init__(self, tmp_path: Path, extra_env: dict | None = None, args: list[str] | None = None) -> None:
+        self.runtime = Path(f"/tmp/fpc-{os.getpid()}-{tmp_path.name[-10:]}")
+        self.runtime.mkdir(mode=0o700, exist_ok=True)
+        self.log_path = tmp_path / "controller.log"
+        env = dict(os.environ, FLEXPIPE_RUNTIME_DIR=str(self.runtime), PYTHONPATH=str(REPO), FLEXPIPE_LOG_FORMAT="json",
+                   FLEXPIPE_CONFIG=str(tmp_path / "empty.toml"), **(extra_env or {}))
+        (tmp_path / "empty.toml").write_text("")
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "controlplane.controller", *(args or [])], env=env,
+                                        stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        self.ipc = f"ipc://{self.runtime}/controller.sock"
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, self.log_path.read_text()
+            try:
+                with BusClient(self.ipc, timeout_s=0.5) as bus:
+                    bus.request(ev.StatusRequest)
+                return
+            except BusError:
+                assert time.monotonic() < deadline, "controller did not answer"
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                pass
+        return lines
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.log_file.close()
+        for path in self.runtime.glob("*"):
+            path.unlink()
+        self.runtime.rmdir()
+
+
+@pytest.fixture
+def controller(tmp_path):
+    process = ControllerProcess(tmp_path)
+    yield process
+    process.stop()
+
+
+def test_bad_messages_get_error_replies_and_are_counted(controller):
+    context = zmq.Context.instance()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(controller.ipc)
+    cases = [
+        (b"\xc1", "malformed"),
+        (msgpack.packb({"type": "nope", "v": 1, "sender": "t", "cmd_id": 1}), "unknown_type"),
+        (msgpack.packb({"type": "status", "v": 7, "sender": "t", "cmd_id": 2}), "bad_version"),
+        (encode(ev.StatusRequest(sender="t", cmd_id=10)), None),
+        (encode(ev.StatusRequest(sender="t", cmd_id=10)), "duplicate_command"),
+        (encode(ev.StatusRequest(sender="t", cmd_id=9)), "out_of_order_command"),
+    ]
+    answers = []
+    for payload, _ in cases:
+        dealer.send(payload)
+        assert dealer.poll(5000), f"no answer to {payload[:20]!r}"
+        reply = decode(dealer.recv())
+        answers.append(reply.code if isinstance(reply, ev.ErrorReply) else None)
+    assert answers == [expected for _, expected in cases]
+    dealer.send_multipart([b"two", b"frames"])
+    assert dealer.poll(5000) and decode(dealer.recv()).code == "malformed"
+    dealer.close()
+    with BusClient(controller.ipc) as bus:
+        assert bus.request(ev.StatusRequest).rejected_messages == 6
+    rejected = [line for line in controller.log_lines() if line.get("event") == "bus.message_rejected"]
+    assert {line["code"] for line in rejected} == {"malformed", "unknown_type", "bad_version", "duplicate_command",
+                                                  "out_of_order_command"}
+
+
+def test_ten_thousand_hostile_messages_then_status_still_answers(controller):
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVHWM, 0)
+    dealer.connect(controller.ipc)
+    sent = []
+
+    @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    @given(hostile)
+    def send(payload):
+        dealer.send(payload)
+        sent.append(len(payload))
+
+    send()
+    dealer.close()
+    assert len(sent) >= 10_000
+    with BusClient(controller.ipc, timeout_s=30) as bus:
+        status = bus.request(ev.StatusRequest)
+    assert status.workers == [] and status.pipelines == []
+    assert status.rejected_messages >= len(sent) * 0.9, "hostile messages are refused and counted"
+    assert controller.process.poll() is None
+
+
+def test_curve_tcp_answers_authorised_peers_only(tmp_path):
+    from controlplane import security
+
+    key_dir = tmp_path / "keys"
+    security.init_keys(key_dir)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    process = ControllerProcess(tmp_path, {"FLEXPIPE_CONTROLLER_TCP": endpoint, "FLEXPIPE_SECURITY_KEY_DIR": str(key_dir)})
+    try:
+        with BusClient(endpoint, key_dir=key_dir, timeout_s=10) as bus:
+            assert isinstance(bus.request(ev.StatusRequest), ev.StatusReply)
+        public, secret = zmq.curve_keypair()
+        server_public = security.load_keys(key_dir)
+        stranger = zmq.Context.instance().socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.curve_publickey, stranger.curve_secretkey = public, secret
+        security.secure_client_socket(stranger, server_public)
+        stranger.curve_publickey, stranger.curve_secretkey = public, secret  # an unknown key pair, the right server key
+        plain = zmq.Context.instance().socket(zmq.DEALER)
+        plain.setsockopt(zmq.LINGER, 0)
+        for intruder in (stranger, plain):
+            intruder.connect(endpoint)
+            intruder.send(encode(ev.StatusRequest(sender="intruder", cmd_id=1)))
+        assert not stranger.poll(1500) and not plain.poll(100), "an unauthenticated peer got an answer"
+        stranger.close()
+        plain.close()
+        deadline = time.monotonic() + 10
+        while len([line for line in process.log_lines() if line.get("event") == "bus.peer_denied"]) < 2:
+            assert time.monotonic() < deadline, f"denied peers were not logged: {process.log_lines()[-5:]}"
+            time.sleep(0.1)
+        denied = [line for line in process.log_lines() if line.get("event") == "bus.peer_denied"]
+        assert "127.0.0.1" in {line["address"] for line in denied}, "the stranger's address is logged"
+        with BusClient(endpoint, key_dir=key_dir, timeout_s=10) as bus:
+            assert isinstance(bus.request(ev.StatusRequest), ev.StatusReply), "authorised peers still get answers"
+    finally:
+        process.stop()
+
+
+def test_plain_tcp_needs_the_insecure_flag_and_loopback(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    process = ControllerProcess(tmp_path, {"FLEXPIPE_CONTROLLER_TCP": endpoint}, ["--insecure"])
+    try:
+        with BusClient(endpoint, insecure=True) as bus:
+            assert isinstance(bus.request(ev.StatusRequest), ev.StatusReply)
+        assert any(line.get("event") == "bus.insecure" for line in process.log_lines())
+    finally:
+        process.stop()
