@@ -9,6 +9,7 @@ overridden by ``FLEXPIPE_<SECTION>_<FIELD>`` (upper case), e.g. ``FLEXPIPE_CONTR
     tcp = ""                      # e.g. "tcp://0.0.0.0:7700"; CURVE unless [security] insecure
     heartbeat_interval_s = 1.0
     lost_after_heartbeats = 3
+    allocator = ""                # endpoint of an allocator running alone; "" = hosted in the controller
 
     [security]
     key_dir = ""                  # default: $FLEXPIPE_KEY_DIR or ~/.config/flexpipe/keys
@@ -61,6 +62,7 @@ class ControllerConfig:
     tcp: str = ""
     heartbeat_interval_s: float = 1.0
     lost_after_heartbeats: int = 3
+    allocator: str = ""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.lost_after_heartbeats < 1:

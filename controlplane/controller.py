@@ -26,11 +26,13 @@ from controlplane.shell import ActorShell
 
 
 def build_actors(config: FlexPipeConfig, inventory=None) -> list:
-    """The actors a controller hosts; ``inventory`` is an optional resource graph from a TOML file."""
+    """The actors a controller hosts; ``inventory`` is an optional resource graph from a TOML file.
+    The allocator is left out when the configuration names the endpoint where it runs alone."""
     controller = config.controller
-    allocator = Allocator(inventory) if inventory is not None else Allocator()
-    return [Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats),
-            Coordinator(plan_pipeline), allocator]
+    actors = [Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats), Coordinator(plan_pipeline)]
+    if not controller.allocator:
+        actors.append(Allocator(inventory) if inventory is not None else Allocator())
+    return actors
 
 
 class Controller:
@@ -44,7 +46,13 @@ class Controller:
         self.routers = [self._bind(config.controller.ipc_endpoint)]
         if config.controller.tcp:
             self.routers.append(self._bind_tcp(config.controller.tcp, insecure or config.security.insecure))
-        self.shell = ActorShell(build_actors(config, inventory), self.routers, name="controller")
+        remote = {}
+        if config.controller.allocator:
+            remote["allocator"] = self.context.socket(zmq.DEALER)
+            remote["allocator"].setsockopt(zmq.LINGER, 0)
+            remote["allocator"].connect(config.controller.allocator)
+        self.remote_sockets = list(remote.values())
+        self.shell = ActorShell(build_actors(config, inventory), self.routers, name="controller", remote_actors=remote)
 
     def _bind(self, endpoint: str) -> zmq.Socket:
         socket = self.context.socket(zmq.ROUTER)
@@ -91,7 +99,7 @@ class Controller:
             emit(self.log, "controller.stopped")
 
     def close(self) -> None:
-        for socket in self.routers:
+        for socket in [*self.routers, *self.remote_sockets]:
             socket.close(linger=0)
         if self.authenticator is not None:
             self.authenticator.stop()

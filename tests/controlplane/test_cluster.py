@@ -90,6 +90,14 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
             assert time.monotonic() - killed_at < 3 * HEARTBEAT_S + 1.0, "the killed worker is not marked lost"
             time.sleep(0.05)
     assert reply.pipelines[0].state == "DEGRADED" and victim["worker_id"] in reply.pipelines[0].reason
+    with BusClient(f"ipc://{env['FLEXPIPE_RUNTIME_DIR']}/controller.sock") as bus:
+        while True:  # the supervisor restarts it (after its restart delay) and it registers again
+            back = next(w for w in bus.request(ev.StatusRequest).workers if w.worker_id == victim["worker_id"])
+            if back.state == "alive":
+                break
+            assert time.monotonic() - killed_at < 30, "the killed worker was not restarted"
+            time.sleep(0.2)
+    assert back.pid != victim["pid"]
 
     started = time.monotonic()
     refused = fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", "4", check=False,
