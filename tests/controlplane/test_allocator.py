@@ -1,0 +1,123 @@
+"""The allocator: placement rules on the resource graph, and the actor's reservations — no sockets."""
+
+from pathlib import Path
+
+import pytest
+
+from common import events as ev
+from common.topology import Device, ResourceGraph, graph_from_alibaba_trace
+from controlplane.actor import Log, Send
+from controlplane.allocator import Allocator, PlacementError, place
+
+GIB = 1 << 30
+ALIBABA_NODES = Path(__file__).resolve().parents[3] / "shared" / "traces" / "alibaba_gpu_v2023" / "openb_node_list_gpu_node.csv"
+
+
+def graph_of(*devices: tuple) -> ResourceGraph:
+    graph = ResourceGraph()
+    for device_id, free_gib, server, *rest in devices:
+        rack = rest[0] if rest else "r0"
+        nvlink = frozenset(rest[1]) if len(rest) > 1 else frozenset()
+        graph.add_device(Device(device_id, "gpu", "test", 80 * GIB, free_gib * GIB, server, rack, nvlink))
+    return graph
+
+
+def test_every_stage_fits_and_no_device_holds_two_stages():
+    graph = graph_of(("a", 10, "s1"), ("b", 30, "s1"), ("c", 20, "s1"))
+    devices = place(graph, [25 * GIB, 15 * GIB, 5 * GIB], {})
+    assert devices == ["b", "c", "a"]
+    with pytest.raises(PlacementError, match="3 stages need 3 distinct devices; only 2"):
+        place(graph_of(("a", 10, "s1"), ("b", 10, "s1")), [GIB] * 3, {})
+    with pytest.raises(PlacementError, match="stage 1 needs 40.0 GiB; the largest free device fragment is 30.0 GiB"):
+        place(graph, [GIB, 40 * GIB], {})
+
+
+def test_best_fit_finds_the_one_assignment_that_exists():
+    graph = graph_of(("big", 30, "s1"), ("small", 10, "s1"))
+    assert place(graph, [8 * GIB, 25 * GIB], {}) == ["small", "big"]
+    with pytest.raises(PlacementError, match="fits the free device memory"):
+        place(graph, [25 * GIB, 25 * GIB], {})
+
+
+def test_reservations_and_exclusions_shrink_what_is_free():
+    graph = graph_of(("a", 10, "s1"), ("b", 10, "s1"))
+    assert place(graph, [8 * GIB], {"a": 5 * GIB}) == ["b"]
+    assert place(graph, [GIB], {}, exclude={"a"}) == ["b"]
+
+
+def test_one_server_is_preferred_over_spreading():
+    graph = graph_of(("x0", 40, "sx"), ("y0", 40, "sy"), ("y1", 40, "sy"))
+    assert sorted(place(graph, [10 * GIB, 10 * GIB], {})) == ["y0", "y1"]
+
+
+def test_nvlink_beats_pcie_and_a_shared_device_costs_more_than_a_slower_link():
+    graph = graph_of(("p0", 40, "pcie"), ("p1", 40, "pcie"), ("n0", 40, "nv", "r0", ["n1"]), ("n1", 40, "nv", "r0", ["n0"]))
+    assert sorted(place(graph, [GIB, GIB], {})) == ["n0", "n1"]
+    shared = {"n0": 1}
+    assert sorted(place(graph, [GIB, GIB], {}, shared=shared, cv=0.0)) == ["p0", "p1"]
+
+
+def test_spreading_keeps_consecutive_stages_together_and_prefers_one_rack():
+    graph = graph_of(("a0", 20, "sa", "r1"), ("a1", 20, "sa", "r1"), ("b0", 20, "sb", "r1"),
+                     ("c0", 60, "sc", "r2"))
+    devices = place(graph, [15 * GIB, 15 * GIB, 15 * GIB], {})
+    assert set(devices) == {"a0", "a1", "b0"}, "the rack that holds the whole pipeline"
+    assert [graph.devices[d].server for d in devices] == ["sa", "sa", "sb"]
+
+
+def test_placement_on_the_alibaba_cluster():
+    graph = graph_from_alibaba_trace(ALIBABA_NODES)
+    devices = place(graph, [10 * GIB] * 8, {})
+    assert len(set(devices)) == 8 and all(graph.devices[d].memory_free >= 10 * GIB for d in devices)
+    assert len({graph.devices[d].server for d in devices}) == 1, "8 GPUs of one node exist in the trace"
+    spread = place(graph, [10 * GIB] * 12, {})
+    assert len(set(spread)) == 12
+
+
+def register(allocator: Allocator, worker_id: str, free_gib: int, host: str = "h1"):
+    device = ev.DeviceInfo(device_id=worker_id, kind="cpu", name="virtual", memory_total=free_gib * GIB,
+                           memory_free=free_gib * GIB, host=host)
+    return allocator.handle(ev.RegisterWorker(sender=worker_id, cmd_id=1, worker_id=worker_id, host=host, pid=1,
+                                              device=device), 0.0)
+
+
+def request(allocator: Allocator, pipeline_id: str, gib_each: list[int], cmd_id: int = 1):
+    return allocator.handle(ev.PlaceStages(sender="coordinator", cmd_id=cmd_id, pipeline_id=pipeline_id,
+                                           stage_memory=[g * GIB for g in gib_each]), 0.0)
+
+
+def decision(actions) -> ev.PlacementDecided:
+    (send,) = [a for a in actions if isinstance(a, Send)]
+    assert send.peer == "coordinator"
+    return send.event
+
+
+def test_the_actor_reserves_refuses_and_releases():
+    allocator = Allocator()
+    assert register(allocator, "w0", 10) == [] and register(allocator, "w1", 10) == []
+    placed = request(allocator, "p1", [6, 6], cmd_id=4)
+    assert decision(placed).devices in (["w0", "w1"], ["w1", "w0"]) and decision(placed).reply_to == 4
+    assert [a.name for a in placed if isinstance(a, Log)] == ["allocator.placed"]
+    refused = request(allocator, "p2", [6], cmd_id=5)
+    assert decision(refused).devices == [] and "largest free device fragment is 4.0 GiB" in decision(refused).reason
+    assert [a.name for a in refused if isinstance(a, Log)] == ["allocator.refused"]
+    allocator.handle(ev.ReleasePlacement(sender="coordinator", pipeline_id="p1"), 0.0)
+    assert decision(request(allocator, "p2", [6], cmd_id=6)).devices
+
+
+def test_replacing_keeps_the_old_reservation_when_the_new_one_does_not_fit():
+    allocator = Allocator()
+    register(allocator, "w0", 10)
+    request(allocator, "p1", [6])
+    assert decision(request(allocator, "p1", [9], cmd_id=2)).devices == ["w0"], "its own old reservation is released first"
+    assert decision(request(allocator, "p1", [11], cmd_id=3)).devices == []
+    assert decision(request(allocator, "p2", [2], cmd_id=4)).devices == [], "p1 still holds 9 GiB"
+
+
+def test_a_lost_device_is_never_chosen_and_a_returning_one_is():
+    allocator = Allocator()
+    register(allocator, "w0", 10)
+    allocator.handle(ev.WorkerLost(sender="monitor", worker_id="w0", silent_for_s=3.0), 0.0)
+    assert "only 0 are available" in decision(request(allocator, "p", [1])).reason
+    register(allocator, "w0", 10)
+    assert decision(request(allocator, "p", [1], cmd_id=2)).devices == ["w0"]
