@@ -14,6 +14,7 @@ import signal
 import zmq
 
 from common.logging import configure_logging, emit, get_logger
+from common.wire import MAX_MESSAGE_BYTES
 from controlplane.shell import ActorShell
 
 STANDALONE_ACTORS = ("allocator",)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+    router.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_MESSAGE_BYTES)
     if args.endpoint.startswith("ipc://") and os.path.exists(args.endpoint[len("ipc://"):]):
         os.unlink(args.endpoint[len("ipc://"):])
     router.bind(args.endpoint)

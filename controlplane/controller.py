@@ -18,6 +18,7 @@ import zmq
 from common.config import FlexPipeConfig, load_config
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
+from common.wire import MAX_MESSAGE_BYTES
 from controlplane.allocator import Allocator
 from controlplane.coordinator import Coordinator
 from controlplane.monitor import Monitor
@@ -58,7 +59,7 @@ class Controller:
         socket = self.context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_MESSAGE_BYTES)  # beyond this, libzmq drops the peer
         if endpoint.startswith("ipc://") and os.path.exists(endpoint[len("ipc://"):]):
             os.unlink(endpoint[len("ipc://"):])
         socket.bind(endpoint)
@@ -78,7 +79,7 @@ class Controller:
                                                             address=address, reason=reason))
         socket = self.context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_MESSAGE_BYTES)  # beyond this, libzmq drops the peer
         security.secure_server_socket(socket, keys)
         self.authenticator.watch(socket)
         socket.bind(endpoint)

@@ -8,7 +8,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 
 from common import events as ev
-from common.wire import decode, encode
+from common.wire import MAX_MESSAGE_BYTES, decode, encode
 from bus_support import ControllerProcess, free_port
 from controlplane.client import BusClient
 from wire_samples import hostile
@@ -33,6 +33,7 @@ def test_bad_messages_get_error_replies_and_are_counted(controller):
         (encode(ev.StatusRequest(sender="t", cmd_id=10)), None),
         (encode(ev.StatusRequest(sender="t", cmd_id=10)), "duplicate_command"),
         (encode(ev.StatusRequest(sender="t", cmd_id=9)), "out_of_order_command"),
+        (b"\x00" * (MAX_MESSAGE_BYTES + 1), "oversized"),
     ]
     answers = []
     for payload, _ in cases:
@@ -45,10 +46,10 @@ def test_bad_messages_get_error_replies_and_are_counted(controller):
     assert dealer.poll(5000) and decode(dealer.recv()).code == "malformed"
     dealer.close()
     with BusClient(controller.ipc) as bus:
-        assert bus.request(ev.StatusRequest).rejected_messages == 6
+        assert bus.request(ev.StatusRequest).rejected_messages == 7
     rejected = [line for line in controller.log_lines() if line.get("event") == "bus.message_rejected"]
     assert {line["code"] for line in rejected} == {"malformed", "unknown_type", "bad_version", "duplicate_command",
-                                                  "out_of_order_command"}
+                                                  "out_of_order_command", "oversized"}
 
 
 def test_ten_thousand_hostile_messages_then_status_still_answers(controller):
