@@ -31,3 +31,18 @@ def shared_memory_dir() -> Path:
     if dev_shm.is_dir() and os.access(dev_shm, os.W_OK):
         return dev_shm
     return runtime_dir()
+
+
+def notify_systemd(state: str = "READY=1") -> bool:
+    """Tell systemd (``Type=notify`` units) about this service's state; False when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+    return True

@@ -18,6 +18,7 @@ import zmq
 from common.config import FlexPipeConfig, load_config
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
+from common.runtime import notify_systemd
 from common.wire import MAX_MESSAGE_BYTES
 from controlplane.allocator import Allocator
 from controlplane.coordinator import Coordinator
@@ -92,6 +93,7 @@ class Controller:
             loop.add_signal_handler(signum, self.shell.stop)
         emit(self.log, "controller.started", endpoints=[self.config.controller.ipc_endpoint,
                                                                          self.config.controller.tcp])
+        notify_systemd()
         try:
             loop.run_until_complete(self.shell.run())
         finally:

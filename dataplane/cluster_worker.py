@@ -22,7 +22,7 @@ from common import events as ev
 from common.config import load_config, parse_bytes
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
-from common.runtime import new_session_dir
+from common.runtime import new_session_dir, notify_systemd
 from controlplane.client import BusClient, Heartbeater
 from dataplane.devices import probe_device
 from dataplane.stage import StageSpec
@@ -90,6 +90,7 @@ class ClusterWorker:
         self.heartbeater = Heartbeater(self.bus.endpoint, self.worker_id, self.heartbeat_interval_s, key_dir=self.key_dir,
                                        insecure=self.insecure, context=self.context, metrics=self._metrics).start()
         emit(self.log, "process.ready", device=self.device.device_id, memory_total=self.device.memory_total)
+        notify_systemd()
         while self._running:
             if self.heartbeater.needs_registration.is_set():
                 self.heartbeater.needs_registration.clear()

@@ -7,7 +7,7 @@ import pytest
 from common.topology import Device, ResourceGraph, TopologyError, graph_from_alibaba_trace, load_inventory
 
 REPO = Path(__file__).resolve().parents[2]
-ALIBABA_NODES = REPO.parent / "shared" / "traces" / "alibaba_gpu_v2023" / "openb_node_list_gpu_node.csv"
+ALIBABA_NODES = REPO / "tests" / "data" / "alibaba_gpu_v2023" / "openb_node_list_gpu_node.csv"
 
 
 def test_the_example_inventory_loads_with_its_links():

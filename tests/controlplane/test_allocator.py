@@ -10,7 +10,7 @@ from controlplane.actor import Log, Send
 from controlplane.allocator import Allocator, PlacementError, place
 
 GIB = 1 << 30
-ALIBABA_NODES = Path(__file__).resolve().parents[3] / "shared" / "traces" / "alibaba_gpu_v2023" / "openb_node_list_gpu_node.csv"
+ALIBABA_NODES = Path(__file__).resolve().parents[1] / "data" / "alibaba_gpu_v2023" / "openb_node_list_gpu_node.csv"
 
 
 def graph_of(*devices: tuple) -> ResourceGraph:
