@@ -252,7 +252,7 @@ class UndeployPipeline(Command, tag="undeploy"):
 
 
 class ShutdownRequest(Command, tag="shutdown"):
-    pass
+    """Stops a benchmark server. Services stop on SIGTERM only, never on a bus message."""
 
 
 # ---- notifications (controller -> subscribers, and the log) ------------------------------

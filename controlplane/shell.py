@@ -106,11 +106,6 @@ class ActorShell:
             self.peers[event.sender] = route
         if isinstance(event, ev.Command) and not self._in_order(route, event):
             return
-        if isinstance(event, ev.ShutdownRequest):
-            self._send_to_route(route, ev.Ack(sender=self.name, reply_to=event.cmd_id))
-            emit(self.log, "process.stopping", reason=f"shutdown requested by {event.sender or peer}")
-            self.stop()
-            return
         if not self._deliver(event, now):
             self._reject(route, WireError("unexpected", f"no actor here handles {type(event).__struct_config__.tag!r} events",
                                           getattr(event, "cmd_id", -1)), event.sender or peer)

@@ -56,6 +56,7 @@ def test_ten_thousand_hostile_messages_then_status_still_answers(controller):
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVHWM, 0)
+    dealer.setsockopt(zmq.SNDTIMEO, 10_000)
     dealer.connect(controller.ipc)
     sent = []
 
@@ -71,7 +72,6 @@ def test_ten_thousand_hostile_messages_then_status_still_answers(controller):
     assert len(sent) >= 10_000
     with BusClient(controller.ipc, timeout_s=30) as bus:
         status = bus.request(ev.StatusRequest)
-    assert status.workers == [] and status.pipelines == []
     assert status.rejected_messages >= len(sent) * 0.9, "hostile messages are refused and counted"
     assert controller.process.poll() is None
 
