@@ -1,5 +1,9 @@
 """A real controller process on its sockets: hostile traffic, command-id discipline, CURVE on TCP."""
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -9,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 from common import events as ev
 from common.wire import MAX_MESSAGE_BYTES, decode, encode
-from bus_support import ControllerProcess, free_port
+from bus_support import REPO, ControllerProcess, free_port
 from controlplane.client import BusClient
 from wire_samples import hostile
 
@@ -108,6 +112,11 @@ def test_curve_tcp_answers_authorised_peers_only(tmp_path):
             time.sleep(0.1)
         with BusClient(endpoint, key_dir=key_dir, timeout_s=10) as bus:
             assert isinstance(bus.request(ev.StatusRequest), ev.StatusReply), "authorised peers still get answers"
+        fpctl = subprocess.run([sys.executable, "-m", "controlplane.fpctl", "--endpoint", endpoint, "status", "--json"],
+                               env=dict(os.environ, FLEXPIPE_SECURITY_KEY_DIR=str(key_dir), PYTHONPATH=str(REPO)),
+                               capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert fpctl.returncode == 0, fpctl.stderr
+        assert json.loads(fpctl.stdout)["workers"] == []
     finally:
         process.stop()
 
