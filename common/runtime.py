@@ -33,6 +33,13 @@ def shared_memory_dir() -> Path:
     return runtime_dir()
 
 
+def remove_rings_of(pid: int) -> None:
+    """Delete the shared-memory ring files a process owned; call it once the process has exited
+    (a process killed by a signal cannot remove its own)."""
+    for ring in shared_memory_dir().glob(f"flexpipe-{pid}-*"):
+        ring.unlink(missing_ok=True)
+
+
 def notify_systemd(state: str = "READY=1") -> bool:
     """Tell systemd (``Type=notify`` units) about this service's state; False when not run by systemd."""
     address = os.environ.get("NOTIFY_SOCKET")

@@ -156,12 +156,11 @@ class Coordinator:
                                                       "kv_bytes": event.kv_bytes, "seconds": round(event.load_seconds, 3)})]
         if pipeline.pending:
             return actions
-        slot_bytes = max(1 << 20, 2048 * 4 * 8192)
         for stage, worker in enumerate(pipeline.workers):
             connect = ev.ConnectStage(sender=self.name, cmd_id=self._command(pipeline, worker),
                                       pipeline_id=pipeline.pipeline_id, epoch=pipeline.epoch,
                                       next_address=pipeline.stage_inboxes.get(stage + 1, ""),
-                                      engine_address=pipeline.engine_inbox, slot_bytes=slot_bytes)
+                                      engine_address=pipeline.engine_inbox, slot_bytes=pipeline.plan.slot_bytes)
             actions.append(Send(worker, connect))
         return actions + self._enter(pipeline, "CONNECTING", now)
 

@@ -23,6 +23,7 @@ class PipelinePlan:
     stage_memory: list[int]
     num_kv_blocks: int
     max_model_len: int
+    slot_bytes: int
 
 
 def plan_pipeline(model_dir: str, num_stages: int, layout: list[str], dtype: str, block_size: int,
@@ -51,4 +52,5 @@ def plan_pipeline(model_dir: str, num_stages: int, layout: list[str], dtype: str
         + layers * num_kv_blocks * per_block_layer + ACTIVATION_RESERVE_BYTES
         for units, layers in zip(stage_units, attn_layers)
     ]
-    return PipelinePlan(stage_units, stage_memory, num_kv_blocks, max_model_len)
+    largest_step = max(max_model_len, 2048) * spec.hidden_size * 4  # the residual stream of the biggest micro-batch
+    return PipelinePlan(stage_units, stage_memory, num_kv_blocks, max_model_len, max(1 << 20, largest_step + 4096))

@@ -24,7 +24,7 @@ from common import events as ev
 from common.config import FlexPipeConfig, load_config, with_overrides
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
-from common.runtime import runtime_dir
+from common.runtime import remove_rings_of, runtime_dir
 from controlplane.client import BusClient, BusError
 
 STATE_FILE = "cluster.json"
@@ -90,6 +90,7 @@ class ProcessSupervisor:
             if child.gave_up or child.process is None or child.process.poll() is None:
                 continue
             if child.restart_at is None:
+                remove_rings_of(child.process.pid)
                 emit(self.log, "process.exited", level="warning", child=child.name, child_pid=child.process.pid,
                      exit_code=child.process.returncode)
                 if child.restarts >= self.restart_limit:
@@ -125,6 +126,7 @@ class ProcessSupervisor:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+            remove_rings_of(process.pid)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.2) -> None:

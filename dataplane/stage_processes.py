@@ -14,7 +14,7 @@ import msgspec
 import zmq
 
 from common.errors import PipelineError
-from common.runtime import shared_memory_dir
+from common.runtime import remove_rings_of
 from dataplane import worker_protocol as proto
 
 
@@ -127,7 +127,6 @@ def _stop_processes(processes: list[subprocess.Popen], control: zmq.Socket, sess
             process.kill()
             process.wait()
     for process in processes:
-        for ring in shared_memory_dir().glob(f"flexpipe-{process.pid}-*"):
-            ring.unlink(missing_ok=True)
+        remove_rings_of(process.pid)
     control.close(linger=0)
     shutil.rmtree(session_dir, ignore_errors=True)

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from common import events as ev
+from common.runtime import shared_memory_dir
 from controlplane.client import BusClient
 from dataplane import LLM, SamplingParams
 
@@ -98,6 +99,7 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
             assert time.monotonic() - killed_at < 30, "the killed worker was not restarted"
             time.sleep(0.2)
     assert back.pid != victim["pid"]
+    assert not list(shared_memory_dir().glob(f"flexpipe-{victim['pid']}-*")), "the killed worker's rings are removed"
 
     started = time.monotonic()
     refused = fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", "4", check=False,
@@ -111,3 +113,4 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
         assert time.monotonic() < deadline, "processes left behind by fpctl down"
         time.sleep(0.2)
     assert not (Path(env["FLEXPIPE_RUNTIME_DIR"]) / "cluster.json").exists()
+    assert not [ring for pid in pids for ring in shared_memory_dir().glob(f"flexpipe-{pid}-*")]
