@@ -87,6 +87,37 @@ class BatchInput:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """What this stage derived that the next stage would derive again (the rope table and the
+        full-context attention layout), as plain tensors led by a manifest; see ``adopt``."""
+        manifest, tensors = [], []
+        if "rope" in self._cache:
+            manifest.append(1)
+            tensors.append(torch.view_as_real(self._cache["rope"]))
+        layout = self._cache.get(("attention", None))
+        if layout is not None:
+            padded = layout.query_rows is not None
+            manifest += [2, layout.max_q, layout.max_ctx, int(padded)]
+            tensors += [layout.key_slots, layout.mask] + ([layout.query_rows, layout.query_cols] if padded else [])
+        return [torch.tensor(manifest, dtype=torch.long), *tensors] if manifest else []
+
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        """Take over what the previous stage derived (``shared_tensors``); valid while ``tensors`` are."""
+        if not tensors:
+            return
+        manifest, rest = tensors[0].tolist(), iter(tensors[1:])
+        position = 0
+        while position < len(manifest):
+            if manifest[position] == 1:
+                self._cache["rope"] = torch.view_as_complex(next(rest))
+                position += 1
+            else:
+                max_q, max_ctx, padded = manifest[position + 1:position + 4]
+                key_slots, mask = next(rest), next(rest)
+                rows, cols = (next(rest), next(rest)) if padded else (None, None)
+                self._cache[("attention", None)] = AttentionLayout(rows, cols, key_slots, mask, max_q, max_ctx)
+                position += 4
+
     def attention_layout(self, window: int | None) -> AttentionLayout:
         return self.memo(("attention", window), lambda: self._attention_layout(window))
 

@@ -80,9 +80,10 @@ class StageServer:
                                  [s.block_table for s in seqs], self.spec.block_size, self.executor.device)
         self.tokens_processed += batch.num_tokens
         hidden = message.tensors[0] if message.tensors else None
+        batch.adopt(message.tensors[1:])
         out = self.executor.forward(batch, hidden)
         if self.next_out is not None:
-            self.next_out.send(message.header, [out])
+            self.next_out.send(message.header, [out, *batch.shared_tensors()])
             return
         tokens, logprobs = sample(out, [s.sampling for s in seqs], [s.step for s in seqs])
         reply = messages.SampledTokens(header.batch_id, header.epoch, [s.seq_id for s in seqs], tokens, logprobs)
