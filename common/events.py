@@ -328,12 +328,72 @@ class PipelineUpdated(Event, tag="pipeline_updated"):
     removed: bool = False
 
 
+# ---- inflight refactoring ---------------------------------------------------------------
+
+REFACTOR_PHASES = ("PLAN", "PREPARE", "PRECOPY", "SWITCH", "COMMIT", "ABORT")
+
+
+class RefactorPipeline(Command, tag="refactor"):
+    """Re-shape a serving pipeline: a new stage count, an explicit ``layout`` of unit
+    ranges, and/or ``migrate`` (stage indices to move to other workers). With ``dry_run``
+    only PLAN runs and the reply describes what would move."""
+
+    pipeline_id: str
+    num_stages: int | None = None
+    layout: list[str] | None = None
+    migrate: list[int] = []
+    dry_run: bool = False
+    by: str = "api"
+
+
+class RefactorPhase(Event, tag="refactor_phase"):
+    """The coordinator tells the refactor executor to run ``phase`` towards ``epoch``."""
+
+    pipeline_id: str
+    refactor_id: int
+    epoch: int
+    phase: str
+
+
+class RefactorPhaseDone(Event, tag="refactor_phase_done"):
+    """The executor finished (``ok``) or failed a phase; bytes moved during it and, for SWITCH, the stall."""
+
+    pipeline_id: str
+    refactor_id: int
+    epoch: int
+    phase: str
+    ok: bool
+    reason: str = ""
+    duration_s: float = 0.0
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    stall_s: float = 0.0
+
+
+class RefactorOutcome(Reply, tag="refactor_outcome"):
+    """How a refactor request ended: ``planned`` (dry run), ``committed``, ``aborted`` or ``refused``.
+    ``epoch`` is the epoch serving afterwards; ``phase_seconds`` maps each phase run to its duration."""
+
+    pipeline_id: str
+    refactor_id: int
+    epoch: int
+    outcome: str
+    reason: str = ""
+    kind: str = ""
+    target: list[str] = []
+    phase_seconds: dict[str, float] = {}
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    stall_s: float = 0.0
+
+
 ANY_EVENT = Union[
     Ack, ErrorReply, RegisterWorker, WorkerRegistered, Heartbeat, WorkerMetrics, LoadStage, StageLoaded,
     ConnectStage, UnloadStage, RegisterEngineHost, PrepareEngine, EnginePrepared, StartEngine, StopEngine,
     EngineMetrics, StatusRequest, StatusReply, DeployPipeline, DeployAccepted, UndeployPipeline,
     ShutdownRequest, WorkerLost, PipelineStateChanged, GenerateRequest, TokenChunk, PlaceStages,
-    PlacementDecided, ReleasePlacement, PipelineUpdated, MessageRejected,
+    PlacementDecided, ReleasePlacement, PipelineUpdated, MessageRejected, RefactorPipeline, RefactorPhase,
+    RefactorPhaseDone, RefactorOutcome,
 ]
 
 CATALOGUE: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in ANY_EVENT.__args__}

@@ -76,6 +76,7 @@ LOG_EVENTS: dict[str, str] = {
     "refactor.committed": "the new layout serves at the new epoch (`duration_s`, `stall_s`)",
     "refactor.aborted": "a refactor was abandoned before SWITCH; the old layout still serves (`phase`, `reason`)",
     "refactor.refused": "a refactor request was not started (`reason`)",
+    "refactor.queued": "a refactor request waits for the pipeline's running refactor to end (`position`)",
     "keys.generated": "CURVE key pairs were written (`key_dir`)",
 }
 

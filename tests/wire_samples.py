@@ -21,6 +21,8 @@ def sample_value(info: msgspec.inspect.Type, depth: int = 0):
         return "x" * (depth + 1)
     if kind is msgspec.inspect.ListType:
         return [sample_value(info.item_type, depth + 1)]
+    if kind is msgspec.inspect.DictType:
+        return {sample_value(info.key_type, depth + 1): sample_value(info.value_type, depth + 1)}
     if kind is msgspec.inspect.UnionType:
         return sample_value(next(t for t in info.types if type(t) is not msgspec.inspect.NoneType), depth)
     if kind is msgspec.inspect.StructType:
