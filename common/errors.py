@@ -31,3 +31,16 @@ class PipelineError(FlexPipeError):
 
 class TransportError(FlexPipeError):
     """A data-plane channel failed or was configured wrongly."""
+
+
+class RefactorRefused(FlexPipeError):
+    """A refactor was not started (target does not fit, another is running, ...); nothing moved."""
+
+
+class RefactorAborted(FlexPipeError):
+    """A refactor was abandoned before its SWITCH completed; the old layout still serves.
+    ``report`` holds what was measured until then."""
+
+    def __init__(self, message: str, report=None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -7,11 +7,13 @@
     fpctl undeploy PIPELINE
     fpctl generate --pipeline P --prompt TEXT --max-tokens N
     fpctl keys init [--force]
+    fpctl timeline [--log FILE] [--pipeline ID] [--json]   refactors rebuilt from a JSON log; no cluster needed
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -29,6 +31,8 @@ from common.runtime import runtime_dir
 from controlplane.client import BusClient, BusError
 from controlplane.fpctl_views import pipelines_table, print_status, to_json, workers_table
 from controlplane.supervisor import STOP_TIMEOUT_S, cluster_state_path
+from controlplane.timeline import build_timelines, read_refactor_events
+from controlplane.timeline_views import print_timelines
 
 
 class Fpctl:
@@ -187,6 +191,29 @@ class Fpctl:
         return 0
 
 
+def timeline(args: argparse.Namespace) -> int:
+    """``fpctl timeline``: reads a log, not the cluster; exit 2 when the log cannot be read."""
+    try:
+        events = _refactor_events(args.log)
+    except OSError as exc:
+        print(f"fpctl: cannot read log {args.log}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    timelines = [t for t in build_timelines(events) if args.pipeline in (None, t.pipeline_id)]
+    if args.json:
+        print(json.dumps([t.to_dict() for t in timelines], indent=2))
+    else:
+        print_timelines(Console(), timelines)
+    return 0
+
+
+def _refactor_events(path: str | None) -> list[dict]:
+    if path in (None, "-"):
+        buffer = getattr(sys.stdin, "buffer", None)  # absent when a caller swapped in a text stream
+        return read_refactor_events(sys.stdin if buffer is None else io.TextIOWrapper(buffer, "utf-8", "replace"))
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        return read_refactor_events(lines)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -257,6 +284,10 @@ def parser() -> argparse.ArgumentParser:
     init = keys_sub.add_parser("init", help="create the key directory and key pairs")
     init.add_argument("--dir", help="key directory (default: from the configuration)")
     init.add_argument("--force", action="store_true", help="replace existing keys")
+    timeline_cmd = sub.add_parser("timeline", help="rebuild refactor timelines from a JSON log (no cluster needed)")
+    timeline_cmd.add_argument("--log", metavar="FILE",
+                              help="JSON log, e.g. <runtime dir>/cluster.log (default, or -: standard input)")
+    timeline_cmd.add_argument("--pipeline", metavar="ID", help="only this pipeline's refactors")
     for command in sub.choices.values():
         command.add_argument("--json", action="store_true", help="machine-readable output")
     init.add_argument("--json", action="store_true", help="machine-readable output")
@@ -265,6 +296,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "timeline":
+        return timeline(args)
     try:
         fpctl = Fpctl(args)
         if args.command in ("status", "workers", "pipelines"):

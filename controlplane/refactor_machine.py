@@ -13,15 +13,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from common import events as ev
+from common.errors import RefactorRefused
 from controlplane.actor import Log, Send, Tell, Tick
 
 EXECUTOR = "refactor_executor"
 WORK_PHASES = ("PREPARE", "PRECOPY", "SWITCH", "COMMIT")
 DEFAULT_PHASE_TIMEOUTS = {"PREPARE": 120.0, "PRECOPY": 120.0, "SWITCH": 30.0, "COMMIT": 30.0, "ABORT": 30.0}
-
-
-class RefactorRefused(Exception):
-    """Raised by a planner when a refactor cannot be done; nothing has moved."""
 
 
 class PlanSummary(Protocol):

@@ -10,7 +10,7 @@ from typing import Sequence as Seq
 
 import zmq
 
-from common.errors import CheckpointError, InvalidRequestError, PipelineError
+from common.errors import CheckpointError, InvalidRequestError, PartitionError, PipelineError, RefactorAborted, RefactorRefused
 from common.runtime import new_session_dir
 from dataplane import worker_protocol as proto
 from dataplane.engine.core import EngineCore
@@ -19,7 +19,10 @@ from dataplane.kv_cache import BlockAllocator, kv_bytes_per_block
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader, read_config
 from dataplane.models.spec import ModelSpec
+from dataplane.offline_pipeline import OfflinePipeline
 from dataplane.partitioner import CostModel, partition, unit_costs
+from dataplane.refactor_report import RefactorReport
+from dataplane.refactor_service import RefactorService
 from dataplane.requests import RequestFactory, load_tokenizer
 from dataplane.sampling_params import RequestOutput, SamplingParams
 from dataplane.stage import resolve_dtype
@@ -40,7 +43,9 @@ class LLM:
                  transport: str = "shm", devices: Seq[str] | None = None, device_memory: Seq[int] | None = None,
                  dtype: str = "float32", block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 max_model_len: int | None = None, start_timeout_s: float = 120.0, step_timeout_s: float = 60.0) -> None:
+                 max_model_len: int | None = None, start_timeout_s: float = 120.0, step_timeout_s: float = 60.0,
+                 spare_workers: int = 0, worker_memory: int | None = None, max_workers: int | None = None,
+                 param_cache_bytes: int | None = None, refactor_timeouts_s: dict[str, float] | None = None) -> None:
         if model is None:
             from dataplane.tiny_model import ensure_tiny_model
             model = ensure_tiny_model()
@@ -62,12 +67,15 @@ class LLM:
         self.max_num_batched_tokens = max_num_batched_tokens or max(self.max_model_len, 2048)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.requests = RequestFactory(self.spec, self.tokenizer, self.max_model_len, block_size, self.num_kv_blocks)
+        self.worker_memory, self.max_workers = worker_memory, max_workers
         self._closed = False
         self._context = zmq.Context()
         self._session_dir = new_session_dir("pipeline-")
         self._processes = None
+        self._refactors = None
         try:
-            self._start(dtype, start_timeout_s, step_timeout_s, max_num_seqs)
+            self._start(dtype, start_timeout_s, step_timeout_s, max_num_seqs, spare_workers, param_cache_bytes)
+            self._refactors = RefactorService(OfflinePipeline(self), phase_timeouts_s=refactor_timeouts_s)
         except BaseException:
             self.close()
             raise
@@ -99,12 +107,17 @@ class LLM:
         wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(wanted, kv_cache_bytes // per_block))
 
-    def _start(self, dtype: str, start_timeout_s: float, step_timeout_s: float, max_num_seqs: int) -> None:
+    def _start(self, dtype: str, start_timeout_s: float, step_timeout_s: float, max_num_seqs: int,
+               spare_workers: int, param_cache_bytes: int | None) -> None:
         stages = self.layout.num_stages
         self._inbox = Inbox(self._context, inbox_address("shm", str(self._session_dir), "engine"))
-        self._processes = StageProcesses(stages, self._session_dir, self.transport, self._context, start_timeout_s,
-                                         threads_per_worker=max(1, (os.cpu_count() or 1) // stages))
-        slot_bytes = max(1 << 20, self.max_num_batched_tokens * self.spec.hidden_size * 4 + 4096)
+        self._processes = StageProcesses(stages + spare_workers, self._session_dir, self.transport, self._context,
+                                         start_timeout_s, threads_per_worker=max(1, (os.cpu_count() or 1) // stages),
+                                         param_cache_bytes=param_cache_bytes)
+        self._processes.serving = set(range(stages))
+        self.stage_workers = list(range(stages))
+        self.epoch = 0
+        self.slot_bytes = slot_bytes = max(1 << 20, self.max_num_batched_tokens * self.spec.hidden_size * 4 + 4096)
         dist_init = ""
         if self.transport in ("nccl", "gloo"):
             import socket
@@ -160,16 +173,73 @@ class LLM:
             raise failed.error
         return [self.requests.output(seq, prompt) for seq, prompt in zip(seqs, prompts)]
 
+    def refactor(self, num_stages: int | None = None, layout: Seq | None = None, *, migrate: Seq[int] = (),
+                 precopy_bytes_per_s: float = 0.0, timeout_s: float = 600.0) -> RefactorReport:
+        """Re-shape the serving pipeline while it serves: ``num_stages`` (split or merge), an explicit
+        ``layout`` (rebalance, also cutting inside a layer), and/or ``migrate`` (stages to move to other
+        worker processes). Safe to call from any thread while ``generate`` runs; requests in flight
+        continue with their KV cache carried across. Pre-copy runs at most at ``precopy_bytes_per_s``
+        (0: unlimited). Returns the report of a committed refactor; raises ``RefactorRefused`` when
+        nothing was started and ``RefactorAborted`` (with ``.report``) when the old layout kept serving."""
+        waiter = self._refactor_service().submit(num_stages, self._layout_spec(layout), migrate,
+                                                 bytes_per_s=precopy_bytes_per_s, timeout_s=timeout_s)
+        outcome = waiter.outcome
+        if outcome is None:
+            raise PipelineError("the LLM was closed during the refactor")
+        if outcome.outcome == "refused":
+            raise RefactorRefused(outcome.reason)
+        if outcome.outcome == "aborted":
+            raise RefactorAborted(f"refactor aborted, the old layout still serves: {outcome.reason}", waiter.report)
+        return waiter.report
+
+    def plan_refactor(self, num_stages: int | None = None, layout: Seq | None = None, *,
+                      migrate: Seq[int] = ()) -> dict:
+        """What ``refactor`` with these arguments would do (workers, moves, bytes, estimated stall), doing nothing.
+        Raises ``RefactorRefused`` when it would be refused."""
+        waiter = self._refactor_service().submit(num_stages, self._layout_spec(layout), migrate, dry_run=True)
+        if waiter.outcome is not None and waiter.outcome.outcome == "refused":
+            raise RefactorRefused(waiter.outcome.reason)
+        return waiter.plan
+
+    def _layout_spec(self, layout: Seq | None) -> list[str] | None:
+        """A layout as ``"first..last"`` unit ranges, the form refactor requests carry."""
+        if layout is None:
+            return None
+        try:
+            return Layout.from_spec(layout, self.unit_names).describe(self.unit_names)
+        except PartitionError as exc:
+            raise RefactorRefused(f"bad target layout: {exc}") from exc
+
+    def _refactor_service(self) -> RefactorService:
+        if self._closed or self._refactors is None:
+            raise PipelineError("this LLM is closed")
+        return self._refactors
+
+    def refactor_status(self) -> dict | None:
+        """The refactor in progress (id, phase, target epoch, kind, target workers' pids), or None."""
+        return self._refactor_service().current()
+
+    @property
+    def stage_layout(self) -> list[str]:
+        """The serving layout as unit ranges, one per stage."""
+        return self.layout.describe(self.unit_names)
+
+    def num_free_kv_blocks(self) -> int:
+        return self.engine.call(lambda: self.engine.scheduler.allocator.num_free)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._refactors is not None:
+            self._refactors.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
         if self._processes is not None:
             self._processes.close()
-        for endpoint in (getattr(self, "_to_first", None), getattr(self, "_inbox", None)):
+        current = engine.to_first_stage if engine is not None else None
+        for endpoint in (current, getattr(self, "_to_first", None), getattr(self, "_inbox", None)):
             if endpoint is not None:
                 endpoint.close()
         self._context.term()

@@ -54,7 +54,24 @@ class StageFailure(msgspec.Struct, tag="stage_failure"):
     message: str
 
 
-DataMessage = MicroBatch | SampledTokens | StageFailure
+class KvBlocks(msgspec.Struct, tag="kv_blocks"):
+    """KV slots of one layer moving to its next owner; tensors: slot ids (int64), then
+    the slots' keys and values ``[2, n, kv_heads, head_dim]``."""
+
+    epoch: int
+    transfer_id: int
+    layer: int
+
+
+class UnitWeights(msgspec.Struct, tag="unit_weights"):
+    """A unit's weights sent by a peer that serves it; tensors in the order of ``names``."""
+
+    epoch: int
+    unit: str
+    names: list[str]
+
+
+DataMessage = MicroBatch | SampledTokens | StageFailure | KvBlocks | UnitWeights
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(DataMessage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -13,6 +14,7 @@ from dataplane.kv_cache import new_kv_pool
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader, read_config
 from dataplane.models.spec import ModelSpec
+from dataplane.unit_state import KV_POOL_ATTRIBUTE, unit_bytes, unit_tensors, with_pool
 from dataplane.units import unit_layer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,31 +49,49 @@ class StageSpec:
 class StageExecutor:
     """Runs a stage's units over micro-batches.
 
-    Invariants: only the checkpoint tensors of ``spec.units`` are read (see
+    Invariants: only the checkpoint tensors of units not ``provided`` are read (see
     ``tensors_read``); each owned attention layer has one KV pool whose slots are
-    indexed by the engine's block ids.
+    indexed by the engine's block ids. A provided unit that still holds its KV pool
+    (``resident``: served by this worker in the previous epoch) keeps that very pool,
+    so its cache carries over untouched; any other attention unit gets a fresh pool.
     """
 
-    def __init__(self, spec: StageSpec) -> None:
+    def __init__(self, spec: StageSpec, provided: Mapping[str, object] | None = None,
+                 sources: Mapping[str, str] | None = None) -> None:
         self.spec = spec
+        provided = provided or {}
         self.model = ModelSpec.from_config(read_config(spec.model_dir))
         self.device = torch.device(spec.device)
         dtype = resolve_dtype(spec.dtype)
         reader = CheckpointReader(Path(spec.model_dir))
         adapter = adapter_for(self.model, set(reader.weight_map))
-        names = [n for unit in spec.units for n in adapter.tensor_names(unit)]
+        names = [n for unit in spec.units if unit not in provided for n in adapter.tensor_names(unit)]
         tensors = {k: v.to(self.device) for k, v in reader.read(names, dtype).items()}
         self.tensors_read = list(reader.tensors_read)
-        self.param_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.sources = {unit: (sources or {}).get(unit, "disk") if unit in provided else "disk" for unit in spec.units}
         self.kv_pools: dict[int, torch.Tensor] = {}
+        self.fresh_kv_bytes = 0
         self.units = []
         for unit in spec.units:
-            pool = None
-            if unit.endswith(".attn"):
+            given = provided.get(unit)
+            pool = getattr(given, KV_POOL_ATTRIBUTE, None)
+            if unit.endswith(".attn") and pool is None:
                 pool = new_kv_pool(spec.num_kv_blocks, spec.block_size, self.model.num_kv_heads,
                                    self.model.head_dim, dtype, self.device)
+                self.fresh_kv_bytes += pool.numel() * pool.element_size()
+            if pool is not None:
                 self.kv_pools[unit_layer(unit)] = pool
-            self.units.append(adapter.build(unit, tensors, pool))
+            built = adapter.build(unit, tensors, pool) if given is None else with_pool(given, pool)
+            self.units.append(built)
+        self.unit_by_name = dict(zip(spec.units, self.units))
+        distinct = {t.data_ptr(): t for u in self.units for t in unit_tensors(u).values()}
+        self.param_bytes = sum(t.numel() * t.element_size() for t in distinct.values())
+
+    def bytes_by_source(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for name, unit in self.unit_by_name.items():
+            totals[self.sources[name]] = totals.get(self.sources[name], 0) + unit_bytes(unit)
+        return totals
 
     @property
     def kv_bytes(self) -> int:

@@ -28,10 +28,11 @@ class StageServer:
     """
 
     def __init__(self, context: zmq.Context, spec: StageSpec, *, stage: int, num_stages: int, epoch: int,
-                 transport: str, session_dir: str, name: str, inbox: Inbox | None = None) -> None:
+                 transport: str, session_dir: str, name: str, inbox: Inbox | None = None,
+                 executor: StageExecutor | None = None) -> None:
         self.context, self.spec = context, spec
         self.stage, self.num_stages, self.epoch, self.transport = stage, num_stages, epoch, transport
-        self.executor = StageExecutor(spec)
+        self.executor = executor or StageExecutor(spec)
         self.inbox = inbox or Inbox(context, inbox_address(transport, session_dir, name), device=spec.device)
         self.next_out = self.engine_out = None
         self.busy_seconds = 0.0
@@ -51,12 +52,12 @@ class StageServer:
         """Receive one message (one is ready) and answer it."""
         self.serve(self.inbox.recv())
 
-    def serve(self, message) -> None:
-        """Answer one received message and release it."""
+    def serve(self, message, header=None) -> None:
+        """Answer one received message (its header decoded already, or not) and release it."""
         started = time.perf_counter()
         batch_id = -1
         try:
-            header = messages.decode(message.header)
+            header = header or messages.decode(message.header)
             if not isinstance(header, messages.MicroBatch):
                 raise FlexPipeError("stage received a message it cannot serve")
             batch_id = header.batch_id
@@ -89,10 +90,14 @@ class StageServer:
         reply = messages.SampledTokens(header.batch_id, header.epoch, [s.seq_id for s in seqs], tokens, logprobs)
         self.engine_out.send(messages.encode(reply))
 
-    def close(self) -> None:
+    def close(self, keep_inbox: bool = False) -> None:
+        """Close the outboxes, and the inbox unless another epoch's server goes on reading it."""
         for outbox in (self.next_out, self.engine_out):
             if outbox is not None:
                 outbox.close()
+        self.next_out = self.engine_out = None
+        if keep_inbox:
+            return
         self.inbox.close()
         if self.transport in ("nccl", "gloo"):
             from dataplane.transport.torch_dist import close_group

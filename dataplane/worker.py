@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 import msgspec
 import torch
@@ -20,10 +21,14 @@ import zmq
 
 from common.errors import FlexPipeError
 from dataplane import worker_protocol as proto
-from dataplane.stage import StageSpec
-from dataplane.stage_server import StageServer, set_device
+from dataplane.param_cache import ParamCache
+from dataplane.stage_epochs import StageEpochs
+from dataplane.stage_server import set_device
 from dataplane.transport import Inbox, inbox_address
+
 POLL_MS = 500
+DEFAULT_PARAM_CACHE_BYTES = 1 << 30
+log = logging.getLogger("flexpipe.worker")
 
 
 def die_with_parent() -> None:
@@ -36,38 +41,54 @@ def die_with_parent() -> None:
 
 
 class StageWorker:
-    """A worker process serving one stage for the ``LLM`` that started it.
+    """A worker process serving stages for the ``LLM`` that started it, epoch after epoch.
 
-    Invariant: the worker serves only after its ``LoadStage`` succeeded; every load
-    failure goes back to the supervisor as a readable ``WorkerError``.
+    Invariants: the worker serves only a stage whose load or prepare succeeded; every
+    failure of a command goes back to the supervisor as a readable ``WorkerError``
+    carrying the command's epoch; queued KV sends never delay a waiting micro-batch
+    by more than one chunk.
     """
 
-    def __init__(self, control_endpoint: str, worker_id: str, session_dir: str, transport: str) -> None:
+    def __init__(self, control_endpoint: str, worker_id: str, session_dir: str, transport: str,
+                 param_cache_bytes: int = DEFAULT_PARAM_CACHE_BYTES) -> None:
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.connect(control_endpoint)
-        self.worker_id, self.session_dir, self.transport = worker_id, session_dir, transport
+        self.worker_id = worker_id
         self.inbox = Inbox(self.context, inbox_address(transport, session_dir, f"stage-{worker_id}"))
-        self.server: StageServer | None = None
+        self.epochs = StageEpochs(self.context, self.inbox, session_dir, transport, worker_id, self._send_control,
+                                  ParamCache(param_cache_bytes))
         self.parent_pid = os.getppid()
 
     def run(self) -> None:
         self._send_control(proto.WorkerHello(self.worker_id, os.getpid(), self.inbox.address))
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self.inbox.socket, zmq.POLLIN)
+        wait_ms = POLL_MS
         while os.getppid() == self.parent_pid:
-            ready = dict(poller.poll(POLL_MS))
-            if self.control in ready and not self._handle_control(self.control.recv(), poller):
+            ready = dict(poller.poll(wait_ms))
+            if self.control in ready and not self._handle_control(self.control.recv()):
                 break
-            if self.server is not None and self.server.inbox.socket in ready:
-                self.server.serve_one()
+            if self.inbox.socket in ready:
+                self._serve_one()
+            due = self.epochs.pump()
+            wait_ms = POLL_MS if due is None else min(POLL_MS, int(due * 1000))
         self.close()
+
+    def _serve_one(self) -> None:
+        try:
+            message = self.inbox.recv()
+        except FlexPipeError as exc:
+            log.error("dropping an unreadable data message: %s", exc)
+            return
+        self.epochs.on_data(message)
 
     def _send_control(self, message) -> None:
         self.control.send(proto.encode(message))
 
-    def _handle_control(self, data: bytes, poller: zmq.Poller) -> bool:
+    def _handle_control(self, data: bytes) -> bool:
         try:
             command = proto.decode(data)
         except msgspec.DecodeError as exc:
@@ -75,40 +96,56 @@ class StageWorker:
             return True
         if isinstance(command, proto.Shutdown):
             return False
-        if isinstance(command, proto.LoadStage):
-            self._load(command, poller)
+        epoch = getattr(command, "epoch", -1)
+        try:
+            self._dispatch(command)
+        except Exception as exc:  # any failure goes back to the supervisor as a readable error
+            detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(command, proto.LoadStage):
+                detail = f"stage {command.stage} failed to load: {detail}"
+            log.error("%s failed: %s", type(command).__name__, traceback.format_exc())
+            self._send_control(proto.WorkerError(detail, epoch))
         return True
 
-    def _load(self, command: proto.LoadStage, poller: zmq.Poller) -> None:
-        started = time.perf_counter()
-        try:
+    def _dispatch(self, command) -> None:
+        epochs = self.epochs
+        if isinstance(command, proto.LoadStage):
+            started = time.perf_counter()
             set_device(command.device)
             if command.transport in ("nccl", "gloo"):
                 from dataplane.transport.torch_dist import init_group
                 init_group(command.transport, command.dist_init_method, command.stage, command.num_stages)
-            spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks,
-                             command.block_size, command.dtype, command.device)
-            server = StageServer(self.context, spec, stage=command.stage, num_stages=command.num_stages,
-                                 epoch=command.epoch, transport=command.transport, session_dir=self.session_dir,
-                                 name=f"stage-{self.worker_id}", inbox=self.inbox)
-            server.connect(command.next_address, command.engine_address, command.slot_bytes)
-        except Exception as exc:  # any load failure goes back to the supervisor as a readable error
-            detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
-            self._send_control(proto.WorkerError(f"stage {command.stage} failed to load: {detail}"))
-            return
-        self.server = server
-        poller.register(server.inbox.socket, zmq.POLLIN)
-        executor = server.executor
-        self._send_control(proto.StageLoaded(command.stage, list(command.units), executor.tensors_read,
-                                             executor.param_bytes, executor.kv_bytes, time.perf_counter() - started))
+            executor = epochs.load(command).executor
+            self._send_control(proto.StageLoaded(command.stage, list(command.units), executor.tensors_read,
+                                                 executor.param_bytes, executor.kv_bytes, time.perf_counter() - started))
+        elif isinstance(command, proto.PrepareStage):
+            set_device(command.device)
+            epochs.prepare(command)
+        elif isinstance(command, proto.SendUnits):
+            epochs.send_units(command)
+        elif isinstance(command, proto.PrecopyKv):
+            epochs.precopy(command)
+        elif isinstance(command, proto.ActivateEpoch):
+            epochs.activate(command.epoch)
+            self._send_control(proto.EpochActivated(command.epoch))
+        elif isinstance(command, proto.CommitEpoch):
+            self._send_control(proto.EpochSettled(command.epoch, "committed", epochs.commit(command.epoch)))
+        elif isinstance(command, proto.AbortEpoch):
+            epochs.abort(command.epoch)
+            self._send_control(proto.EpochSettled(command.epoch, "aborted", []))
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        else:
-            self.inbox.close()
+        self.epochs.close()
         self.control.close(linger=0)
         self.context.term()
+
+
+def warm_meta_device() -> None:
+    """The first op on the ``meta`` device imports its kernels (about a second); pay that at start-up,
+    not when a refactor builds a unit received from a peer."""
+    import threading
+    warm = lambda: torch.cat([torch.empty(1, device="meta")] * 2)  # noqa: E731
+    threading.Thread(target=warm, name="warm-meta", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,12 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--session-dir", required=True)
     parser.add_argument("--transport", required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--param-cache-bytes", type=int, default=DEFAULT_PARAM_CACHE_BYTES)
     args = parser.parse_args(argv)
     die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    StageWorker(args.control, args.worker_id, args.session_dir, args.transport).run()
+    warm_meta_device()
+    StageWorker(args.control, args.worker_id, args.session_dir, args.transport, args.param_cache_bytes).run()
 
 
 if __name__ == "__main__":

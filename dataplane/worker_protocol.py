@@ -41,13 +41,98 @@ class StageLoaded(msgspec.Struct, tag="stage_loaded"):
 
 class WorkerError(msgspec.Struct, tag="worker_error"):
     message: str
+    epoch: int = -1
+
+
+class PrepareStage(msgspec.Struct, tag="prepare_stage"):
+    """Build the stage this worker serves at ``epoch`` beside the one it serves now.
+
+    ``sources`` names where each unit's weights come from: ``resident`` (this worker
+    serves it now), ``cache`` (its host parameter cache), ``peer`` (sent by the worker
+    that serves it, as ``UnitWeights`` on the data plane) or ``disk``."""
+
+    epoch: int
+    stage: int
+    num_stages: int
+    model_dir: str
+    units: list[str]
+    sources: dict[str, str]
+    num_kv_blocks: int
+    block_size: int
+    dtype: str
+    device: str
+    next_address: str
+    engine_address: str
+    slot_bytes: int
+
+
+class StagePrepared(msgspec.Struct, tag="stage_prepared"):
+    epoch: int
+    stage: int
+    sources: dict[str, str]
+    bytes_by_source: dict[str, int]
+    kv_bytes_allocated: int
+    seconds: float
+
+
+class SendUnits(msgspec.Struct, tag="send_units"):
+    """Send the weights of ``units`` (served here now) to the inbox at ``dest_address``."""
+
+    epoch: int
+    units: list[str]
+    dest_address: str
+
+
+class PrecopyKv(msgspec.Struct, tag="precopy_kv"):
+    """Copy the KV slots ``slots`` (little-endian int64) of ``layer`` to ``dest_address``,
+    at most ``bytes_per_s`` (0: as fast as possible), between micro-batches."""
+
+    epoch: int
+    transfer_id: int
+    layer: int
+    dest_address: str
+    slots: bytes
+    bytes_per_s: float = 0.0
+
+
+class KvReceived(msgspec.Struct, tag="kv_received"):
+    epoch: int
+    transfer_id: int
+    num_slots: int
+    nbytes: int
+
+
+class ActivateEpoch(msgspec.Struct, tag="activate_epoch"):
+    epoch: int
+
+
+class EpochActivated(msgspec.Struct, tag="epoch_activated"):
+    epoch: int
+
+
+class CommitEpoch(msgspec.Struct, tag="commit_epoch"):
+    epoch: int
+
+
+class AbortEpoch(msgspec.Struct, tag="abort_epoch"):
+    epoch: int
+
+
+class EpochSettled(msgspec.Struct, tag="epoch_settled"):
+    """A commit or abort of ``epoch`` is done; ``cached_units`` are now in the host parameter cache."""
+
+    epoch: int
+    outcome: str
+    cached_units: list[str]
 
 
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-WorkerMessage = WorkerHello | LoadStage | StageLoaded | WorkerError | Shutdown
+WorkerMessage = (WorkerHello | LoadStage | StageLoaded | WorkerError | Shutdown | PrepareStage | StagePrepared
+                 | SendUnits | PrecopyKv | KvReceived | ActivateEpoch | EpochActivated | CommitEpoch | AbortEpoch
+                 | EpochSettled)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(WorkerMessage)

@@ -29,7 +29,10 @@ class EngineCore:
     """Runs the scheduler against a live pipeline on a background thread.
 
     Invariants: only the loop thread touches the scheduler and the sockets; callers
-    talk to it through ``submit`` (a thread-safe queue). At most ``num_stages``
+    talk to it through ``submit`` (a thread-safe queue) and ``call``. While paused no
+    micro-batch is launched; once the in-flight ones are answered the loop parks at an
+    iteration boundary until ``resume`` hands it (maybe) a new first stage, epoch and
+    stage count, and replies of any other epoch are dropped. At most ``num_stages``
     micro-batches are in flight. Every sequence ends with ``on_finish`` called once:
     finished normally, failed with its micro-batch, or failed because the pipeline died.
     """
@@ -47,7 +50,10 @@ class EngineCore:
         self.fatal_error: PipelineError | None = None
         self._next_batch_id = 0
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._pause = threading.Event()
+        self._parked = threading.Event()
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.step_seconds = 0.0
         self.thread = threading.Thread(target=self._run, name="flexpipe-engine", daemon=True)
 
     def start(self) -> None:
@@ -62,6 +68,52 @@ class EngineCore:
             return
         self.submissions.put(list(seqs))
 
+    def call(self, fn, timeout_s: float = 30.0):
+        """Run ``fn()`` on the loop thread between iterations and return its result."""
+        if threading.current_thread() is self.thread:
+            return fn()
+        done = threading.Event()
+        box: list = []
+        self._calls.put((fn, box, done))
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(0.05):
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise PipelineError("the engine loop did not run a call in time (stopped or stuck)")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def pause(self, timeout_s: float) -> float:
+        """Stop launching, wait until nothing is in flight; returns when the loop parked (monotonic)."""
+        self._pause.set()
+        if not self._parked.wait(timeout_s):
+            self._pause.clear()
+            raise PipelineError(f"the pipeline did not drain within {timeout_s:.1f}s")
+        return time.monotonic()
+
+    def resume(self, to_first_stage: Outbox | None = None, epoch: int | None = None,
+               num_stages: int | None = None) -> Outbox:
+        """Leave the park, with a new first stage, epoch and stage count if given; returns the
+        outbox the engine used before."""
+        previous = self.to_first_stage
+        if to_first_stage is not None:
+            self.to_first_stage, self.epoch, self.scheduler.num_stages = to_first_stage, epoch, num_stages
+        self._parked.clear()
+        self._pause.clear()
+        return previous
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, box, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                box.append(fn())
+            except BaseException as exc:  # handed back to the caller
+                box.append(exc)
+            done.set()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         if self.thread.is_alive():
@@ -71,8 +123,16 @@ class EngineCore:
         last_check = time.monotonic()
         try:
             while not self._stop.is_set():
+                self._run_calls()
+                if self._pause.is_set() and not self.in_flight:
+                    self._parked.set()
+                    while self._pause.is_set() and not self._stop.is_set():
+                        self._run_calls()
+                        time.sleep(0.0002)
+                    continue
                 self._admit_submissions()
-                self._launch()
+                if not self._pause.is_set():
+                    self._launch()
                 self._collect(timeout_ms=5 if self.in_flight else 20)
                 if time.monotonic() - last_check > 0.2:
                     self._check_health()
@@ -117,10 +177,15 @@ class EngineCore:
         except msgspec.DecodeError as exc:
             log.error("dropping malformed message from the last stage: %s", exc)
             return
+        if isinstance(reply, messages.SampledTokens) and reply.epoch != self.epoch:
+            log.error("dropping a reply of epoch %s while serving epoch %s", reply.epoch, self.epoch)
+            return
         flight = self.in_flight.pop(reply.batch_id, None)
         if flight is None:
             log.error("dropping reply for unknown micro-batch %s", reply.batch_id)
             return
+        took = time.monotonic() - flight.launched_at
+        self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
         if isinstance(reply, messages.StageFailure):
             error = PipelineError(f"stage {reply.stage} failed micro-batch {reply.batch_id}: {reply.message}")
             for seq in flight.seqs:

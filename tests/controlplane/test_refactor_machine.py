@@ -6,7 +6,8 @@ import pytest
 
 from common import events as ev
 from controlplane.actor import Log, Send, Tell, Tick
-from controlplane.refactor_machine import EXECUTOR, RefactorCoordinator, RefactorRefused
+from common.errors import RefactorRefused
+from controlplane.refactor_machine import EXECUTOR, RefactorCoordinator
 
 
 @dataclass
