@@ -176,19 +176,25 @@ class RefactorExecutor:
     def _switch(self, work: RefactorWork, epoch: int, deadline: float) -> None:
         p, plan = self.pipeline, work.plan
         paused_at = time.monotonic()
-        parked_at = self.engine.pause(max(0.05, deadline - time.monotonic()))
+        parked_at = self.engine.pause(max(0.05, deadline - time.monotonic()), on_parked=self._running_kv)
         work.paused = True
-        snapshot = self.engine.call(self._running_kv)
+        snapshot = self.engine.parked_result
         slots, _ = self._slots_since(work.watermarks, snapshot)
-        nbytes = self._copy_kv(work, epoch, slots, 0.0, deadline) if plan.kv_moves else 0
-        for worker in plan.workers:
-            self.processes.send(worker, proto.ActivateEpoch(epoch))
+        expect = self._start_kv_copy(work, epoch, slots, 0.0)
+        for j, worker in enumerate(plan.workers):
+            mine = {t: n for t, (stage, n) in expect.items() if stage == j}
+            self.processes.send(worker, proto.ActivateEpoch(epoch, mine))
         activated: set[int] = set()
+        nbytes = [0]
 
         def take(worker, message):
             if isinstance(message, proto.EpochActivated) and message.epoch == epoch:
                 activated.add(worker)
-        self._await(take, lambda: len(activated) == len(plan.workers), deadline, set(plan.workers), epoch, "SWITCH")
+            elif isinstance(message, proto.KvReceived) and message.epoch == epoch and message.transfer_id in expect:
+                nbytes[0] += message.nbytes
+        watch = set(plan.workers) | {m.source for m in plan.kv_moves}
+        self._await(take, lambda: len(activated) == len(plan.workers), deadline, watch, epoch, "SWITCH")
+        nbytes = nbytes[0]
         work.old_outbox = self.engine.resume(work.new_outbox, epoch, plan.new_layout.num_stages)
         resumed_at = time.monotonic()
         work.new_outbox, work.paused, work.switched = None, False, True
@@ -198,6 +204,7 @@ class RefactorExecutor:
         work.report.kv_bytes += nbytes
         work.report.stall_s = resumed_at - parked_at
         work.report.switch_s = resumed_at - paused_at
+        work.report.switch_window = (time.perf_counter() - (resumed_at - paused_at), time.perf_counter())
         work.report.epoch = epoch
 
     def _commit(self, work: RefactorWork, epoch: int, deadline: float) -> None:
@@ -264,19 +271,25 @@ class RefactorExecutor:
         slots = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         return slots, new_marks
 
-    def _copy_kv(self, work: RefactorWork, epoch: int, slots: np.ndarray, bytes_per_s: float, deadline: float) -> int:
-        """Every moving layer's ``slots`` to its new owner; returns bytes received there."""
+    def _start_kv_copy(self, work: RefactorWork, epoch: int, slots: np.ndarray,
+                       bytes_per_s: float) -> dict[int, tuple[int, int]]:
+        """Ask each moving layer's owner to send ``slots`` to the new owner; transfer id → (new stage, slot count)."""
         if len(slots) == 0:
-            return 0
+            return {}
         plan, inboxes = work.plan, self.processes.inboxes
-        expected: dict[int, int] = {}
         payload = slots.astype("<i8").tobytes()
+        started = {}
         for move in plan.kv_moves:
             transfer = work.next_transfer
             work.next_transfer += 1
-            expected[transfer] = len(slots)
-            self.processes.send(move.source, proto.PrecopyKv(epoch, transfer, move.layer, inboxes[plan.workers[move.dest_stage]],
-                                                             payload, bytes_per_s))
+            started[transfer] = (move.dest_stage, len(slots))
+            self.processes.send(move.source, proto.PrecopyKv(epoch, transfer, move.layer,
+                                                             inboxes[plan.workers[move.dest_stage]], payload, bytes_per_s))
+        return started
+
+    def _copy_kv(self, work: RefactorWork, epoch: int, slots: np.ndarray, bytes_per_s: float, deadline: float) -> int:
+        """Every moving layer's ``slots`` to its new owner and wait until they landed; returns the bytes."""
+        expected = {t: n for t, (_, n) in self._start_kv_copy(work, epoch, slots, bytes_per_s).items()}
         received = {t: 0 for t in expected}
         nbytes = [0]
 
@@ -284,7 +297,7 @@ class RefactorExecutor:
             if isinstance(message, proto.KvReceived) and message.epoch == epoch and message.transfer_id in received:
                 received[message.transfer_id] += message.num_slots
                 nbytes[0] += message.nbytes
-        watch = {m.source for m in plan.kv_moves} | set(plan.workers)
+        watch = {m.source for m in work.plan.kv_moves} | set(work.plan.workers)
         self._await(take, lambda: received == expected, deadline, watch, epoch, "KV copy")
         return nbytes[0]
 

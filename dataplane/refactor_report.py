@@ -13,7 +13,9 @@ class RefactorReport:
     pipeline to the first new-epoch micro-batch); ``switch_s`` adds the drain of the
     micro-batches in flight. ``weight_bytes_by_source`` and ``unit_sources`` say where each
     gained unit came from (``cache``, ``peer``, ``disk``); ``kv_bytes`` = pre-copy + delta;
-    ``requests_carried`` counts the requests holding KV when the layout switched.
+    ``requests_carried`` counts the requests holding KV when the layout switched;
+    ``switch_window`` is SWITCH's start and end on ``time.perf_counter``'s clock, the clock
+    of request token times.
     """
 
     refactor_id: int
@@ -37,6 +39,7 @@ class RefactorReport:
     stall_s: float = 0.0
     switch_s: float = 0.0
     requests_carried: int = 0
+    switch_window: tuple[float, float] = (0.0, 0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -51,7 +51,8 @@ class StageExecutor:
 
     Invariants: only the checkpoint tensors of units not ``provided`` are read (see
     ``tensors_read``); each owned attention layer has one KV pool whose slots are
-    indexed by the engine's block ids. A provided unit that still holds its KV pool
+    indexed by the engine's block ids, plus one scratch block (id ``num_kv_blocks``) the
+    engine never hands out, which ``warm_up`` writes. A provided unit that still holds its KV pool
     (``resident``: served by this worker in the previous epoch) keeps that very pool,
     so its cache carries over untouched; any other attention unit gets a fresh pool.
     """
@@ -76,7 +77,7 @@ class StageExecutor:
             given = provided.get(unit)
             pool = getattr(given, KV_POOL_ATTRIBUTE, None)
             if unit.endswith(".attn") and pool is None:
-                pool = new_kv_pool(spec.num_kv_blocks, spec.block_size, self.model.num_kv_heads,
+                pool = new_kv_pool(spec.num_kv_blocks + 1, spec.block_size, self.model.num_kv_heads,
                                    self.model.head_dim, dtype, self.device)
                 self.fresh_kv_bytes += pool.numel() * pool.element_size()
             if pool is not None:
@@ -86,6 +87,16 @@ class StageExecutor:
         self.unit_by_name = dict(zip(spec.units, self.units))
         distinct = {t.data_ptr(): t for u in self.units for t in unit_tensors(u).values()}
         self.param_bytes = sum(t.numel() * t.element_size() for t in distinct.values())
+
+    def warm_up(self, num_seqs: int = 4) -> None:
+        """Run one micro-batch of throw-away tokens through the scratch KV block, so the first real
+        micro-batch does not pay first-use costs (kernel set-up, allocator growth) in the serving path."""
+        scratch = self.spec.num_kv_blocks
+        batch = BatchInput.build([[1]] * num_seqs, [0] * num_seqs, [[scratch]] * num_seqs, self.spec.block_size,
+                                 self.device)
+        hidden = None if self.spec.is_first else torch.zeros(num_seqs, self.model.hidden_size,
+                                                               dtype=resolve_dtype(self.spec.dtype), device=self.device)
+        self.forward(batch, hidden)
 
     def bytes_by_source(self) -> dict[str, int]:
         totals: dict[str, int] = {}

@@ -40,6 +40,8 @@ class PendingStage:
     awaiting: set[str]
     started: float
     server: StageServer | None = None
+    received_slots: dict[int, int] = field(default_factory=dict)
+    activate_when: dict[int, int] | None = None
 
 
 @dataclass
@@ -173,6 +175,7 @@ class StageEpochs:
         spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks,
                          command.block_size, command.dtype, command.device)
         executor = StageExecutor(spec, pending.provided, pending.sources)
+        executor.warm_up()
         server = StageServer(self.context, spec, stage=command.stage, num_stages=command.num_stages,
                              epoch=command.epoch, transport=self.transport, session_dir=self.session_dir,
                              name=f"stage-{self.worker_id}", inbox=self.inbox, executor=executor)
@@ -246,15 +249,28 @@ class StageEpochs:
             log.error("refusing KV of layer %s: the prepared stage does not own it", header.layer)
             return
         pool.index_copy_(1, slots.to(pool.device), data.to(pool.device))
+        pending.received_slots[header.transfer_id] = pending.received_slots.get(header.transfer_id, 0) + len(slots)
         self.reply(proto.KvReceived(header.epoch, header.transfer_id, len(slots), data.numel() * data.element_size()))
+        self._activate_if_ready()
 
     # ---- SWITCH, COMMIT, ABORT ---------------------------------------------------------------
 
-    def activate(self, epoch: int) -> None:
+    def activate(self, command: proto.ActivateEpoch) -> None:
+        """Switch to the prepared stage now, or as soon as the KV it waits for has landed."""
         pending = self.pending
-        if pending is None or pending.server is None or pending.command.epoch != epoch:
-            raise PipelineError(f"worker {self.worker_id} has no stage prepared for epoch {epoch}")
+        if pending is None or pending.server is None or pending.command.epoch != command.epoch:
+            raise PipelineError(f"worker {self.worker_id} has no stage prepared for epoch {command.epoch}")
+        pending.activate_when = dict(command.expect_slots)
+        self._activate_if_ready()
+
+    def _activate_if_ready(self) -> None:
+        pending = self.pending
+        if pending is None or pending.activate_when is None:
+            return
+        if any(pending.received_slots.get(t, 0) < n for t, n in pending.activate_when.items()):
+            return
         self.retiring, self.active, self.pending = self.active, pending.server, None
+        self.reply(proto.EpochActivated(pending.command.epoch))
 
     def commit(self, epoch: int) -> list[str]:
         old = self.retiring

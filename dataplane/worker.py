@@ -126,8 +126,7 @@ class StageWorker:
         elif isinstance(command, proto.PrecopyKv):
             epochs.precopy(command)
         elif isinstance(command, proto.ActivateEpoch):
-            epochs.activate(command.epoch)
-            self._send_control(proto.EpochActivated(command.epoch))
+            epochs.activate(command)
         elif isinstance(command, proto.CommitEpoch):
             self._send_control(proto.EpochSettled(command.epoch, "committed", epochs.commit(command.epoch)))
         elif isinstance(command, proto.AbortEpoch):

@@ -103,7 +103,11 @@ class KvReceived(msgspec.Struct, tag="kv_received"):
 
 
 class ActivateEpoch(msgspec.Struct, tag="activate_epoch"):
+    """Serve the stage prepared for ``epoch`` once the KV transfers in ``expect_slots``
+    (transfer id → slot count) have all landed here; answer ``EpochActivated`` then."""
+
     epoch: int
+    expect_slots: dict[int, int] = {}
 
 
 class EpochActivated(msgspec.Struct, tag="epoch_activated"):

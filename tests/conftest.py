@@ -53,3 +53,26 @@ def no_leftover_workers():
     for process in leftovers:
         process.kill()
     assert not leftovers, f"stage worker processes left running: {[p.pid for p in leftovers]}"
+
+
+@pytest.fixture
+def restore_logging(monkeypatch):
+    """The test starts without FlexPipe log env vars and leaves structlog and the root logger as it found them."""
+    import logging
+    import warnings
+
+    import structlog
+    monkeypatch.delenv("FLEXPIPE_LOG_FORMAT", raising=False)
+    monkeypatch.delenv("FLEXPIPE_LOG_LEVEL", raising=False)
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    showwarning = warnings.showwarning
+    yield
+    structlog.configure(**structlog_config)
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    warnings.showwarning = showwarning

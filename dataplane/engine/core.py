@@ -53,6 +53,9 @@ class EngineCore:
         self._pause = threading.Event()
         self._parked = threading.Event()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._on_parked = None
+        self.parked_result = None
         self.step_seconds = 0.0
         self.thread = threading.Thread(target=self._run, name="flexpipe-engine", daemon=True)
 
@@ -75,6 +78,7 @@ class EngineCore:
         done = threading.Event()
         box: list = []
         self._calls.put((fn, box, done))
+        self._wakeup.set()
         deadline = time.monotonic() + timeout_s
         while not done.wait(0.05):
             if not self.thread.is_alive() or time.monotonic() > deadline:
@@ -83,8 +87,10 @@ class EngineCore:
             raise box[0]
         return box[0]
 
-    def pause(self, timeout_s: float) -> float:
-        """Stop launching, wait until nothing is in flight; returns when the loop parked (monotonic)."""
+    def pause(self, timeout_s: float, on_parked=None) -> float:
+        """Stop launching, wait until nothing is in flight; returns when the loop parked (monotonic).
+        ``on_parked()`` runs on the loop thread as it parks; its result is left in ``parked_result``."""
+        self._on_parked, self.parked_result = on_parked, None
         self._pause.set()
         if not self._parked.wait(timeout_s):
             self._pause.clear()
@@ -100,6 +106,7 @@ class EngineCore:
             self.to_first_stage, self.epoch, self.scheduler.num_stages = to_first_stage, epoch, num_stages
         self._parked.clear()
         self._pause.clear()
+        self._wakeup.set()
         return previous
 
     def _run_calls(self) -> None:
@@ -116,6 +123,7 @@ class EngineCore:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        self._wakeup.set()
         if self.thread.is_alive():
             self.thread.join(timeout_s)
 
@@ -125,10 +133,7 @@ class EngineCore:
             while not self._stop.is_set():
                 self._run_calls()
                 if self._pause.is_set() and not self.in_flight:
-                    self._parked.set()
-                    while self._pause.is_set() and not self._stop.is_set():
-                        self._run_calls()
-                        time.sleep(0.0002)
+                    self._park()
                     continue
                 self._admit_submissions()
                 if not self._pause.is_set():
@@ -144,6 +149,17 @@ class EngineCore:
             self._fail_everything(PipelineError(f"engine loop crashed: {type(exc).__name__}: {exc}"))
         else:
             self._fail_everything(PipelineError("the pipeline was closed"))
+
+    def _park(self) -> None:
+        if self._on_parked is not None:
+            self.parked_result = self._on_parked()
+        self._parked.set()
+        while self._pause.is_set() and not self._stop.is_set():
+            self._wakeup.wait(0.05)
+            self._wakeup.clear()
+            self._run_calls()
+        # The refilled pipeline serves first the requests that have waited longest since their last token.
+        self.scheduler.running.sort(key=lambda seq: seq.token_times[-1] if seq.token_times else 0.0)
 
     def _admit_submissions(self) -> None:
         while True:

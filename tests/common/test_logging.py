@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import structlog
 
 from common.config import ConfigError
 from common.logging import LOG_EVENTS, configure_logging, emit, get_logger, log_events_markdown
@@ -20,23 +19,7 @@ from common.logging import LOG_EVENTS, configure_logging, emit, get_logger, log_
 DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "log-events.md"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging(monkeypatch):
-    """Each test starts without FlexPipe log env vars and leaves structlog and the root logger as it found them."""
-    monkeypatch.delenv("FLEXPIPE_LOG_FORMAT", raising=False)
-    monkeypatch.delenv("FLEXPIPE_LOG_LEVEL", raising=False)
-    structlog_config = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    showwarning = warnings.showwarning
-    yield
-    structlog.configure(**structlog_config)
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
-    warnings.showwarning = showwarning
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def json_lines(stream: io.StringIO) -> list[dict]:

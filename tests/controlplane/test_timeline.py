@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import time
-import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import structlog
 
 from common.logging import configure_logging, emit, get_logger
 from controlplane import fpctl
@@ -24,23 +21,7 @@ PHASES = {"PLAN": (0.002, 0, 0), "PREPARE": (0.250, 1 << 20, 0), "PRECOPY": (0.1
           "SWITCH": (0.008, 0, 512), "COMMIT": (0.003, 0, 0)}
 
 
-@pytest.fixture(autouse=True)
-def restore_logging(monkeypatch):
-    """Each test leaves structlog and the root logger as it found them (as in tests/common/test_logging.py)."""
-    monkeypatch.delenv("FLEXPIPE_LOG_FORMAT", raising=False)
-    monkeypatch.delenv("FLEXPIPE_LOG_LEVEL", raising=False)
-    structlog_config = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    showwarning = warnings.showwarning
-    yield
-    structlog.configure(**structlog_config)
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
-    warnings.showwarning = showwarning
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

@@ -207,17 +207,15 @@ def test_plan_refactor_shows_what_would_move_without_moving_it(tiny_model):
         assert llm.epoch == 0 and len(llm.worker_pids) == 2
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_the_timeline_is_rebuilt_from_the_log(tiny_model, tmp_path):
     log_file = tmp_path / "flexpipe.log"
     with open(log_file, "w") as stream:
         configure_logging("offline", json=True, stream=stream)
-        try:
-            with LLM(tiny_model, num_stages=2, spare_workers=1) as llm:
+        with LLM(tiny_model, num_stages=2, spare_workers=1) as llm:
+            llm.refactor(num_stages=3)
+            with pytest.raises(RefactorRefused):
                 llm.refactor(num_stages=3)
-                with pytest.raises(RefactorRefused):
-                    llm.refactor(num_stages=3)
-        finally:
-            configure_logging("pytest", json=True)
     result = subprocess.run([sys.executable, "-m", "controlplane.fpctl", "timeline", "--log", str(log_file), "--json"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
