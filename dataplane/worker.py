@@ -139,12 +139,14 @@ class StageWorker:
         self.context.term()
 
 
-def warm_meta_device() -> None:
+def warm_meta_device():
     """The first op on the ``meta`` device imports its kernels (about a second); pay that at start-up,
-    not when a refactor builds a unit received from a peer."""
+    not when a refactor builds a unit received from a peer. Returns the thread doing it."""
     import threading
     warm = lambda: torch.cat([torch.empty(1, device="meta")] * 2)  # noqa: E731
-    threading.Thread(target=warm, name="warm-meta", daemon=True).start()
+    thread = threading.Thread(target=warm, name="warm-meta", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,8 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    warm_meta_device()
-    StageWorker(args.control, args.worker_id, args.session_dir, args.transport, args.param_cache_bytes).run()
+    warming = warm_meta_device()
+    try:
+        StageWorker(args.control, args.worker_id, args.session_dir, args.transport, args.param_cache_bytes).run()
+    finally:
+        warming.join(10.0)  # a C++ thread still running at interpreter exit aborts the process
 
 
 if __name__ == "__main__":
