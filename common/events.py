@@ -387,13 +387,174 @@ class RefactorOutcome(Reply, tag="refactor_outcome"):
     stall_s: float = 0.0
 
 
+# ---- inflight refactoring: a cluster worker's stages across epochs -------------------------
+# Commands the coordinator sends a worker while it re-shapes a pipeline. Weights and KV move
+# on the data plane between workers; only these small events travel on the bus.
+
+class OpenStageInbox(Command, tag="open_stage_inbox"):
+    """Bind (or name, when it exists) this worker's data inbox for ``pipeline_id``, so peers can
+    address it before the stage of ``epoch`` is prepared here."""
+
+    pipeline_id: str
+    epoch: int
+    transport: str
+
+
+class StageInboxOpened(Reply, tag="stage_inbox_opened"):
+    pipeline_id: str
+    epoch: int
+    inbox_address: str
+
+
+class PrepareStageEpoch(Command, tag="prepare_stage_epoch"):
+    """Build the stage this worker serves at ``epoch`` beside the one it serves now.
+
+    ``sources`` maps each unit to where its weights come from: ``resident`` (served here
+    now), ``cache`` (host parameter cache), ``peer`` (sent by its owner on ``SendStageUnits``)
+    or ``disk``. Answered by ``StageEpochPrepared`` once the stage is built."""
+
+    pipeline_id: str
+    epoch: int
+    stage: int
+    num_stages: int
+    model_dir: str
+    units: list[str]
+    sources: dict[str, str]
+    num_kv_blocks: int
+    block_size: int
+    dtype: str
+    next_address: str
+    engine_address: str
+    slot_bytes: int
+
+
+class StageEpochPrepared(Reply, tag="stage_epoch_prepared"):
+    pipeline_id: str
+    epoch: int
+    stage: int
+    sources: dict[str, str]
+    bytes_by_source: dict[str, int]
+    kv_bytes_allocated: int
+    seconds: float
+
+
+class SendStageUnits(Command, tag="send_stage_units"):
+    """Send the weights of ``units`` (served here now) to the inbox at ``dest_address``; answered by ``Ack``."""
+
+    pipeline_id: str
+    epoch: int
+    units: list[str]
+    dest_address: str
+
+
+class CopyStageKv(Command, tag="copy_stage_kv"):
+    """Copy the KV ``slots`` (little-endian int64) of ``layer`` to ``dest_address`` between
+    micro-batches, at most ``bytes_per_s`` (0: as fast as possible); answered by ``Ack`` when queued."""
+
+    pipeline_id: str
+    epoch: int
+    transfer_id: int
+    layer: int
+    dest_address: str
+    slots: bytes
+    bytes_per_s: float = 0.0
+
+
+class StageKvCopied(Event, tag="stage_kv_copied"):
+    """KV slots of transfer ``transfer_id`` landed at worker ``worker_id``."""
+
+    pipeline_id: str
+    epoch: int
+    worker_id: str
+    transfer_id: int
+    num_slots: int
+    nbytes: int
+
+
+class KvTransfer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    transfer_id: int
+    num_slots: int
+
+
+class ActivateStageEpoch(Command, tag="activate_stage_epoch"):
+    """Serve the stage prepared for ``epoch`` once every transfer in ``expect`` has landed here;
+    answered by ``StageEpochActivated`` then."""
+
+    pipeline_id: str
+    epoch: int
+    expect: list[KvTransfer] = []
+
+
+class StageEpochActivated(Reply, tag="stage_epoch_activated"):
+    pipeline_id: str
+    epoch: int
+
+
+class CommitStageEpoch(Command, tag="commit_stage_epoch"):
+    pipeline_id: str
+    epoch: int
+
+
+class AbortStageEpoch(Command, tag="abort_stage_epoch"):
+    pipeline_id: str
+    epoch: int
+
+
+class StageEpochSettled(Reply, tag="stage_epoch_settled"):
+    """A commit or abort of ``epoch`` is done (``outcome``); ``cached_units`` went to the host parameter cache."""
+
+    pipeline_id: str
+    epoch: int
+    outcome: str
+    cached_units: list[str] = []
+
+
+class StageEpochFailed(Event, tag="stage_epoch_failed"):
+    """Work of ``epoch`` already acknowledged (a KV send, a stage built from received weights) failed."""
+
+    pipeline_id: str
+    epoch: int
+    worker_id: str
+    reason: str
+
+
+class PauseEngine(Command, tag="pause_engine"):
+    """Stop launching micro-batches and wait, at most ``timeout_s``, until none is in flight."""
+
+    pipeline_id: str
+    timeout_s: float
+
+
+class EnginePaused(Reply, tag="engine_paused"):
+    """The engine is parked. Running requests, as parallel lists: their ids, block tables and how
+    many positions have KV written (so the coordinator can name the KV slots to move)."""
+
+    pipeline_id: str
+    epoch: int
+    seq_ids: list[int]
+    block_tables: list[list[int]]
+    num_computed: list[int]
+
+
+class ResumeEngine(Command, tag="resume_engine"):
+    """Leave the pause; with ``first_stage_address`` set, feed that stage at ``epoch`` with
+    ``num_stages`` stages from now on (empty: resume unchanged). Answered by ``Ack``."""
+
+    pipeline_id: str
+    epoch: int
+    first_stage_address: str = ""
+    num_stages: int = 0
+
+
 ANY_EVENT = Union[
     Ack, ErrorReply, RegisterWorker, WorkerRegistered, Heartbeat, WorkerMetrics, LoadStage, StageLoaded,
     ConnectStage, UnloadStage, RegisterEngineHost, PrepareEngine, EnginePrepared, StartEngine, StopEngine,
     EngineMetrics, StatusRequest, StatusReply, DeployPipeline, DeployAccepted, UndeployPipeline,
     ShutdownRequest, WorkerLost, PipelineStateChanged, GenerateRequest, TokenChunk, PlaceStages,
     PlacementDecided, ReleasePlacement, PipelineUpdated, MessageRejected, RefactorPipeline, RefactorPhase,
-    RefactorPhaseDone, RefactorOutcome,
+    RefactorPhaseDone, RefactorOutcome, OpenStageInbox, StageInboxOpened, PrepareStageEpoch, StageEpochPrepared,
+    SendStageUnits, CopyStageKv, StageKvCopied, ActivateStageEpoch, StageEpochActivated, CommitStageEpoch,
+    AbortStageEpoch, StageEpochSettled, StageEpochFailed, PauseEngine, EnginePaused, ResumeEngine,
 ]
 
 CATALOGUE: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in ANY_EVENT.__args__}

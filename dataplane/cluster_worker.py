@@ -2,7 +2,10 @@
 
 Run as ``python -m dataplane.cluster_worker --controller ENDPOINT --worker-id ID [--memory 4GiB]``.
 It registers its device, heartbeats, reports per-stage metrics, and loads, connects and
-unloads stages on the coordinator's commands. At most one stage per pipeline.
+unloads stages on the coordinator's commands. At most one stage per pipeline serves at a
+time; during an inflight refactor the stage of the next epoch is prepared beside it
+(``dataplane.hosted_stage``), weights and KV move between workers on the data plane, and
+the coordinator switches, commits or aborts epochs with bus commands.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import signal
 import socket as pysocket
 import sys
 import time
-from collections import deque
 
 import torch
 import zmq
@@ -25,43 +27,27 @@ from common.logging import configure_logging, emit, get_logger
 from common.runtime import new_session_dir, notify_systemd
 from controlplane.client import BusClient, Heartbeater
 from dataplane.devices import probe_device
-from dataplane.stage import StageSpec
-from dataplane.stage_server import StageServer, set_device
+from dataplane.hosted_stage import HostedStage
+from dataplane.stage_server import set_device
 
-
-class HostedStage:
-    """A stage this worker serves, with its input queue and the counters its metrics come from."""
-
-    def __init__(self, server: StageServer, pipeline_id: str) -> None:
-        self.server, self.pipeline_id = server, pipeline_id
-        self.queue: deque = deque()
-        self.reported_at = time.monotonic()
-        self.reported_busy = 0.0
-        self.reported_tokens = 0
-
-    def metrics(self, kv_blocks_total: int) -> ev.StageMetrics:
-        now = time.monotonic()
-        elapsed = max(1e-6, now - self.reported_at)
-        busy = (self.server.busy_seconds - self.reported_busy) / elapsed
-        tokens = (self.server.tokens_processed - self.reported_tokens) / elapsed
-        self.reported_at, self.reported_busy, self.reported_tokens = now, self.server.busy_seconds, self.server.tokens_processed
-        return ev.StageMetrics(pipeline_id=self.pipeline_id, epoch=self.server.epoch, stage=self.server.stage,
-                               queue_length=len(self.queue), busy_fraction=round(min(1.0, busy), 4),
-                               kv_blocks_used=0, kv_blocks_free=kv_blocks_total, tokens_per_s=round(tokens, 1))
+POLL_MS = 100
+DEFAULT_PARAM_CACHE_BYTES = 1 << 30
 
 
 class ClusterWorker:
     """Serves one device for the cluster.
 
     Invariants: it heartbeats every interval the controller asked for, also while
-    serving; it answers every command with its reply or an ``ErrorReply``; it holds at
-    most one stage per pipeline; stopping it closes every stage and socket.
+    serving; it answers every command with its reply or an ``ErrorReply`` (a prepare or
+    an activation when it is done, the rest at once); it serves at most one stage per
+    pipeline per epoch; queued KV sends progress between micro-batches; stopping it
+    closes every stage and socket.
     """
 
     def __init__(self, bus: BusClient, worker_id: str, device: ev.DeviceInfo, torch_device: str,
-                 key_dir=None, insecure: bool = False) -> None:
+                 key_dir=None, insecure: bool = False, param_cache_bytes: int = DEFAULT_PARAM_CACHE_BYTES) -> None:
         self.bus, self.worker_id, self.device, self.torch_device = bus, worker_id, device, torch_device
-        self.key_dir, self.insecure = key_dir, insecure
+        self.key_dir, self.insecure, self.param_cache_bytes = key_dir, insecure, param_cache_bytes
         self.context = bus.context
         self.session_dir = str(new_session_dir(f"worker-{worker_id}-"))
         self.stages: dict[str, HostedStage] = {}
@@ -95,35 +81,48 @@ class ClusterWorker:
             if self.heartbeater.needs_registration.is_set():
                 self.heartbeater.needs_registration.clear()
                 self.register()
-            self._poll(timeout_ms=0 if self._has_queued() else 100)
+            wait_ms = self._pump()
+            self._poll(timeout_ms=0 if self._has_queued() else wait_ms)
             for hosted in list(self.stages.values()):
                 if hosted.queue:
-                    hosted.server.serve(hosted.queue.popleft())
+                    hosted.serve_next()
         self.close()
 
     def _has_queued(self) -> bool:
         return any(h.queue for h in self.stages.values())
 
+    def _pump(self) -> int:
+        """Send the KV chunks that are due; milliseconds until the next one is (at most ``POLL_MS``)."""
+        wait_ms = POLL_MS
+        for hosted in list(self.stages.values()):
+            due = hosted.epochs.pump()
+            if due is not None:
+                wait_ms = min(wait_ms, int(due * 1000))
+        return wait_ms
+
     def _poll(self, timeout_ms: int) -> None:
         poller = zmq.Poller()
         poller.register(self.bus.socket, zmq.POLLIN)
         for hosted in self.stages.values():
-            poller.register(hosted.server.inbox.socket, zmq.POLLIN)
+            poller.register(hosted.inbox.socket, zmq.POLLIN)
         ready = dict(poller.poll(timeout_ms))
         for hosted in list(self.stages.values()):
-            if hosted.server.inbox.socket in ready:
-                while (message := hosted.server.inbox.recv(0)) is not None:
-                    hosted.queue.append(message)
+            if hosted.inbox.socket in ready:
+                hosted.receive()
         if self.bus.socket in ready:
             while (event := self.bus.receive(0)) is not None:
                 self._on_command(event)
 
     def _metrics(self) -> list[ev.Event]:
-        stages = [h.metrics(h.server.spec.num_kv_blocks) for h in list(self.stages.values())]
+        stages = [m for h in list(self.stages.values()) if (m := h.metrics()) is not None]
         return [ev.WorkerMetrics(sender=f"{self.worker_id}.heartbeat", worker_id=self.worker_id, stages=stages)]
 
     def _on_command(self, event) -> None:
-        handler = {ev.LoadStage: self._load, ev.ConnectStage: self._connect, ev.UnloadStage: self._unload}.get(type(event))
+        handler = {ev.LoadStage: self._load, ev.ConnectStage: self._connect, ev.UnloadStage: self._unload,
+                   ev.OpenStageInbox: self._open_inbox, ev.PrepareStageEpoch: self._prepare,
+                   ev.SendStageUnits: self._send_units, ev.CopyStageKv: self._copy_kv,
+                   ev.ActivateStageEpoch: self._activate, ev.CommitStageEpoch: self._commit,
+                   ev.AbortStageEpoch: self._abort}.get(type(event))
         if handler is None:
             return
         try:
@@ -133,21 +132,25 @@ class ClusterWorker:
             emit(self.log, "stage.load_failed" if isinstance(event, ev.LoadStage) else "bus.message_rejected",
                  level="error", pipeline_id=getattr(event, "pipeline_id", ""), detail=detail)
             reply = ev.ErrorReply(sender=self.worker_id, reply_to=event.cmd_id, code="command_failed", message=detail)
-        self.bus.send(reply)
+        if reply is not None:
+            self.bus.send(reply)
 
     def _load(self, command: ev.LoadStage) -> ev.StageLoaded:
-        if command.pipeline_id in self.stages:
+        old = self.stages.get(command.pipeline_id)
+        if old is not None and old.busy:
             raise FlexPipeError(f"{self.worker_id} already serves a stage of pipeline {command.pipeline_id}")
         emit(self.log, "stage.loading", pipeline_id=command.pipeline_id, epoch=command.epoch, stage=command.stage,
              units=command.units)
         started = time.perf_counter()
         set_device(self.torch_device)
-        spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks, command.block_size,
-                         command.dtype, self.torch_device)
-        server = StageServer(self.context, spec, stage=command.stage, num_stages=command.num_stages,
-                             epoch=command.epoch, transport=command.transport, session_dir=self.session_dir,
-                             name=f"{command.pipeline_id}-{command.stage}")
-        self.stages[command.pipeline_id] = HostedStage(server, command.pipeline_id)
+        if old is not None:
+            self.stages.pop(command.pipeline_id).close()
+        hosted = self._host(command.pipeline_id, command.epoch, command.transport)
+        try:
+            server = hosted.load(command)
+        except BaseException:
+            self.stages.pop(command.pipeline_id).close()
+            raise
         seconds = time.perf_counter() - started
         emit(self.log, "stage.loaded", pipeline_id=command.pipeline_id, epoch=command.epoch, stage=command.stage,
              param_bytes=server.executor.param_bytes, seconds=round(seconds, 3))
@@ -156,21 +159,62 @@ class ClusterWorker:
                               param_bytes=server.executor.param_bytes, kv_bytes=server.executor.kv_bytes,
                               load_seconds=seconds)
 
-    def _connect(self, command: ev.ConnectStage) -> ev.Ack:
+    def _host(self, pipeline_id: str, epoch: int, transport: str) -> HostedStage:
+        hosted = HostedStage(self.context, pipeline_id, epoch, transport, self.worker_id, self.session_dir,
+                             self.torch_device, self.bus.send, self.param_cache_bytes)
+        self.stages[pipeline_id] = hosted
+        return hosted
+
+    def _hosted(self, command) -> HostedStage:
         hosted = self.stages.get(command.pipeline_id)
         if hosted is None:
-            raise FlexPipeError(f"{self.worker_id} serves no stage of pipeline {command.pipeline_id}")
-        hosted.server.connect(command.next_address, command.engine_address, command.slot_bytes)
+            raise FlexPipeError(f"{self.worker_id} holds nothing of pipeline {command.pipeline_id}")
+        return hosted
+
+    def _ack(self, command) -> ev.Ack:
         return ev.Ack(sender=self.worker_id, reply_to=command.cmd_id)
+
+    def _connect(self, command: ev.ConnectStage) -> ev.Ack:
+        self._hosted(command).connect(command)
+        return self._ack(command)
 
     def _unload(self, command: ev.UnloadStage) -> ev.Ack:
         hosted = self.stages.pop(command.pipeline_id, None)
         if hosted is not None:
-            for message in hosted.queue:
-                message.release()
-            hosted.server.close()
+            hosted.close()
             emit(self.log, "stage.unloaded", pipeline_id=command.pipeline_id)
-        return ev.Ack(sender=self.worker_id, reply_to=command.cmd_id)
+        return self._ack(command)
+
+    # ---- inflight refactoring: replies to PrepareStageEpoch and ActivateStageEpoch come when done ----
+
+    def _open_inbox(self, command: ev.OpenStageInbox) -> ev.StageInboxOpened:
+        hosted = self.stages.get(command.pipeline_id) or self._host(command.pipeline_id, command.epoch, command.transport)
+        return ev.StageInboxOpened(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
+                                   epoch=command.epoch, inbox_address=hosted.inbox.address)
+
+    def _prepare(self, command: ev.PrepareStageEpoch) -> None:
+        self._hosted(command).prepare(command)
+
+    def _send_units(self, command: ev.SendStageUnits) -> ev.Ack:
+        self._hosted(command).send_units(command)
+        return self._ack(command)
+
+    def _copy_kv(self, command: ev.CopyStageKv) -> ev.Ack:
+        self._hosted(command).copy_kv(command)
+        return self._ack(command)
+
+    def _activate(self, command: ev.ActivateStageEpoch) -> None:
+        self._hosted(command).activate(command)
+
+    def _commit(self, command: ev.CommitStageEpoch) -> ev.StageEpochSettled:
+        cached = self._hosted(command).commit(command)
+        return ev.StageEpochSettled(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
+                                    epoch=command.epoch, outcome="committed", cached_units=cached)
+
+    def _abort(self, command: ev.AbortStageEpoch) -> ev.StageEpochSettled:
+        self._hosted(command).abort(command)
+        return ev.StageEpochSettled(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
+                                    epoch=command.epoch, outcome="aborted")
 
     def close(self) -> None:
         if self.heartbeater is not None:
@@ -188,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device this worker serves (cpu, cuda:0, ...)")
     parser.add_argument("--memory", help="memory budget of a CPU worker's virtual device, e.g. 4GiB")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--param-cache", help="host memory for units this worker served before, e.g. 1GiB")
     parser.add_argument("--insecure", action="store_true", help="plain TCP to a loopback controller")
     args = parser.parse_args(argv)
     config = load_config(args.config)
@@ -197,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     device = probe_device(args.worker_id, args.device, memory, pysocket.gethostname())
     bus = BusClient(args.controller or config.controller.ipc_endpoint, sender=args.worker_id,
                     key_dir=config.security.key_path, insecure=args.insecure or config.security.insecure)
+    cache_bytes = parse_bytes(args.param_cache) if args.param_cache else DEFAULT_PARAM_CACHE_BYTES
     worker = ClusterWorker(bus, args.worker_id, device, args.device, config.security.key_path,
-                           args.insecure or config.security.insecure)
+                           args.insecure or config.security.insecure, cache_bytes)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     try:

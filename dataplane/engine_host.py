@@ -2,7 +2,8 @@
 
 Run as ``python -m dataplane.engine_host --controller ENDPOINT --host-id ID``. It
 registers with the controller, prepares/starts/stops engines on the coordinator's
-commands, and serves ``GenerateRequest``s on its own ROUTER endpoint (``fpctl generate``
+commands, pauses and resumes them (maybe on a new first stage and epoch) while a
+pipeline is refactored, and serves ``GenerateRequest``s on its own ROUTER endpoint (``fpctl generate``
 and the gateway), streaming ``TokenChunk`` replies as tokens arrive.
 """
 
@@ -34,9 +35,14 @@ from dataplane.requests import RequestFactory, load_tokenizer
 from dataplane.sampling_params import SamplingParams
 from dataplane.transport import Inbox, inbox_address, open_outbox
 
+MAX_PAUSE_S = 30.0  # a PauseEngine holds this host's loop at most this long
+
 
 class HostedEngine:
-    """One pipeline's engine. Invariant: requests are accepted only while it is started and not degraded."""
+    """One pipeline's engine. Invariants: requests are accepted only while it is started and not
+    degraded (while paused they wait in the scheduler); a pause waits a bounded time and, when
+    the pipeline does not drain in it, leaves the engine serving; resuming at a new epoch
+    needs a newer epoch than the one served."""
 
     def __init__(self, context: zmq.Context, command: ev.PrepareEngine, session_dir: Path) -> None:
         self.pipeline_id, self.epoch = command.pipeline_id, command.epoch
@@ -50,14 +56,50 @@ class HostedEngine:
                                    max(spec.max_position_embeddings, 2048))
         self.engine: EngineCore | None = None
         self.to_first = None
+        self.paused = False
         self.unavailable = "not started"
         self.tokens_emitted = 0
 
     def start(self, first_stage_address: str) -> None:
         self.to_first = open_outbox("tcp", self.context, first_stage_address)
-        self.engine = EngineCore(self.scheduler, self.to_first, self.inbox, lambda: None)
+        self.engine = EngineCore(self.scheduler, self.to_first, self.inbox, lambda: None, epoch=self.epoch)
         self.engine.start()
         self.unavailable = ""
+
+    def pause(self, timeout_s: float) -> list[tuple[int, list[int], int]]:
+        """Park the engine with nothing in flight, waiting at most ``timeout_s``; returns each running
+        request's (id, block table, positions with KV written)."""
+        if self.engine is None:
+            raise PipelineError(f"the engine of pipeline {self.pipeline_id} is not started")
+        if self.paused:
+            raise PipelineError(f"the engine of pipeline {self.pipeline_id} is paused already")
+        try:
+            self.engine.pause(timeout_s, on_parked=self._running_kv)
+        except PipelineError as exc:
+            raise PipelineError(f"pipeline {self.pipeline_id} could not pause: {exc}; it keeps serving") from exc
+        self.paused = True
+        return self.engine.parked_result
+
+    def _running_kv(self) -> list[tuple[int, list[int], int]]:
+        """Runs on the engine thread as it parks."""
+        return [(s.seq_id, list(s.block_table), s.num_computed) for s in self.scheduler.running]
+
+    def resume(self, epoch: int, first_stage_address: str, num_stages: int) -> None:
+        """Leave the pause; with an address, feed that stage at ``epoch`` with ``num_stages`` stages."""
+        if not self.paused:
+            raise PipelineError(f"the engine of pipeline {self.pipeline_id} is not paused")
+        if not first_stage_address:
+            self.engine.resume()
+        else:
+            if epoch <= self.epoch:
+                raise PipelineError(f"ResumeEngine for epoch {epoch} of pipeline {self.pipeline_id} is stale: "
+                                    f"the engine serves epoch {self.epoch}")
+            if num_stages < 1:
+                raise PipelineError(f"ResumeEngine for pipeline {self.pipeline_id} needs num_stages >= 1")
+            outbox = open_outbox("tcp", self.context, first_stage_address)
+            self.engine.resume(outbox, epoch, num_stages).close()
+            self.to_first, self.epoch = outbox, epoch
+        self.paused = False
 
     def fail_all(self, reason: str) -> None:
         self.unavailable = reason
@@ -148,7 +190,8 @@ class EngineHost:
             if hosted is not None and event.state == "DEGRADED":
                 hosted.fail_all(f"pipeline {event.pipeline_id} is degraded: {event.reason}")
             return
-        handler = {ev.PrepareEngine: self._prepare, ev.StartEngine: self._start, ev.StopEngine: self._stop}.get(type(event))
+        handler = {ev.PrepareEngine: self._prepare, ev.StartEngine: self._start, ev.StopEngine: self._stop,
+                   ev.PauseEngine: self._pause, ev.ResumeEngine: self._resume}.get(type(event))
         if handler is None:
             return
         try:
@@ -174,6 +217,28 @@ class EngineHost:
         hosted.start(command.first_stage_address)
         emit(self.log, "engine.started", pipeline_id=command.pipeline_id, epoch=command.epoch)
         return ev.Ack(sender=self.host_id, reply_to=command.cmd_id)
+
+    def _pause(self, command: ev.PauseEngine) -> ev.EnginePaused:
+        hosted = self._hosted(command.pipeline_id)
+        started = time.monotonic()
+        running = hosted.pause(min(max(0.0, command.timeout_s), MAX_PAUSE_S))
+        emit(self.log, "engine.paused", pipeline_id=command.pipeline_id, epoch=hosted.epoch, running=len(running),
+             seconds=round(time.monotonic() - started, 4))
+        return ev.EnginePaused(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
+                               epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
+                               num_computed=[r[2] for r in running])
+
+    def _resume(self, command: ev.ResumeEngine) -> ev.Ack:
+        hosted = self._hosted(command.pipeline_id)
+        hosted.resume(command.epoch, command.first_stage_address, command.num_stages)
+        emit(self.log, "engine.resumed", pipeline_id=command.pipeline_id, epoch=hosted.epoch)
+        return ev.Ack(sender=self.host_id, reply_to=command.cmd_id)
+
+    def _hosted(self, pipeline_id: str) -> HostedEngine:
+        hosted = self.engines.get(pipeline_id)
+        if hosted is None:
+            raise PipelineError(f"no engine of pipeline {pipeline_id!r} on {self.host_id}")
+        return hosted
 
     def _stop(self, command: ev.StopEngine) -> ev.Ack:
         hosted = self.engines.pop(command.pipeline_id, None)

@@ -19,6 +19,8 @@ def sample_value(info: msgspec.inspect.Type, depth: int = 0):
         return True
     if kind is msgspec.inspect.StrType:
         return "x" * (depth + 1)
+    if kind is msgspec.inspect.BytesType:
+        return bytes(range(8 * (depth + 1)))
     if kind is msgspec.inspect.ListType:
         return [sample_value(info.item_type, depth + 1)]
     if kind is msgspec.inspect.DictType:
