@@ -385,6 +385,21 @@ class RefactorOutcome(Reply, tag="refactor_outcome"):
     weight_bytes: int = 0
     kv_bytes: int = 0
     stall_s: float = 0.0
+    workers: list[str] = []
+    moves: list[str] = []
+    weight_bytes_by_source: dict[str, int] = {}
+    stall_estimate_s: float = 0.0
+
+
+class PipelineReshaped(Event, tag="pipeline_reshaped"):
+    """A refactor switched ``pipeline_id`` to ``epoch``: stage k has ``stage_units[k]`` on ``workers[k]``,
+    reading ``stage_inboxes[k]``."""
+
+    pipeline_id: str
+    epoch: int
+    workers: list[str]
+    stage_units: list[list[str]]
+    stage_inboxes: list[str]
 
 
 # ---- inflight refactoring: a cluster worker's stages across epochs -------------------------
@@ -536,6 +551,22 @@ class EnginePaused(Reply, tag="engine_paused"):
     num_computed: list[int]
 
 
+class SnapshotKv(Command, tag="snapshot_kv"):
+    """Which KV the running requests hold now, without pausing; answered by ``KvSnapshot``."""
+
+    pipeline_id: str
+
+
+class KvSnapshot(Reply, tag="kv_snapshot"):
+    """Like ``EnginePaused``'s lists, taken between two iterations of a serving engine."""
+
+    pipeline_id: str
+    epoch: int
+    seq_ids: list[int]
+    block_tables: list[list[int]]
+    num_computed: list[int]
+
+
 class ResumeEngine(Command, tag="resume_engine"):
     """Leave the pause; with ``first_stage_address`` set, feed that stage at ``epoch`` with
     ``num_stages`` stages from now on (empty: resume unchanged). Answered by ``Ack``."""
@@ -554,7 +585,8 @@ ANY_EVENT = Union[
     PlacementDecided, ReleasePlacement, PipelineUpdated, MessageRejected, RefactorPipeline, RefactorPhase,
     RefactorPhaseDone, RefactorOutcome, OpenStageInbox, StageInboxOpened, PrepareStageEpoch, StageEpochPrepared,
     SendStageUnits, CopyStageKv, StageKvCopied, ActivateStageEpoch, StageEpochActivated, CommitStageEpoch,
-    AbortStageEpoch, StageEpochSettled, StageEpochFailed, PauseEngine, EnginePaused, ResumeEngine,
+    AbortStageEpoch, StageEpochSettled, StageEpochFailed, PauseEngine, EnginePaused, ResumeEngine, PipelineReshaped,
+    SnapshotKv, KvSnapshot,
 ]
 
 CATALOGUE: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in ANY_EVENT.__args__}

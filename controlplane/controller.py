@@ -21,9 +21,12 @@ from common.logging import configure_logging, emit, get_logger
 from common.runtime import notify_systemd
 from common.wire import MAX_MESSAGE_BYTES
 from controlplane.allocator import Allocator
+from controlplane.cluster_refactor import ClusterRefactorPlanner
+from controlplane.cluster_refactor_executor import ClusterRefactorExecutor
 from controlplane.coordinator import Coordinator
 from controlplane.monitor import Monitor
 from controlplane.planner import plan_pipeline
+from controlplane.refactor_machine import RefactorCoordinator
 from controlplane.shell import ActorShell
 
 
@@ -31,7 +34,12 @@ def build_actors(config: FlexPipeConfig, inventory=None) -> list:
     """The actors a controller hosts; ``inventory`` is an optional resource graph from a TOML file.
     The allocator is left out when the configuration names the endpoint where it runs alone."""
     controller = config.controller
-    actors = [Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats), Coordinator(plan_pipeline)]
+    monitor = Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats)
+    coordinator = Coordinator(plan_pipeline)
+    alive_workers = lambda: [m.member_id for m in monitor.members.values()  # noqa: E731
+                             if m.kind == "worker" and m.state == "alive"]
+    executor = ClusterRefactorExecutor(ClusterRefactorPlanner(coordinator, alive_workers))
+    actors = [monitor, coordinator, executor, RefactorCoordinator(executor.plan)]
     if not controller.allocator:
         actors.append(Allocator(inventory) if inventory is not None else Allocator())
     return actors

@@ -10,7 +10,7 @@ everything already set up is torn down. A lost worker turns READY into DEGRADED.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar
 
 from common import events as ev
@@ -36,6 +36,7 @@ class Pipeline:
     stage_inboxes: dict[int, str] = field(default_factory=dict)
     engine_inbox: str = ""
     pending: dict[int, str] = field(default_factory=dict)
+    former_workers: set[str] = field(default_factory=set)
 
     @property
     def pipeline_id(self) -> str:
@@ -62,7 +63,7 @@ class Coordinator:
     name: ClassVar[str] = "coordinator"
     accepts: ClassVar[tuple[type, ...]] = (
         ev.DeployPipeline, ev.UndeployPipeline, ev.PlacementDecided, ev.EnginePrepared, ev.StageLoaded, ev.Ack,
-        ev.ErrorReply, ev.WorkerLost, ev.RegisterEngineHost, Tick,
+        ev.ErrorReply, ev.WorkerLost, ev.RegisterEngineHost, ev.PipelineReshaped, Tick,
     )
 
     def __init__(self, planner: Callable[..., PipelinePlan], phase_timeout_s: float = 120.0) -> None:
@@ -181,6 +182,19 @@ class Coordinator:
             return []
         return self._fail(pipeline, f"{event.sender} refused: {event.message}", now)
 
+    def _on_PipelineReshaped(self, event: ev.PipelineReshaped, now: float) -> list[Action]:
+        """A refactor switched the pipeline to a new layout; undeploy will unload the former workers too."""
+        pipeline = self.pipelines.get(event.pipeline_id)
+        if pipeline is None or event.epoch <= pipeline.epoch:
+            return []
+        pipeline.former_workers |= set(pipeline.workers) - set(event.workers)
+        pipeline.former_workers -= set(event.workers)
+        pipeline.workers, pipeline.epoch = list(event.workers), event.epoch
+        pipeline.plan = replace(pipeline.plan, stage_units=[list(u) for u in event.stage_units],
+                                stage_memory=[0] * len(event.stage_units))
+        pipeline.stage_inboxes = dict(enumerate(event.stage_inboxes))
+        return self._enter(pipeline, "READY", now)
+
     # ---- cluster changes and time --------------------------------------------------------
 
     def _on_RegisterEngineHost(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
@@ -251,7 +265,7 @@ class Coordinator:
             self._owner.pop(cmd_id, None)
         pipeline.pending.clear()
         actions: list[Action] = [Tell("allocator", ev.ReleasePlacement(sender=self.name, pipeline_id=pipeline.pipeline_id))]
-        for worker in pipeline.workers:
+        for worker in [*pipeline.workers, *sorted(pipeline.former_workers)]:
             if worker not in self.lost:
                 actions.append(Send(worker, ev.UnloadStage(sender=self.name, cmd_id=next(self._cmd_ids),
                                                            pipeline_id=pipeline.pipeline_id)))

@@ -29,7 +29,7 @@ from common.config import load_config
 from common.errors import FlexPipeError
 from common.runtime import runtime_dir
 from controlplane.client import BusClient, BusError
-from controlplane.fpctl_views import pipelines_table, print_status, to_json, workers_table
+from controlplane.fpctl_views import pipelines_table, print_refactor_outcome, print_status, to_json, workers_table
 from controlplane.supervisor import STOP_TIMEOUT_S, cluster_state_path
 from controlplane.timeline import build_timelines, read_refactor_events
 from controlplane.timeline_views import print_timelines
@@ -180,6 +180,26 @@ class Fpctl:
             self.console.print(f"[bold]text[/bold]: {chunk.text!r}  ({chunk.finish_reason}, {chunk.completion_tokens} tokens)")
         return 0
 
+    def plan(self) -> int:
+        """``fpctl plan``: what a refactor would move, and the estimated bytes and stall, doing nothing."""
+        return self._refactor(dry_run=True)
+
+    def refactor(self) -> int:
+        return self._refactor(dry_run=False)
+
+    def _refactor(self, dry_run: bool) -> int:
+        layout = [part.strip() for part in self.args.layout.split(",")] if self.args.layout else None
+        migrate = [int(s) for s in self.args.migrate.split(",")] if self.args.migrate else []
+        with self.bus() as bus:
+            outcome = bus.request(ev.RefactorPipeline, timeout_s=self.args.wait_timeout,
+                                  pipeline_id=self.args.pipeline_id, num_stages=self.args.stages, layout=layout,
+                                  migrate=migrate, dry_run=dry_run, by="fpctl")
+        if self.args.json:
+            print(to_json(outcome))
+        else:
+            print_refactor_outcome(self.console, outcome)
+        return 0 if outcome.outcome in ("planned", "committed") else 1
+
     def keys_init(self) -> int:
         from controlplane import security
         key_dir = Path(self.args.dir) if self.args.dir else self.config.security.key_path
@@ -279,6 +299,14 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--ignore-eos", action="store_true")
+    for name, help_text in (("plan", "show what a refactor would move, the bytes and the estimated stall"),
+                            ("refactor", "re-shape a serving pipeline in flight")):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("pipeline_id")
+        command.add_argument("--stages", type=int, help="target number of stages")
+        command.add_argument("--layout", help="target unit ranges, e.g. embed..L1.attn,L1.mlp..head")
+        command.add_argument("--migrate", help="stage indices to move to other workers, e.g. 1 or 0,2")
+        command.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the outcome")
     keys = sub.add_parser("keys", help="CURVE key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create the key directory and key pairs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import msgspec
@@ -61,3 +62,24 @@ def print_status(console: Console, status: ev.StatusReply) -> None:
     console.print(pipelines_table(status))
     if status.rejected_messages:
         console.print(f"rejected messages: {status.rejected_messages}")
+
+
+def print_refactor_outcome(console: Console, outcome) -> None:
+    """A refactor's outcome, or a dry run's plan, for people."""
+    head = f"pipeline {outcome.pipeline_id}: {outcome.outcome}"
+    if outcome.kind:
+        head += f" {outcome.kind}"
+    console.print(f"[bold]{head}[/bold] (epoch {outcome.epoch}){' - ' + outcome.reason if outcome.reason else ''}")
+    if outcome.target:
+        console.print("target: " + ", ".join(f"{r} on {w}" if w else r
+                                             for r, w in itertools.zip_longest(outcome.target, outcome.workers or [])))
+    for move in outcome.moves:
+        console.print(f"  {move}")
+    if outcome.outcome == "planned":
+        sources = ", ".join(f"{k} {_bytes(v)}" for k, v in outcome.weight_bytes_by_source.items()) or "none"
+        console.print(f"weights to move: {sources}; KV now: {_bytes(outcome.kv_bytes)}; "
+                      f"estimated stall {outcome.stall_estimate_s * 1e3:.1f} ms")
+    elif outcome.phase_seconds:
+        phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in outcome.phase_seconds.items())
+        console.print(f"phases: {phases}; weights {_bytes(outcome.weight_bytes)}, KV {_bytes(outcome.kv_bytes)}, "
+                      f"stall {outcome.stall_s * 1e3:.1f} ms")

@@ -121,9 +121,14 @@ class RefactorCoordinator:
             summary = self.planner(request, refactor_id)
         except RefactorRefused as exc:
             return self._refuse(request, state, refactor_id, str(exc))
+        details = {"workers": list(getattr(summary, "workers", [])), "moves": list(getattr(summary, "moves", [])),
+                   "weight_bytes_by_source": dict(getattr(summary, "weight_bytes_by_source", {})),
+                   "kv_bytes": getattr(summary, "kv_bytes_estimate", 0),
+                   "stall_estimate_s": getattr(summary, "stall_estimate_s", 0.0)}
         return [Send(request.sender, ev.RefactorOutcome(
-            reply_to=request.cmd_id, pipeline_id=request.pipeline_id, refactor_id=refactor_id, epoch=state.epoch,
-            outcome="planned", kind=summary.kind, target=list(summary.target)))]
+            reply_to=request.cmd_id, pipeline_id=request.pipeline_id, refactor_id=refactor_id,
+            epoch=getattr(summary, "from_epoch", state.epoch), outcome="planned", kind=summary.kind,
+            target=list(summary.target), **details))]
 
     def _start(self, request: ev.RefactorPipeline, state: PipelineRefactors, now: float) -> list:
         if request.dry_run:
@@ -135,6 +140,8 @@ class RefactorCoordinator:
             summary = self.planner(request, refactor_id)
         except RefactorRefused as exc:
             return actions + self._refuse(request, state, refactor_id, str(exc))
+        state.epoch = getattr(summary, "from_epoch", state.epoch)
+        fields["epoch"] = state.epoch + 1
         run = RefactorRun(refactor_id, request, request.sender, state.epoch + 1, summary.kind, list(summary.target), now)
         run.phase_seconds["PLAN"] = 0.0
         state.active = run

@@ -81,7 +81,7 @@ class HostedEngine:
         return self.engine.parked_result
 
     def _running_kv(self) -> list[tuple[int, list[int], int]]:
-        """Runs on the engine thread as it parks."""
+        """Runs on the engine thread (as it parks, or between iterations)."""
         return [(s.seq_id, list(s.block_table), s.num_computed) for s in self.scheduler.running]
 
     def resume(self, epoch: int, first_stage_address: str, num_stages: int) -> None:
@@ -191,7 +191,8 @@ class EngineHost:
                 hosted.fail_all(f"pipeline {event.pipeline_id} is degraded: {event.reason}")
             return
         handler = {ev.PrepareEngine: self._prepare, ev.StartEngine: self._start, ev.StopEngine: self._stop,
-                   ev.PauseEngine: self._pause, ev.ResumeEngine: self._resume}.get(type(event))
+                   ev.PauseEngine: self._pause, ev.ResumeEngine: self._resume,
+                   ev.SnapshotKv: self._snapshot}.get(type(event))
         if handler is None:
             return
         try:
@@ -227,6 +228,15 @@ class EngineHost:
         return ev.EnginePaused(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
                                epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
                                num_computed=[r[2] for r in running])
+
+    def _snapshot(self, command: ev.SnapshotKv) -> ev.KvSnapshot:
+        hosted = self._hosted(command.pipeline_id)
+        if hosted.engine is None:
+            raise PipelineError(f"the engine of pipeline {command.pipeline_id} is not started")
+        running = hosted.engine.call(hosted._running_kv, timeout_s=10.0)
+        return ev.KvSnapshot(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
+                             epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
+                             num_computed=[r[2] for r in running])
 
     def _resume(self, command: ev.ResumeEngine) -> ev.Ack:
         hosted = self._hosted(command.pipeline_id)

@@ -1,0 +1,320 @@
+"""The refactor executor of a cluster: carries out the refactor coordinator's phases with commands
+to workers and the engine host, as a pure state machine.
+
+PREPARE opens the new owners' inboxes, then has every worker of the target layout build
+its stage (weights from itself, its cache, a peer or disk). PRECOPY copies the KV of
+moving layers for what the running requests hold at a snapshot. SWITCH pauses the
+engine, copies the delta past that snapshot, activates the new stages once their KV
+landed and resumes the engine on the new first stage. COMMIT lets every worker drop
+what it no longer serves; ABORT resumes the engine unchanged and drops the new epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from common import events as ev
+from controlplane.actor import Action, Send, Tell, Tick
+from controlplane.cluster_refactor import ClusterPlan, ClusterRefactorPlanner
+
+REFACTOR = "refactor"
+
+
+@dataclass
+class ClusterRun:
+    """One refactor: its plan, the step it waits in, and the answers gathered so far."""
+
+    refactor_id: int
+    pipeline_id: str
+    cluster_plan: ClusterPlan
+    bytes_per_s: float = 0.0
+    epoch: int = 0
+    phase: str = ""
+    step: str = ""
+    pending: dict[int, str] = field(default_factory=dict)
+    inboxes: dict[str, str] = field(default_factory=dict)
+    expected: dict[int, int] = field(default_factory=dict)
+    landed: dict[int, int] = field(default_factory=dict)
+    marks: dict[int, tuple[tuple[int, ...], int]] = field(default_factory=dict)
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    paused: bool = False
+    snapshot: list = field(default_factory=list)
+    transfer_stage: dict[int, tuple[int, int]] = field(default_factory=dict)
+    started: float = 0.0
+    paused_at: float = 0.0
+    next_transfer: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def plan(self):
+        return self.cluster_plan.plan
+
+    def new_workers(self) -> list[str]:
+        return [self.cluster_plan.worker(w) for w in self.plan.workers]
+
+    def old_workers(self) -> list[str]:
+        return [self.cluster_plan.worker(w) for w in self.plan.old_workers]
+
+
+class ClusterRefactorExecutor:
+    """Runs refactor phases of cluster pipelines.
+
+    Invariants: a phase is done when every command it sent is answered; an ErrorReply, a
+    ``StageEpochFailed`` or the loss of an involved worker fails the phase (the refactor
+    coordinator then asks for ABORT, which answers even when peers are gone); the engine is
+    resumed by SWITCH or by ABORT whenever it was paused; the deploy coordinator learns the
+    new layout (``PipelineReshaped``) exactly when the engine resumed on it.
+    """
+
+    name: ClassVar[str] = "refactor_executor"
+    accepts: ClassVar[tuple[type, ...]] = (
+        ev.RefactorPhase, ev.StageInboxOpened, ev.StageEpochPrepared, ev.Ack, ev.ErrorReply, ev.StageKvCopied,
+        ev.StageEpochActivated, ev.StageEpochSettled, ev.StageEpochFailed, ev.EnginePaused, ev.KvSnapshot,
+        ev.WorkerLost, Tick,
+    )
+
+    def __init__(self, planner: ClusterRefactorPlanner) -> None:
+        self.planner = planner
+        self.runs: dict[int, ClusterRun] = {}
+        self._cmd_ids = itertools.count(1_000_000_000)
+        self._owner: dict[int, int] = {}
+
+    # ---- PLAN (called by the refactor coordinator) ---------------------------------------
+
+    def plan(self, request: ev.RefactorPipeline, refactor_id: int):
+        cluster_plan = self.planner(request)
+        if not request.dry_run:
+            self.runs[refactor_id] = ClusterRun(refactor_id, request.pipeline_id, cluster_plan)
+        return cluster_plan.summary
+
+    # ---- events --------------------------------------------------------------------------
+
+    def handle(self, event, now: float) -> list[Action]:
+        if isinstance(event, ev.RefactorPhase):
+            return self._start_phase(event, now)
+        if isinstance(event, ev.WorkerLost):
+            return [a for run in list(self.runs.values()) if event.worker_id in run.pending.values()
+                    for a in self._fail(run, f"worker {event.worker_id} was lost", now)]
+        if isinstance(event, ev.StageEpochFailed):
+            run = next((r for r in self.runs.values() if r.pipeline_id == event.pipeline_id and r.epoch == event.epoch), None)
+            return self._fail(run, f"{event.worker_id}: {event.reason}", now) if run else []
+        if isinstance(event, ev.StageKvCopied):
+            run = next((r for r in self.runs.values() if r.pipeline_id == event.pipeline_id and r.epoch == event.epoch), None)
+            if run is None:
+                return []
+            run.landed[event.transfer_id] = run.landed.get(event.transfer_id, 0) + event.num_slots
+            run.kv_bytes += event.nbytes
+            return self._advance_if_done(run, now)
+        if isinstance(event, ev.Reply):
+            return self._reply(event, now)
+        return []
+
+    def _reply(self, reply: ev.Reply, now: float) -> list[Action]:
+        run = self.runs.get(self._owner.pop(reply.reply_to, -1))
+        if run is None or reply.reply_to not in run.pending:
+            return []
+        peer = run.pending.pop(reply.reply_to)
+        if isinstance(reply, ev.ErrorReply):
+            if run.phase == "ABORT":
+                return self._advance_if_done(run, now)
+            return self._fail(run, f"{peer}: {reply.message}", now)
+        if isinstance(reply, ev.StageInboxOpened):
+            run.inboxes[peer] = reply.inbox_address
+        elif isinstance(reply, ev.StageEpochPrepared):
+            run.weight_bytes += sum(n for source, n in reply.bytes_by_source.items() if source != "resident")
+        elif isinstance(reply, (ev.EnginePaused, ev.KvSnapshot)):
+            if isinstance(reply, ev.EnginePaused):
+                run.paused, run.paused_at = True, now
+            run.snapshot = list(zip(reply.seq_ids, reply.block_tables, reply.num_computed))
+        return self._advance_if_done(run, now)
+
+    def _advance_if_done(self, run: ClusterRun, now: float) -> list[Action]:
+        if run.pending or any(run.landed.get(t, 0) < n for t, n in run.expected.items()):
+            return []
+        return getattr(self, f"_after_{run.phase.lower()}_{run.step}")(run, now)
+
+    # ---- phases --------------------------------------------------------------------------
+
+    def _start_phase(self, phase: ev.RefactorPhase, now: float) -> list[Action]:
+        run = self.runs.get(phase.refactor_id)
+        if run is None:
+            return [self._done_event(phase.pipeline_id, phase.refactor_id, phase.epoch, phase.phase, False,
+                                     "no plan for this refactor")]
+        run.epoch, run.phase, run.started = phase.epoch, phase.phase, now
+        for cmd_id in run.pending:
+            self._owner.pop(cmd_id, None)
+        run.pending.clear()
+        run.expected, run.landed = {}, {}
+        return getattr(self, f"_begin_{phase.phase.lower()}")(run, now)
+
+    def _begin_prepare(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "inboxes"
+        transport = self.planner.coordinator.pipelines[run.pipeline_id].request.transport
+        return [self._command(run, worker, ev.OpenStageInbox, pipeline_id=run.pipeline_id, epoch=run.epoch,
+                              transport=transport) for worker in dict.fromkeys(run.new_workers())]
+
+    def _after_prepare_inboxes(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "stages"
+        pipeline = self.planner.coordinator.pipelines[run.pipeline_id]
+        deploy, plan, names = pipeline.request, run.plan, run.cluster_plan.unit_names
+        workers = run.new_workers()
+        actions = []
+        for j, worker in enumerate(workers):
+            actions.append(self._command(
+                run, worker, ev.PrepareStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch, stage=j,
+                num_stages=len(workers), model_dir=deploy.model_dir, units=plan.new_layout.stage_units(j, names),
+                sources=plan.sources[j], num_kv_blocks=pipeline.plan.num_kv_blocks, block_size=deploy.block_size,
+                dtype=deploy.dtype, next_address=run.inboxes[workers[j + 1]] if j + 1 < len(workers) else "",
+                engine_address=pipeline.engine_inbox, slot_bytes=pipeline.plan.slot_bytes))
+        wanted: dict[tuple[str, str], list[str]] = {}
+        for j, chosen in enumerate(plan.sources):
+            for unit, source in chosen.items():
+                if source == "peer":
+                    wanted.setdefault((run.cluster_plan.worker(plan.peers[unit]), workers[j]), []).append(unit)
+        for (peer, dest), units in wanted.items():
+            actions.append(self._command(run, peer, ev.SendStageUnits, pipeline_id=run.pipeline_id, epoch=run.epoch,
+                                         units=units, dest_address=run.inboxes[dest]))
+        return actions
+
+    def _after_prepare_stages(self, run: ClusterRun, now: float) -> list[Action]:
+        return [self._done(run, now, weight_bytes=run.weight_bytes)]
+
+    def _begin_precopy(self, run: ClusterRun, now: float) -> list[Action]:
+        if not run.plan.kv_moves:
+            return [self._done(run, now)]
+        run.step = "snapshot"
+        host = self.planner.coordinator.pipelines[run.pipeline_id].engine_host
+        return [self._command(run, host, ev.SnapshotKv, pipeline_id=run.pipeline_id)]
+
+    def _after_precopy_snapshot(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "copy"
+        run.kv_bytes = 0
+        return self._copy_kv(run, run.bytes_per_s) or self._after_precopy_copy(run, now)
+
+    def _after_precopy_copy(self, run: ClusterRun, now: float) -> list[Action]:
+        return [self._done(run, now, kv_bytes=run.kv_bytes)]
+
+    def _begin_switch(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "pause"
+        pipeline = self.planner.coordinator.pipelines[run.pipeline_id]
+        return [self._command(run, pipeline.engine_host, ev.PauseEngine, pipeline_id=run.pipeline_id, timeout_s=10.0)]
+
+    def _after_switch_pause(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "activate"
+        run.kv_bytes = 0
+        actions = self._copy_kv(run, 0.0) if run.plan.kv_moves else []
+        transfers = dict(run.expected)
+        run.expected = {}
+        by_stage: dict[int, list[ev.KvTransfer]] = {}
+        for transfer, (stage, slots) in run.transfer_stage.items():
+            if transfer in transfers:
+                by_stage.setdefault(stage, []).append(ev.KvTransfer(transfer_id=transfer, num_slots=slots))
+        for j, worker in enumerate(run.new_workers()):
+            actions.append(self._command(run, worker, ev.ActivateStageEpoch, pipeline_id=run.pipeline_id,
+                                         epoch=run.epoch, expect=by_stage.get(j, [])))
+        return actions
+
+    def _after_switch_activate(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "resume"
+        pipeline = self.planner.coordinator.pipelines[run.pipeline_id]
+        workers = run.new_workers()
+        return [self._command(run, pipeline.engine_host, ev.ResumeEngine, pipeline_id=run.pipeline_id,
+                              epoch=run.epoch, first_stage_address=run.inboxes[workers[0]], num_stages=len(workers))]
+
+    def _after_switch_resume(self, run: ClusterRun, now: float) -> list[Action]:
+        run.paused = False
+        workers, names = run.new_workers(), run.cluster_plan.unit_names
+        reshaped = ev.PipelineReshaped(
+            sender=self.name, pipeline_id=run.pipeline_id, epoch=run.epoch, workers=workers,
+            stage_units=[run.plan.new_layout.stage_units(j, names) for j in range(len(workers))],
+            stage_inboxes=[run.inboxes[w] for w in workers])
+        return [Tell("coordinator", reshaped), self._done(run, now, kv_bytes=run.kv_bytes, stall_s=now - run.paused_at)]
+
+    def _begin_commit(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "settle"
+        return [self._command(run, worker, ev.CommitStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch)
+                for worker in dict.fromkeys(run.old_workers() + run.new_workers())
+                if worker not in self.planner.coordinator.lost]
+
+    def _after_commit_settle(self, run: ClusterRun, now: float) -> list[Action]:
+        self.runs.pop(run.refactor_id, None)
+        return [self._done(run, now)]
+
+    def _begin_abort(self, run: ClusterRun, now: float) -> list[Action]:
+        run.step = "settle"
+        pipeline = self.planner.coordinator.pipelines.get(run.pipeline_id)
+        actions = []
+        if run.paused and pipeline is not None:
+            actions.append(self._command(run, pipeline.engine_host, ev.ResumeEngine, pipeline_id=run.pipeline_id,
+                                         epoch=pipeline.epoch))
+        actions += [self._command(run, worker, ev.AbortStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch)
+                    for worker in dict.fromkeys(run.old_workers() + run.new_workers())
+                    if worker not in self.planner.coordinator.lost]
+        return actions
+
+    def _after_abort_settle(self, run: ClusterRun, now: float) -> list[Action]:
+        self.runs.pop(run.refactor_id, None)
+        return [self._done(run, now)]
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _copy_kv(self, run: ClusterRun, bytes_per_s: float) -> list[Action]:
+        block_size = self.planner.coordinator.pipelines[run.pipeline_id].request.block_size
+        parts, marks = [], {}
+        for seq_id, table, computed in run.snapshot:
+            table = tuple(table)
+            mark = run.marks.get(seq_id)
+            start = mark[1] if mark is not None and table[:len(mark[0])] == mark[0] else 0
+            if computed > start:
+                positions = np.arange(start, computed, dtype=np.int64)
+                parts.append(np.asarray(table, dtype=np.int64)[positions // block_size] * block_size
+                             + positions % block_size)
+            marks[seq_id] = (table, max(start, computed))
+        run.marks = marks
+        if not parts:
+            return []
+        slots = np.concatenate(parts).astype("<i8")
+        actions = []
+        workers = run.new_workers()
+        for move in run.plan.kv_moves:
+            transfer = next(run.next_transfer)
+            run.expected[transfer] = len(slots)
+            run.transfer_stage[transfer] = (move.dest_stage, len(slots))
+            actions.append(self._command(run, run.cluster_plan.worker(move.source), ev.CopyStageKv,
+                                         pipeline_id=run.pipeline_id, epoch=run.epoch, transfer_id=transfer,
+                                         layer=move.layer, dest_address=run.inboxes[workers[move.dest_stage]],
+                                         slots=slots.tobytes(), bytes_per_s=bytes_per_s))
+        return actions
+
+    def _command(self, run: ClusterRun, peer: str, kind: type, **fields) -> Send:
+        cmd_id = next(self._cmd_ids)
+        run.pending[cmd_id] = peer
+        self._owner[cmd_id] = run.refactor_id
+        return Send(peer, kind(sender=self.name, cmd_id=cmd_id, **fields))
+
+    def _fail(self, run: ClusterRun | None, reason: str, now: float) -> list[Action]:
+        if run is None or run.phase in ("ABORT", ""):
+            return []
+        for cmd_id in run.pending:
+            self._owner.pop(cmd_id, None)
+        run.pending.clear()
+        run.expected = {}
+        phase, run.phase = run.phase, ""
+        return [self._done_event(run.pipeline_id, run.refactor_id, run.epoch, phase, False, reason,
+                                 now - run.started)]
+
+    def _done(self, run: ClusterRun, now: float, **fields) -> Tell:
+        return Tell(REFACTOR, ev.RefactorPhaseDone(sender=self.name, pipeline_id=run.pipeline_id,
+                                                   refactor_id=run.refactor_id, epoch=run.epoch, phase=run.phase,
+                                                   ok=True, duration_s=now - run.started, **fields))
+
+    def _done_event(self, pipeline_id: str, refactor_id: int, epoch: int, phase: str, ok: bool, reason: str,
+                    duration_s: float = 0.0) -> Tell:
+        return Tell(REFACTOR, ev.RefactorPhaseDone(sender=self.name, pipeline_id=pipeline_id, refactor_id=refactor_id,
+                                                   epoch=epoch, phase=phase, ok=ok, reason=reason,
+                                                   duration_s=duration_s))
+
