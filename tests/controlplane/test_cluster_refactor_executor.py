@@ -1,0 +1,143 @@
+"""The cluster refactor executor and the refactor coordinator as pure state machines: a migrate
+carried out command by command, a failed PREPARE aborted, refusals — no sockets."""
+
+import numpy as np
+import pytest
+
+from common import events as ev
+from controlplane.actor import Send, Tell
+from controlplane.cluster_refactor import ClusterRefactorPlanner
+from controlplane.cluster_refactor_executor import ClusterRefactorExecutor
+from controlplane.coordinator import Coordinator
+from controlplane.planner import plan_pipeline
+from controlplane.refactor_machine import RefactorCoordinator
+from test_coordinator import run_to_ready
+
+
+class Harness:
+    """A READY 2-stage pipeline p1 on w0, w1 (w2 idle), the executor and the refactor coordinator wired
+    as the controller wires them; ``step`` feeds an event and routes the actors' Tells between them."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.coordinator = Coordinator(plan_pipeline, phase_timeout_s=30.0)
+        self.coordinator.handle(ev.RegisterEngineHost(sender="e0", cmd_id=1, host_id="e0", host="h", pid=1,
+                                                      request_address="ipc://r"), 0.0)
+        run_to_ready(self.coordinator, model_dir, workers=("w0", "w1"))
+        self.executor = ClusterRefactorExecutor(ClusterRefactorPlanner(self.coordinator, lambda: ["w0", "w1", "w2"]))
+        self.machine = RefactorCoordinator(self.executor.plan)
+        self.actors = {"refactor": self.machine, "refactor_executor": self.executor, "coordinator": self.coordinator}
+        self.sent: list[Send] = []
+
+    def step(self, event, now: float = 10.0) -> list[Send]:
+        """Hand ``event`` to whoever accepts it; returns the Sends to peers it led to."""
+        queue = [(actor, event) for actor in self.actors.values() if isinstance(event, actor.accepts)]
+        out = []
+        while queue:
+            actor, item = queue.pop(0)
+            for action in actor.handle(item, now):
+                if isinstance(action, Tell) and action.actor in self.actors:
+                    queue.append((self.actors[action.actor], action.event))
+                elif isinstance(action, Send):
+                    out.append(action)
+        self.sent += out
+        return out
+
+
+def of(sends, kind):
+    return [s for s in sends if isinstance(s.event, kind)]
+
+
+def migrate_request(**kw):
+    return ev.RefactorPipeline(sender="op", cmd_id=1, pipeline_id="p1", migrate=[1], **kw)
+
+
+def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_model):
+    h = Harness(str(tiny_model))
+    layout = [f"{u[0]}..{u[-1]}" for u in h.coordinator.pipelines["p1"].plan.stage_units]
+    sends = h.step(migrate_request(layout=layout))
+    opens = of(sends, ev.OpenStageInbox)
+    assert sorted(s.peer for s in opens) == ["w0", "w2"]
+    sends = []
+    for s in opens:
+        sends += h.step(ev.StageInboxOpened(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
+                                            inbox_address=f"ipc://{s.peer}-new"))
+    prepares, units = of(sends, ev.PrepareStageEpoch), of(sends, ev.SendStageUnits)
+    assert {s.peer: s.event.stage for s in prepares} == {"w0": 0, "w2": 1}
+    assert prepares[0].event.next_address == "ipc://w2-new" and set(prepares[1].event.sources.values()) == {"peer"}
+    assert [(s.peer, s.event.dest_address) for s in units] == [("w1", "ipc://w2-new")]
+    sends = h.step(ev.Ack(sender="w1", reply_to=units[0].event.cmd_id))
+    for s in prepares:
+        sends += h.step(ev.StageEpochPrepared(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
+                                              stage=s.event.stage, sources=s.event.sources,
+                                              bytes_by_source={"peer": 100}, kv_bytes_allocated=0, seconds=0.1))
+    (snapshot,) = of(sends, ev.SnapshotKv)
+    sends = h.step(ev.KvSnapshot(sender="e0", reply_to=snapshot.event.cmd_id, pipeline_id="p1", epoch=0, seq_ids=[7],
+                                 block_tables=[[3, 4]], num_computed=[20]))
+    copies = of(sends, ev.CopyStageKv)
+    assert copies and all(s.peer == "w1" and s.event.dest_address == "ipc://w2-new" for s in copies)
+    assert np.frombuffer(copies[0].event.slots, "<i8").tolist() == [3 * 16 + i for i in range(16)] + [64 + i for i in range(4)]
+    for s in copies:
+        assert not of(h.step(ev.Ack(sender="w1", reply_to=s.event.cmd_id)), ev.PauseEngine)
+    sends = []
+    for s in copies:
+        sends += h.step(ev.StageKvCopied(sender="w2", pipeline_id="p1", epoch=1, worker_id="w2",
+                                         transfer_id=s.event.transfer_id, num_slots=20, nbytes=2000))
+    (pause,) = of(sends, ev.PauseEngine)
+    sends = h.step(ev.EnginePaused(sender="e0", reply_to=pause.event.cmd_id, pipeline_id="p1", epoch=0, seq_ids=[7],
+                                   block_tables=[[3, 4]], num_computed=[22]))
+    deltas, activates = of(sends, ev.CopyStageKv), of(sends, ev.ActivateStageEpoch)
+    assert all(np.frombuffer(s.event.slots, "<i8").tolist() == [68, 69] for s in deltas)
+    expect = {s.peer: [t.transfer_id for t in s.event.expect] for s in activates}
+    assert sorted(expect["w2"]) == sorted(s.event.transfer_id for s in deltas) and expect["w0"] == []
+    for s in deltas:
+        h.step(ev.Ack(sender="w1", reply_to=s.event.cmd_id))
+    sends = []
+    for s in activates:
+        sends += h.step(ev.StageEpochActivated(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1))
+    (resume,) = of(sends, ev.ResumeEngine)
+    assert resume.event.first_stage_address == "ipc://w0-new" and resume.event.epoch == 1
+    sends = h.step(ev.Ack(sender="e0", reply_to=resume.event.cmd_id))
+    pipeline = h.coordinator.pipelines["p1"]
+    assert pipeline.workers == ["w0", "w2"] and pipeline.epoch == 1 and pipeline.former_workers == {"w1"}
+    commits = of(sends, ev.CommitStageEpoch)
+    assert sorted(s.peer for s in commits) == ["w0", "w1", "w2"]
+    sends = []
+    for s in commits:
+        sends += h.step(ev.StageEpochSettled(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
+                                             outcome="committed"))
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    assert outcome.outcome == "committed" and outcome.epoch == 1 and outcome.kind == "migrate"
+    assert outcome.weight_bytes == 200 and outcome.kv_bytes > 0
+    assert not h.executor.runs and not h.machine.busy("p1")
+
+
+def test_an_error_in_prepare_aborts_and_every_worker_drops_the_epoch(tiny_model):
+    h = Harness(str(tiny_model))
+    sends = h.step(ev.RefactorPipeline(sender="op", cmd_id=1, pipeline_id="p1", num_stages=3))
+    (first, *_) = of(sends, ev.OpenStageInbox)
+    sends = h.step(ev.ErrorReply(sender=first.peer, reply_to=first.event.cmd_id, code="command_failed",
+                                 message="disk full"))
+    aborts = of(sends, ev.AbortStageEpoch)
+    assert sorted(s.peer for s in aborts) == ["w0", "w1", "w2"]
+    assert not of(sends, ev.ResumeEngine), "the engine was never paused"
+    sends = []
+    for s in aborts:
+        sends += h.step(ev.StageEpochSettled(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
+                                             outcome="aborted"))
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    assert outcome.outcome == "aborted" and "disk full" in outcome.reason and outcome.epoch == 0
+    assert h.coordinator.pipelines["p1"].workers == ["w0", "w1"] and h.coordinator.pipelines["p1"].epoch == 0
+
+
+@pytest.mark.parametrize("request_fields, reason", [
+    (dict(num_stages=4), "more worker"),
+    (dict(pipeline_id="nope", num_stages=2), "no pipeline"),
+    (dict(num_stages=0), "stage count"),
+])
+def test_refusals_move_nothing(tiny_model, request_fields, reason):
+    h = Harness(str(tiny_model))
+    fields = dict(sender="op", cmd_id=1, pipeline_id="p1") | request_fields
+    sends = h.step(ev.RefactorPipeline(**fields))
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    assert outcome.outcome == "refused" and reason in outcome.reason
+    assert len(sends) == 1 and not h.executor.runs
