@@ -53,13 +53,15 @@ class ClusterRefactorPlanner:
 
     Invariants: reads the coordinator's and monitor's state, never changes it; a pipeline
     that is not READY, an unknown pipeline, a target the planner rejects or one that needs
-    more idle workers than are alive is refused with the reason. New stages go to alive
-    workers that serve no stage of the pipeline.
+    more idle workers than are alive, or a stage that does not fit the free memory of its
+    worker's device, is refused with the reason. New stages go to alive workers that serve
+    no stage of the pipeline.
     """
 
-    def __init__(self, coordinator, idle_workers) -> None:
+    def __init__(self, coordinator, idle_workers, free_memory=lambda worker: None) -> None:
         self.coordinator = coordinator
         self.idle_workers = idle_workers
+        self.free_memory = free_memory
 
     def __call__(self, request: ev.RefactorPipeline) -> ClusterPlan:
         pipeline = self.coordinator.pipelines.get(request.pipeline_id)
@@ -90,6 +92,7 @@ class ClusterRefactorPlanner:
         if SPAWN in plan.workers:
             raise RefactorRefused(f"the target needs {plan.workers.count(SPAWN)} more worker(s) than are alive and idle")
         label = lambda w: worker_ids[w]  # noqa: E731
+        self._check_fit(plan, holdings, sizes, names, label)
         moves = [f"KV of layer {m.layer}: {label(m.source)} -> {label(plan.workers[m.dest_stage])}" for m in plan.kv_moves]
         moves += [f"{unit}: {source} -> {label(plan.workers[j])}" for j, chosen in enumerate(plan.sources)
                   for unit, source in chosen.items() if source != "resident"]
@@ -97,6 +100,18 @@ class ClusterRefactorPlanner:
                                      dict(plan.weight_bytes), plan.kv_bytes_estimate, plan.stall_estimate_s,
                                      pipeline.epoch)
         return ClusterPlan(plan, worker_ids, names, summary)
+
+    def _check_fit(self, plan: RefactorPlan, holdings: dict, sizes: ModelSizes, names: list[str], label) -> None:
+        for j, worker in enumerate(plan.workers):
+            free = self.free_memory(label(worker))
+            if free is None:
+                continue
+            resident = set(holdings[worker].serving)
+            gained = [u for u in plan.new_layout.stage_units(j, names) if u not in resident]
+            need = sum(sizes.unit_bytes[u] for u in gained) + sizes.kv_pool_bytes_per_layer * sum(
+                1 for u in gained if u.endswith(".attn"))
+            if need > free:
+                raise RefactorRefused(f"stage {j} needs {need} more bytes on {label(worker)}, which has {free} free")
 
     @staticmethod
     def _target(request: ev.RefactorPipeline, spec: ModelSpec, names: list[str]) -> Layout:

@@ -38,7 +38,9 @@ def build_actors(config: FlexPipeConfig, inventory=None) -> list:
     coordinator = Coordinator(plan_pipeline)
     alive_workers = lambda: [m.member_id for m in monitor.members.values()  # noqa: E731
                              if m.kind == "worker" and m.state == "alive"]
-    executor = ClusterRefactorExecutor(ClusterRefactorPlanner(coordinator, alive_workers))
+    free_memory = lambda worker: (monitor.members[worker].device.memory_free  # noqa: E731
+                                  if worker in monitor.members and monitor.members[worker].device else None)
+    executor = ClusterRefactorExecutor(ClusterRefactorPlanner(coordinator, alive_workers, free_memory))
     actors = [monitor, coordinator, executor, RefactorCoordinator(executor.plan)]
     if not controller.allocator:
         actors.append(Allocator(inventory) if inventory is not None else Allocator())

@@ -18,12 +18,13 @@ class Harness:
     """A READY 2-stage pipeline p1 on w0, w1 (w2 idle), the executor and the refactor coordinator wired
     as the controller wires them; ``step`` feeds an event and routes the actors' Tells between them."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, free_memory=lambda worker: None) -> None:
         self.coordinator = Coordinator(plan_pipeline, phase_timeout_s=30.0)
         self.coordinator.handle(ev.RegisterEngineHost(sender="e0", cmd_id=1, host_id="e0", host="h", pid=1,
                                                       request_address="ipc://r"), 0.0)
         run_to_ready(self.coordinator, model_dir, workers=("w0", "w1"))
-        self.executor = ClusterRefactorExecutor(ClusterRefactorPlanner(self.coordinator, lambda: ["w0", "w1", "w2"]))
+        self.executor = ClusterRefactorExecutor(ClusterRefactorPlanner(self.coordinator, lambda: ["w0", "w1", "w2"],
+                                                                         free_memory))
         self.machine = RefactorCoordinator(self.executor.plan)
         self.actors = {"refactor": self.machine, "refactor_executor": self.executor, "coordinator": self.coordinator}
         self.sent: list[Send] = []
@@ -141,3 +142,11 @@ def test_refusals_move_nothing(tiny_model, request_fields, reason):
     (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
     assert outcome.outcome == "refused" and reason in outcome.reason
     assert len(sends) == 1 and not h.executor.runs
+
+
+def test_a_stage_that_does_not_fit_its_workers_free_memory_is_refused(tiny_model):
+    h = Harness(str(tiny_model), free_memory=lambda worker: 1000 if worker == "w2" else None)
+    sends = h.step(ev.RefactorPipeline(sender="op", cmd_id=1, pipeline_id="p1", num_stages=3))
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    assert outcome.outcome == "refused" and "on w2, which has 1000 free" in outcome.reason
+    assert len(sends) == 1
