@@ -393,13 +393,14 @@ class RefactorOutcome(Reply, tag="refactor_outcome"):
 
 class PipelineReshaped(Event, tag="pipeline_reshaped"):
     """A refactor switched ``pipeline_id`` to ``epoch``: stage k has ``stage_units[k]`` on ``workers[k]``,
-    reading ``stage_inboxes[k]``."""
+    reading ``stage_inboxes[k]`` and holding ``stage_memory[k]`` bytes (the allocator's new reservation)."""
 
     pipeline_id: str
     epoch: int
     workers: list[str]
     stage_units: list[list[str]]
     stage_inboxes: list[str]
+    stage_memory: list[int] = []
 
 
 # ---- inflight refactoring: a cluster worker's stages across epochs -------------------------

@@ -128,7 +128,8 @@ class Allocator:
     """
 
     name: ClassVar[str] = "allocator"
-    accepts: ClassVar[tuple[type, ...]] = (ev.RegisterWorker, ev.WorkerLost, ev.PlaceStages, ev.ReleasePlacement)
+    accepts: ClassVar[tuple[type, ...]] = (ev.RegisterWorker, ev.WorkerLost, ev.PlaceStages, ev.ReleasePlacement,
+                                           ev.PipelineReshaped)
 
     def __init__(self, graph: ResourceGraph | None = None, cv: float = 0.0) -> None:
         self.graph = graph or ResourceGraph()
@@ -150,6 +151,15 @@ class Allocator:
 
     def _on_ReleasePlacement(self, event: ev.ReleasePlacement) -> list[Action]:
         self.reservations.pop(event.pipeline_id, None)
+        return []
+
+    def _on_PipelineReshaped(self, event: ev.PipelineReshaped) -> list[Action]:
+        """A refactor moved the pipeline: its reservation follows the new stages."""
+        if event.pipeline_id in self.reservations and len(event.stage_memory) == len(event.workers):
+            reservation: dict[str, int] = {}
+            for worker, memory in zip(event.workers, event.stage_memory):
+                reservation[worker] = reservation.get(worker, 0) + memory
+            self.reservations[event.pipeline_id] = reservation
         return []
 
     def _on_PlaceStages(self, event: ev.PlaceStages) -> list[Action]:

@@ -66,8 +66,8 @@ class ClusterRefactorExecutor:
     Invariants: a phase is done when every command it sent is answered; an ErrorReply, a
     ``StageEpochFailed`` or the loss of an involved worker fails the phase (the refactor
     coordinator then asks for ABORT, which answers even when peers are gone); the engine is
-    resumed by SWITCH or by ABORT whenever it was paused; the deploy coordinator learns the
-    new layout (``PipelineReshaped``) exactly when the engine resumed on it.
+    resumed by SWITCH or by ABORT whenever it was paused; the deploy coordinator and the
+    allocator learn the new layout (``PipelineReshaped``) exactly when the engine resumed on it.
     """
 
     name: ClassVar[str] = "refactor_executor"
@@ -231,8 +231,8 @@ class ClusterRefactorExecutor:
         reshaped = ev.PipelineReshaped(
             sender=self.name, pipeline_id=run.pipeline_id, epoch=run.epoch, workers=workers,
             stage_units=[run.plan.new_layout.stage_units(j, names) for j in range(len(workers))],
-            stage_inboxes=[run.inboxes[w] for w in workers])
-        return [Tell("coordinator", reshaped), self._done(run, now, kv_bytes=run.kv_bytes, stall_s=now - run.paused_at)]
+            stage_inboxes=[run.inboxes[w] for w in workers], stage_memory=list(run.plan.stage_memory))
+        return [Tell("coordinator", reshaped), Tell("allocator", reshaped), self._done(run, now, kv_bytes=run.kv_bytes, stall_s=now - run.paused_at)]
 
     def _begin_commit(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "settle"

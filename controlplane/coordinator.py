@@ -191,7 +191,7 @@ class Coordinator:
         pipeline.former_workers -= set(event.workers)
         pipeline.workers, pipeline.epoch = list(event.workers), event.epoch
         pipeline.plan = replace(pipeline.plan, stage_units=[list(u) for u in event.stage_units],
-                                stage_memory=[0] * len(event.stage_units))
+                                stage_memory=list(event.stage_memory))
         pipeline.stage_inboxes = dict(enumerate(event.stage_inboxes))
         return self._enter(pipeline, "READY", now)
 

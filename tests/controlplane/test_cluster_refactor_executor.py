@@ -6,6 +6,7 @@ import pytest
 
 from common import events as ev
 from controlplane.actor import Send, Tell
+from controlplane.allocator import Allocator
 from controlplane.cluster_refactor import ClusterRefactorPlanner
 from controlplane.cluster_refactor_executor import ClusterRefactorExecutor
 from controlplane.coordinator import Coordinator
@@ -26,7 +27,10 @@ class Harness:
         self.executor = ClusterRefactorExecutor(ClusterRefactorPlanner(self.coordinator, lambda: ["w0", "w1", "w2"],
                                                                          free_memory))
         self.machine = RefactorCoordinator(self.executor.plan)
-        self.actors = {"refactor": self.machine, "refactor_executor": self.executor, "coordinator": self.coordinator}
+        self.allocator = Allocator()
+        self.allocator.reservations["p1"] = {"w0": 1, "w1": 1}
+        self.actors = {"refactor": self.machine, "refactor_executor": self.executor, "coordinator": self.coordinator,
+                       "allocator": self.allocator}
         self.sent: list[Send] = []
 
     def step(self, event, now: float = 10.0) -> list[Send]:
@@ -100,6 +104,7 @@ def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_mo
     sends = h.step(ev.Ack(sender="e0", reply_to=resume.event.cmd_id))
     pipeline = h.coordinator.pipelines["p1"]
     assert pipeline.workers == ["w0", "w2"] and pipeline.epoch == 1 and pipeline.former_workers == {"w1"}
+    assert set(h.allocator.reservations["p1"]) == {"w0", "w2"} and min(h.allocator.reservations["p1"].values()) > 1
     commits = of(sends, ev.CommitStageEpoch)
     assert sorted(s.peer for s in commits) == ["w0", "w1", "w2"]
     sends = []
