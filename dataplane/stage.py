@@ -88,15 +88,16 @@ class StageExecutor:
         distinct = {t.data_ptr(): t for u in self.units for t in unit_tensors(u).values()}
         self.param_bytes = sum(t.numel() * t.element_size() for t in distinct.values())
 
-    def warm_up(self, num_seqs: int = 4) -> None:
-        """Run one micro-batch of throw-away tokens through the scratch KV block, so the first real
-        micro-batch does not pay first-use costs (kernel set-up, allocator growth) in the serving path."""
-        scratch = self.spec.num_kv_blocks
-        batch = BatchInput.build([[1]] * num_seqs, [0] * num_seqs, [[scratch]] * num_seqs, self.spec.block_size,
-                                 self.device)
-        hidden = None if self.spec.is_first else torch.zeros(num_seqs, self.model.hidden_size,
-                                                               dtype=resolve_dtype(self.spec.dtype), device=self.device)
-        self.forward(batch, hidden)
+    def warm_up(self, num_seqs: int = 16, rounds: int = 3) -> None:
+        """Run a few decode-shaped micro-batches of throw-away tokens over the scratch KV block, so the
+        first real micro-batches do not pay first-use costs (kernel set-up, allocator growth) while serving."""
+        scratch, block_size = self.spec.num_kv_blocks, self.spec.block_size
+        for _ in range(rounds):
+            batch = BatchInput.build([[1]] * num_seqs, [block_size - 1] * num_seqs, [[scratch]] * num_seqs,
+                                     block_size, self.device)
+            hidden = None if self.spec.is_first else torch.zeros(
+                num_seqs, self.model.hidden_size, dtype=resolve_dtype(self.spec.dtype), device=self.device)
+            self.forward(batch, hidden)
 
     def bytes_by_source(self) -> dict[str, int]:
         totals: dict[str, int] = {}
