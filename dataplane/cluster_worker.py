@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket as pysocket
 import sys
@@ -222,6 +223,7 @@ class ClusterWorker:
         for pipeline_id in list(self.stages):
             self._unload(ev.UnloadStage(sender=self.worker_id, cmd_id=0, pipeline_id=pipeline_id))
         self.bus.close()
+        shutil.rmtree(self.session_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

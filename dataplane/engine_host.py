@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import shutil
 import signal
 import socket as pysocket
 import sys
@@ -341,6 +342,7 @@ class EngineHost:
         self.engines.clear()
         self.requests_socket.close(linger=0)
         self.bus.close()
+        shutil.rmtree(self.session_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

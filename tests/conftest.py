@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import pytest
 
 _CACHE = Path(tempfile.mkdtemp(prefix="flexpipe-test-cache-"))
 os.environ.setdefault("FLEXPIPE_CACHE_DIR", str(_CACHE))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

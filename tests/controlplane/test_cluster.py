@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +31,7 @@ def cluster_env(tmp_path):
     (tmp_path / "none.toml").write_text("")
     yield env
     fpctl(env, "down", check=False)
-    for path in runtime.glob("*"):
-        if path.is_file() or path.is_socket():
-            path.unlink()
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def fpctl(env, *args, check=True, timeout=180):
