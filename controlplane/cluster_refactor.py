@@ -12,12 +12,10 @@ from pathlib import Path
 
 from common import events as ev
 from common.errors import FlexPipeError, RefactorRefused
-from dataplane.kv_cache import kv_bytes_per_block
 from dataplane.models.checkpoint import read_config
 from dataplane.models.spec import ModelSpec
-from dataplane.partitioner import CostModel, partition, unit_costs
+from dataplane.partitioner import partition_model
 from dataplane.refactor_plan import SPAWN, ModelSizes, RefactorPlan, WorkerHoldings, plan_refactor
-from dataplane.stage import resolve_dtype
 from dataplane.units import Layout, unit_names
 
 
@@ -83,10 +81,7 @@ class ClusterRefactorPlanner:
         holdings = {index[w]: WorkerHoldings(index[w], tuple(units))
                     for w, units in zip(pipeline.workers, pipeline.plan.stage_units)}
         holdings.update({index[w]: WorkerHoldings(index[w]) for w in idle})
-        itemsize = resolve_dtype(deploy.dtype).itemsize
-        per_block = kv_bytes_per_block(deploy.block_size, spec.num_kv_heads, spec.head_dim, itemsize)
-        sizes = ModelSizes({c.name: c.param_bytes * itemsize // spec.dtype_bytes for c in unit_costs(spec)},
-                           per_block * pipeline.plan.num_kv_blocks, per_block // deploy.block_size)
+        sizes = ModelSizes.of(spec, deploy.dtype, deploy.block_size, pipeline.plan.num_kv_blocks)
         plan = plan_refactor(names, sizes, old, [index[w] for w in pipeline.workers], holdings, new,
                              request.migrate, kv_tokens_in_use=0)
         if SPAWN in plan.workers:
@@ -120,9 +115,7 @@ class ClusterRefactorPlanner:
                 return Layout.from_spec(request.layout, names)
             if not request.num_stages or request.num_stages < 1:
                 raise RefactorRefused("give a stage count >= 1 or a layout")
-            cost_model = CostModel(activation_bytes_per_token=spec.hidden_size * spec.dtype_bytes)
-            return partition(unit_costs(spec, context_tokens=spec.max_position_embeddings // 2),
-                             request.num_stages, cost_model)
+            return partition_model(spec, request.num_stages, spec.max_position_embeddings // 2)
         except RefactorRefused:
             raise
         except FlexPipeError as exc:

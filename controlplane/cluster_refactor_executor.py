@@ -15,11 +15,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
-
 from common import events as ev
 from controlplane.actor import Action, Send, Tell, Tick
 from controlplane.cluster_refactor import ClusterPlan, ClusterRefactorPlanner
+from dataplane.kv_cache import Watermark, slots_since
 
 REFACTOR = "refactor"
 
@@ -39,7 +38,7 @@ class ClusterRun:
     inboxes: dict[str, str] = field(default_factory=dict)
     expected: dict[int, int] = field(default_factory=dict)
     landed: dict[int, int] = field(default_factory=dict)
-    marks: dict[int, tuple[tuple[int, ...], int]] = field(default_factory=dict)
+    marks: dict[int, Watermark] = field(default_factory=dict)
     weight_bytes: int = 0
     kv_bytes: int = 0
     paused: bool = False
@@ -264,20 +263,10 @@ class ClusterRefactorExecutor:
 
     def _copy_kv(self, run: ClusterRun, bytes_per_s: float) -> list[Action]:
         block_size = self.planner.coordinator.pipelines[run.pipeline_id].request.block_size
-        parts, marks = [], {}
-        for seq_id, table, computed in run.snapshot:
-            table = tuple(table)
-            mark = run.marks.get(seq_id)
-            start = mark[1] if mark is not None and table[:len(mark[0])] == mark[0] else 0
-            if computed > start:
-                positions = np.arange(start, computed, dtype=np.int64)
-                parts.append(np.asarray(table, dtype=np.int64)[positions // block_size] * block_size
-                             + positions % block_size)
-            marks[seq_id] = (table, max(start, computed))
-        run.marks = marks
-        if not parts:
+        slots, run.marks = slots_since(run.marks, run.snapshot, block_size)
+        if not len(slots):
             return []
-        slots = np.concatenate(parts).astype("<i8")
+        slots = slots.astype("<i8")
         actions = []
         workers = run.new_workers()
         for move in run.plan.kv_moves:

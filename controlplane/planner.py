@@ -8,7 +8,7 @@ from pathlib import Path
 from dataplane.kv_cache import kv_bytes_per_block
 from dataplane.models.checkpoint import read_config
 from dataplane.models.spec import ModelSpec
-from dataplane.partitioner import CostModel, partition, unit_costs
+from dataplane.partitioner import partition_model, unit_costs
 from dataplane.stage import resolve_dtype
 from dataplane.units import Layout, unit_names
 
@@ -36,11 +36,7 @@ def plan_pipeline(model_dir: str, num_stages: int, layout: list[str], dtype: str
     dtype_bytes = resolve_dtype(dtype).itemsize
     max_model_len = spec.max_position_embeddings
     costs = unit_costs(spec, context_tokens=max_model_len // 2)
-    if layout:
-        cut = Layout.from_spec(layout, names)
-    else:
-        cost_model = CostModel(activation_bytes_per_token=spec.hidden_size * spec.dtype_bytes)
-        cut = partition(costs, num_stages, cost_model)
+    cut = Layout.from_spec(layout, names) if layout else partition_model(spec, num_stages, max_model_len // 2)
     stage_units = [list(cut.stage_units(s, names)) for s in range(cut.num_stages)]
     per_block_layer = kv_bytes_per_block(block_size, spec.num_kv_heads, spec.head_dim, dtype_bytes)
     attn_layers = [sum(1 for u in units if u.endswith(".attn")) for units in stage_units]

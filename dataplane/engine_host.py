@@ -75,15 +75,11 @@ class HostedEngine:
         if self.paused:
             raise PipelineError(f"the engine of pipeline {self.pipeline_id} is paused already")
         try:
-            self.engine.pause(timeout_s, on_parked=self._running_kv)
+            self.engine.pause(timeout_s, on_parked=self.scheduler.kv_in_use)
         except PipelineError as exc:
             raise PipelineError(f"pipeline {self.pipeline_id} could not pause: {exc}; it keeps serving") from exc
         self.paused = True
         return self.engine.parked_result
-
-    def _running_kv(self) -> list[tuple[int, list[int], int]]:
-        """Runs on the engine thread (as it parks, or between iterations)."""
-        return [(s.seq_id, list(s.block_table), s.num_computed) for s in self.scheduler.running]
 
     def resume(self, epoch: int, first_stage_address: str, num_stages: int) -> None:
         """Leave the pause; with an address, feed that stage at ``epoch`` with ``num_stages`` stages."""
@@ -234,7 +230,7 @@ class EngineHost:
         hosted = self._hosted(command.pipeline_id)
         if hosted.engine is None:
             raise PipelineError(f"the engine of pipeline {command.pipeline_id} is not started")
-        running = hosted.engine.call(hosted._running_kv, timeout_s=10.0)
+        running = hosted.engine.call(hosted.scheduler.kv_in_use, timeout_s=10.0)
         return ev.KvSnapshot(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
                              epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
                              num_computed=[r[2] for r in running])

@@ -20,7 +20,7 @@ from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader, read_config
 from dataplane.models.spec import ModelSpec
 from dataplane.offline_pipeline import OfflinePipeline
-from dataplane.partitioner import CostModel, partition, unit_costs
+from dataplane.partitioner import partition_model
 from dataplane.refactor_report import RefactorReport
 from dataplane.refactor_service import RefactorService
 from dataplane.requests import RequestFactory, load_tokenizer
@@ -91,8 +91,7 @@ class LLM:
     def _layout(self, num_stages: int, layout: Seq | None, device_memory: Seq[int] | None) -> Layout:
         if layout is not None:
             return Layout.from_spec(layout, self.unit_names)
-        cost_model = CostModel(activation_bytes_per_token=self.spec.hidden_size * self.spec.dtype_bytes)
-        return partition(unit_costs(self.spec, context_tokens=self.max_model_len // 2), num_stages, cost_model, device_memory)
+        return partition_model(self.spec, num_stages, self.max_model_len // 2, device_memory)
 
     def _default_device(self, stage: int) -> str:
         if self.transport in ("cuda_ipc", "nccl"):

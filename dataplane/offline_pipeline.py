@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dataplane.kv_cache import kv_bytes_per_block
-from dataplane.partitioner import CostModel, partition, unit_costs
+from dataplane.partitioner import partition_model
 from dataplane.refactor_plan import ModelSizes
-from dataplane.stage import resolve_dtype
 from dataplane.units import Layout
 
 
@@ -50,18 +48,15 @@ class OfflinePipeline:
             return Layout.from_spec(layout, llm.unit_names)
         if not num_stages or num_stages < 1:
             raise ValueError("a refactor needs a stage count or a layout")
-        cost_model = CostModel(activation_bytes_per_token=llm.spec.hidden_size * llm.spec.dtype_bytes)
-        return partition(unit_costs(llm.spec, context_tokens=llm.max_model_len // 2), num_stages, cost_model)
+        return partition_model(llm.spec, num_stages, llm.max_model_len // 2)
 
     def model_sizes(self) -> ModelSizes:
-        spec, itemsize = self.llm.spec, resolve_dtype(self.llm.dtype).itemsize
-        unit_bytes = {c.name: c.param_bytes * itemsize // spec.dtype_bytes for c in unit_costs(spec)}
-        per_block = kv_bytes_per_block(self.llm.block_size, spec.num_kv_heads, spec.head_dim, itemsize)
-        return ModelSizes(unit_bytes, per_block * self.llm.num_kv_blocks, per_block // self.llm.block_size)
+        llm = self.llm
+        return ModelSizes.of(llm.spec, llm.dtype, llm.block_size, llm.num_kv_blocks)
 
     def kv_tokens_in_use(self) -> int:
         engine = self.llm.engine
-        return engine.call(lambda: sum(s.num_computed for s in engine.scheduler.running))
+        return sum(computed for _, _, computed in engine.call(engine.scheduler.kv_in_use))
 
     def step_estimate_s(self) -> float:
         return self.llm.engine.step_seconds

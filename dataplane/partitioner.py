@@ -180,3 +180,9 @@ def partition(
         bounds.append((start, end))
         end = start
     return Layout(tuple(reversed(bounds)), num_units)
+
+
+def partition_model(spec, num_stages: int, context_tokens: int, device_memory: Sequence[int] | None = None) -> Layout:
+    """``partition`` of a model's units with the cost model its shape implies (the serving-time defaults)."""
+    cost_model = CostModel(activation_bytes_per_token=spec.hidden_size * spec.dtype_bytes)
+    return partition(unit_costs(spec, context_tokens=context_tokens), num_stages, cost_model, device_memory)

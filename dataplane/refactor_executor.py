@@ -11,6 +11,7 @@ import numpy as np
 from common import events as ev
 from common.errors import FlexPipeError, PipelineError, RefactorRefused
 from dataplane import worker_protocol as proto
+from dataplane.kv_cache import Watermark, slots_since
 from dataplane.refactor_plan import SPAWN, RefactorPlan, WorkerHoldings, plan_refactor
 from dataplane.refactor_report import RefactorReport
 from dataplane.transport import open_outbox
@@ -21,14 +22,6 @@ PRECOPY_SMALL_SLOTS = 64
 
 class PhaseFailed(FlexPipeError):
     pass
-
-
-@dataclass
-class Watermark:
-    """KV of positions ``[0, upto)`` of a request, in blocks ``table``, is at the new owners."""
-
-    table: tuple[int, ...]
-    upto: int
 
 
 @dataclass
@@ -163,8 +156,8 @@ class RefactorExecutor:
         if not work.plan.kv_moves:
             return
         for round_index in range(PRECOPY_ROUNDS):
-            snapshot = self.engine.call(self._running_kv, timeout_s=max(0.1, deadline - time.monotonic()))
-            slots, marks = self._slots_since(work.watermarks, snapshot)
+            snapshot = self.engine.call(self.engine.scheduler.kv_in_use, timeout_s=max(0.1, deadline - time.monotonic()))
+            slots, marks = slots_since(work.watermarks, snapshot, self.pipeline.block_size)
             if round_index > 0 and len(slots) <= PRECOPY_SMALL_SLOTS:
                 break
             nbytes = self._copy_kv(work, epoch, slots, work.bytes_per_s if round_index == 0 else 0.0, deadline)
@@ -176,10 +169,10 @@ class RefactorExecutor:
     def _switch(self, work: RefactorWork, epoch: int, deadline: float) -> None:
         p, plan = self.pipeline, work.plan
         paused_at = time.monotonic()
-        parked_at = self.engine.pause(max(0.05, deadline - time.monotonic()), on_parked=self._running_kv)
+        parked_at = self.engine.pause(max(0.05, deadline - time.monotonic()), on_parked=self.engine.scheduler.kv_in_use)
         work.paused = True
         snapshot = self.engine.parked_result
-        slots, _ = self._slots_since(work.watermarks, snapshot)
+        slots, _ = slots_since(work.watermarks, snapshot, p.block_size)
         expect = self._start_kv_copy(work, epoch, slots, 0.0)
         for j, worker in enumerate(plan.workers):
             mine = {t: n for t, (stage, n) in expect.items() if stage == j}
@@ -251,25 +244,6 @@ class RefactorExecutor:
     def _live(self, workers: set[int]) -> set[int]:
         dead = {i for i, _, _ in self.processes.dead_workers()}
         return {w for w in workers if w in self.processes.processes and w not in dead}
-
-    def _running_kv(self) -> list[tuple[int, tuple[int, ...], int]]:
-        """(request id, block table, positions whose KV is written) of each request holding KV; engine thread only."""
-        return [(s.seq_id, tuple(s.block_table), s.num_computed) for s in self.engine.scheduler.running
-                if s.block_table and s.num_computed]
-
-    def _slots_since(self, marks: dict[int, Watermark], snapshot) -> tuple[np.ndarray, dict[int, Watermark]]:
-        block_size = self.pipeline.block_size
-        parts, new_marks = [], {}
-        for seq_id, table, computed in snapshot:
-            mark = marks.get(seq_id)
-            start = mark.upto if mark is not None and table[:len(mark.table)] == mark.table else 0
-            if computed > start:
-                positions = np.arange(start, computed, dtype=np.int64)
-                blocks = np.asarray(table, dtype=np.int64)[positions // block_size]
-                parts.append(blocks * block_size + positions % block_size)
-            new_marks[seq_id] = Watermark(table, max(start, computed))
-        slots = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return slots, new_marks
 
     def _start_kv_copy(self, work: RefactorWork, epoch: int, slots: np.ndarray,
                        bytes_per_s: float) -> dict[int, tuple[int, int]]:

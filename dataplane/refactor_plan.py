@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from common.errors import RefactorRefused
+from dataplane.kv_cache import kv_bytes_per_block
+from dataplane.partitioner import unit_costs
+from dataplane.stage import resolve_dtype
 from dataplane.units import Layout, unit_layer
 
 SPAWN = -1
@@ -30,6 +33,14 @@ class ModelSizes:
     unit_bytes: dict[str, int]
     kv_pool_bytes_per_layer: int
     kv_bytes_per_token_layer: int
+
+    @classmethod
+    def of(cls, spec, dtype: str, block_size: int, num_kv_blocks: int) -> "ModelSizes":
+        """The sizes of model ``spec`` served in ``dtype`` with ``num_kv_blocks`` KV blocks of ``block_size``."""
+        itemsize = resolve_dtype(dtype).itemsize
+        per_block = kv_bytes_per_block(block_size, spec.num_kv_heads, spec.head_dim, itemsize)
+        unit_bytes = {c.name: c.param_bytes * itemsize // spec.dtype_bytes for c in unit_costs(spec)}
+        return cls(unit_bytes, per_block * num_kv_blocks, per_block // block_size)
 
 
 @dataclass

@@ -42,6 +42,7 @@ class PendingStage:
     server: StageServer | None = None
     received_slots: dict[int, int] = field(default_factory=dict)
     activate_when: dict[int, int] | None = None
+    checkpoint: tuple | None = None  # (reader, adapter), opened once for every unit a peer sends
 
 
 @dataclass
@@ -160,8 +161,11 @@ class StageEpochs:
 
     def _adopt_peer_unit(self, unit: str, tensors: dict) -> None:
         command = self.pending.command
-        reader = CheckpointReader(Path(command.model_dir))
-        adapter = adapter_for(ModelSpec.from_config(read_config(command.model_dir)), set(reader.weight_map))
+        if self.pending.checkpoint is None:
+            reader = CheckpointReader(Path(command.model_dir))
+            adapter = adapter_for(ModelSpec.from_config(read_config(command.model_dir)), set(reader.weight_map))
+            self.pending.checkpoint = (reader, adapter)
+        reader, adapter = self.pending.checkpoint
         shapes = {name: reader.shape(name) for name in adapter.tensor_names(unit)}
         built = skeleton(adapter, unit, shapes, resolve_dtype(command.dtype))
         self.pending.provided[unit] = fill(built, {k: v.to(command.device) for k, v in tensors.items()})

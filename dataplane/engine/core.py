@@ -158,6 +158,7 @@ class EngineCore:
             self._wakeup.wait(0.05)
             self._wakeup.clear()
             self._run_calls()
+        self._parked.clear()
         # The refilled pipeline serves first the requests that have waited longest since their last token.
         self.scheduler.running.sort(key=lambda seq: seq.token_times[-1] if seq.token_times else 0.0)
 

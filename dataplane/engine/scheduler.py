@@ -91,6 +91,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def kv_in_use(self) -> list[tuple[int, tuple[int, ...], int]]:
+        """(request id, block table, positions whose KV is written) of every running request holding KV."""
+        return [(s.seq_id, tuple(s.block_table), s.num_computed) for s in self.running if s.block_table and s.num_computed]
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
