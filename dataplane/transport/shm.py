@@ -58,7 +58,8 @@ class ShmRing:
         if tensor.numel() == 0:
             return
         start = FLAG_BYTES + slot * self.slot_bytes + offset
-        view = torch.frombuffer(self.map, dtype=torch.uint8, count=tensor.numel() * tensor.element_size(), offset=start)
+        nbytes = tensor.numel() * tensor.element_size()
+        view = torch.frombuffer(memoryview(self.map)[start:start + nbytes], dtype=torch.uint8)
         view.copy_(tensor.reshape(-1).view(torch.uint8))
 
     def close(self) -> None:
@@ -124,7 +125,13 @@ class ShmReader:
         for dim in shape:
             count *= dim
         start = FLAG_BYTES + slot * slot_bytes + offset
-        tensor = torch.frombuffer(ring, dtype=dtype, count=count, offset=start).view(shape) if count else torch.empty(shape, dtype=dtype)
+        if count:
+            # A memoryview export keeps the ring mapped for as long as the tensor lives:
+            # closing the reader then cannot unmap memory a tensor still points into.
+            window = memoryview(ring)[start:start + count * dtype.itemsize]
+            tensor = torch.frombuffer(window, dtype=dtype, count=count).view(shape)
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
 
         def release() -> None:
             ring[slot] = 0

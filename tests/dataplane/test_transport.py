@@ -295,6 +295,18 @@ def test_shm_tensors_are_zero_copy_views_of_the_ring(context, session_dir):
         inbox.close()
 
 
+def test_shm_tensors_stay_readable_after_both_ends_close(context, session_dir):
+    inbox, outbox = make_pair("shm", context, session_dir, num_slots=2, slot_bytes=1 << 16)
+    sent = sample_tensors(5)
+    outbox.send(b"late", sent)
+    message = inbox.recv(RECV_MS)
+    inbox.close()
+    outbox.close()
+    assert not outbox.ring.path.exists(), "the ring file is removed even while a reader's tensor holds its pages"
+    assert_same(sent, message.tensors)
+    assert repr(message.tensors[0]).startswith("tensor(")
+
+
 @pytest.mark.timeout(60)
 def test_shm_slot_reused_only_after_release(context, session_dir):
     inbox = Inbox(context, inbox_address("shm", session_dir, "slots"))
