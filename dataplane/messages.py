@@ -71,7 +71,15 @@ class UnitWeights(msgspec.Struct, tag="unit_weights"):
     names: list[str]
 
 
-DataMessage = MicroBatch | SampledTokens | StageFailure | KvBlocks | UnitWeights
+class EpochSeal(msgspec.Struct, tag="epoch_seal"):
+    """Follows the engine's last launched micro-batch down the pipeline: a stage that forwards
+    it has served every one of the first ``launched`` micro-batches that reach it."""
+
+    epoch: int
+    launched: int
+
+
+DataMessage = MicroBatch | SampledTokens | StageFailure | KvBlocks | UnitWeights | EpochSeal
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(DataMessage)

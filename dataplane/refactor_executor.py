@@ -168,15 +168,21 @@ class RefactorExecutor:
 
     def _switch(self, work: RefactorWork, epoch: int, deadline: float) -> None:
         p, plan = self.pipeline, work.plan
+        engine, scheduler = self.engine, self.engine.scheduler
         paused_at = time.monotonic()
-        parked_at = self.engine.pause(max(0.05, deadline - time.monotonic()), on_parked=self.engine.scheduler.kv_in_use)
+        # The delta and the activations are posted as launching stops: each source sends its
+        # delta as soon as the seal behind the last old-epoch micro-batch has passed it, so
+        # the copy overlaps the drain instead of following it.
+        launched, snapshot = engine.begin_pause(max(0.05, deadline - time.monotonic()), seal=True,
+                                                on_paused=lambda: (engine.launched, scheduler.kv_after_flight()),
+                                                on_parked=lambda: len(scheduler.kv_in_use()))
         work.paused = True
-        snapshot = self.engine.parked_result
         slots, _ = slots_since(work.watermarks, snapshot, p.block_size)
-        expect = self._start_kv_copy(work, epoch, slots, 0.0)
+        expect = self._start_kv_copy(work, epoch, slots, 0.0, after_seal=launched)
         for j, worker in enumerate(plan.workers):
             mine = {t: n for t, (stage, n) in expect.items() if stage == j}
-            self.processes.send(worker, proto.ActivateEpoch(epoch, mine))
+            self.processes.send(worker, proto.ActivateEpoch(epoch, mine, after_seal=launched))
+        parked_at = engine.wait_parked(max(0.05, deadline - time.monotonic()))
         activated: set[int] = set()
         nbytes = [0]
 
@@ -187,12 +193,12 @@ class RefactorExecutor:
                 nbytes[0] += message.nbytes
         watch = set(plan.workers) | {m.source for m in plan.kv_moves}
         self._await(take, lambda: len(activated) == len(plan.workers), deadline, watch, epoch, "SWITCH")
-        nbytes = nbytes[0]
+        nbytes, carried = nbytes[0], engine.parked_result
         work.old_outbox = self.engine.resume(work.new_outbox, epoch, plan.new_layout.num_stages)
         resumed_at = time.monotonic()
         work.new_outbox, work.paused, work.switched = None, False, True
         p.adopt(plan.new_layout, plan.workers, epoch)
-        work.report.requests_carried = len(snapshot)
+        work.report.requests_carried = carried
         work.report.kv_bytes_delta = nbytes
         work.report.kv_bytes += nbytes
         work.report.stall_s = resumed_at - parked_at
@@ -246,8 +252,9 @@ class RefactorExecutor:
         return {w for w in workers if w in self.processes.processes and w not in dead}
 
     def _start_kv_copy(self, work: RefactorWork, epoch: int, slots: np.ndarray,
-                       bytes_per_s: float) -> dict[int, tuple[int, int]]:
-        """Ask each moving layer's owner to send ``slots`` to the new owner; transfer id → (new stage, slot count)."""
+                       bytes_per_s: float, after_seal: int = -1) -> dict[int, tuple[int, int]]:
+        """Ask each moving layer's owner to send ``slots`` to the new owner (once the seal ``after_seal``
+        has passed it, if given); transfer id → (new stage, slot count)."""
         if len(slots) == 0:
             return {}
         plan, inboxes = work.plan, self.processes.inboxes
@@ -258,7 +265,8 @@ class RefactorExecutor:
             work.next_transfer += 1
             started[transfer] = (move.dest_stage, len(slots))
             self.processes.send(move.source, proto.PrecopyKv(epoch, transfer, move.layer,
-                                                             inboxes[plan.workers[move.dest_stage]], payload, bytes_per_s))
+                                                             inboxes[plan.workers[move.dest_stage]], payload, bytes_per_s,
+                                                             after_seal))
         return started
 
     def _copy_kv(self, work: RefactorWork, epoch: int, slots: np.ndarray, bytes_per_s: float, deadline: float) -> int:

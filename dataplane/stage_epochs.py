@@ -42,6 +42,7 @@ class PendingStage:
     server: StageServer | None = None
     received_slots: dict[int, int] = field(default_factory=dict)
     activate_when: dict[int, int] | None = None
+    activate_after_seal: int = -1
     checkpoint: tuple | None = None  # (reader, adapter), opened once for every unit a peer sends
 
 
@@ -57,6 +58,7 @@ class KvCopyJob:
     slots: torch.Tensor
     chunk_slots: int
     bytes_per_s: float
+    after_seal: int = -1
     position: int = 0
     next_send_at: float = 0.0
 
@@ -70,7 +72,9 @@ class StageEpochs:
     otherwise; ``abort(e)`` drops everything of epoch e and leaves the active server
     and the parameter cache as they were; ``commit(e)`` retires the previous server and
     keeps the units it no longer serves in the host parameter cache; precopy sends
-    happen between micro-batches, a chunk at a time, at most at the asked rate.
+    happen between micro-batches, a chunk at a time, at most at the asked rate; a KV send
+    or an activation that waits for a seal starts only after the active server forwarded it,
+    that is after every micro-batch launched before the seal.
     """
 
     context: zmq.Context
@@ -87,6 +91,7 @@ class StageEpochs:
     jobs: deque = field(default_factory=deque)
     early_weights: dict = field(default_factory=dict)
     peer_outboxes: dict = field(default_factory=dict)
+    sealed_through: int = -1
 
     # ---- serving -------------------------------------------------------------------------
 
@@ -112,7 +117,9 @@ class StageEpochs:
             self.active.serve(message, header)
             return
         try:
-            if isinstance(header, messages.KvBlocks):
+            if isinstance(header, messages.EpochSeal):
+                self._pass_seal(header, message)
+            elif isinstance(header, messages.KvBlocks):
                 self._receive_kv(header, message)
             elif isinstance(header, messages.UnitWeights):
                 self._receive_weights(header, message)
@@ -120,6 +127,15 @@ class StageEpochs:
                 log.error("dropping a %s this worker cannot serve now", type(header).__name__)
         finally:
             message.release()
+
+    def _pass_seal(self, seal: messages.EpochSeal, message) -> None:
+        if self.active is None or self.active.epoch != seal.epoch:
+            log.warning("dropping the seal of epoch %s: this worker does not serve it", seal.epoch)
+            return
+        if self.active.next_out is not None:
+            self.active.next_out.send(message.header)
+        self.sealed_through = max(self.sealed_through, seal.launched)
+        self._activate_if_ready()
 
     # ---- PREPARE -------------------------------------------------------------------------
 
@@ -216,12 +232,14 @@ class StageEpochs:
         slot_bytes = pool[:, 0].numel() * pool.element_size()
         chunk = max(1, (self.slot_bytes // 2) // slot_bytes)
         self.jobs.append(KvCopyJob(command.epoch, command.transfer_id, command.layer, pool, self._peer_outbox(command.dest_address),
-                                   slots, chunk, command.bytes_per_s))
+                                   slots, chunk, command.bytes_per_s, command.after_seal))
 
     def pump(self) -> float | None:
         """Send the next due KV chunk; seconds until one is due again (None: nothing queued)."""
         while self.jobs:
             job = self.jobs[0]
+            if job.after_seal > self.sealed_through:
+                return None
             now = time.monotonic()
             if now < job.next_send_at:
                 return job.next_send_at - now
@@ -265,6 +283,7 @@ class StageEpochs:
         if pending is None or pending.server is None or pending.command.epoch != command.epoch:
             raise PipelineError(f"worker {self.worker_id} has no stage prepared for epoch {command.epoch}")
         pending.activate_when = dict(command.expect_slots)
+        pending.activate_after_seal = command.after_seal
         self._activate_if_ready()
 
     def _activate_if_ready(self) -> None:
@@ -272,6 +291,8 @@ class StageEpochs:
         if pending is None or pending.activate_when is None:
             return
         if any(pending.received_slots.get(t, 0) < n for t, n in pending.activate_when.items()):
+            return
+        if self.active is not None and pending.activate_after_seal > self.sealed_through:
             return
         self.retiring, self.active, self.pending = self.active, pending.server, None
         self.reply(proto.EpochActivated(pending.command.epoch))

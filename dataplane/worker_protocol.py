@@ -85,7 +85,8 @@ class SendUnits(msgspec.Struct, tag="send_units"):
 
 class PrecopyKv(msgspec.Struct, tag="precopy_kv"):
     """Copy the KV slots ``slots`` (little-endian int64) of ``layer`` to ``dest_address``,
-    at most ``bytes_per_s`` (0: as fast as possible), between micro-batches."""
+    at most ``bytes_per_s`` (0: as fast as possible), between micro-batches; with
+    ``after_seal`` ≥ 0, only once an ``EpochSeal`` with ``launched >= after_seal`` has passed."""
 
     epoch: int
     transfer_id: int
@@ -93,6 +94,7 @@ class PrecopyKv(msgspec.Struct, tag="precopy_kv"):
     dest_address: str
     slots: bytes
     bytes_per_s: float = 0.0
+    after_seal: int = -1
 
 
 class KvReceived(msgspec.Struct, tag="kv_received"):
@@ -104,10 +106,12 @@ class KvReceived(msgspec.Struct, tag="kv_received"):
 
 class ActivateEpoch(msgspec.Struct, tag="activate_epoch"):
     """Serve the stage prepared for ``epoch`` once the KV transfers in ``expect_slots``
-    (transfer id → slot count) have all landed here; answer ``EpochActivated`` then."""
+    (transfer id → slot count) have all landed here and, on a worker serving a stage now,
+    an ``EpochSeal`` with ``launched >= after_seal`` has passed; answer ``EpochActivated`` then."""
 
     epoch: int
     expect_slots: dict[int, int] = {}
+    after_seal: int = -1
 
 
 class EpochActivated(msgspec.Struct, tag="epoch_activated"):

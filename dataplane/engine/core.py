@@ -25,6 +25,16 @@ class InFlight:
     launched_at: float
 
 
+@dataclass(slots=True)
+class PauseRequest:
+    """Asks the loop to stop launching; ``on_paused()`` runs on the loop thread as it does."""
+
+    on_paused: object
+    seal: bool
+    done: threading.Event
+    result: object = None
+
+
 class EngineCore:
     """Runs the scheduler against a live pipeline on a background thread.
 
@@ -32,7 +42,8 @@ class EngineCore:
     talk to it through ``submit`` (a thread-safe queue) and ``call``. While paused no
     micro-batch is launched; once the in-flight ones are answered the loop parks at an
     iteration boundary until ``resume`` hands it (maybe) a new first stage, epoch and
-    stage count, and replies of any other epoch are dropped. At most ``num_stages``
+    stage count, and replies of any other epoch are dropped. A sealed pause sends one
+    ``EpochSeal`` behind the last micro-batch it launched, before launching anything else. At most ``num_stages``
     micro-batches are in flight. Every sequence ends with ``on_finish`` called once:
     finished normally, failed with its micro-batch, or failed because the pipeline died.
     """
@@ -55,6 +66,7 @@ class EngineCore:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._on_parked = None
+        self._pause_request: PauseRequest | None = None
         self.parked_result = None
         self.step_seconds = 0.0
         self.thread = threading.Thread(target=self._run, name="flexpipe-engine", daemon=True)
@@ -87,15 +99,50 @@ class EngineCore:
             raise box[0]
         return box[0]
 
+    @property
+    def launched(self) -> int:
+        """How many micro-batches the engine has launched, over every epoch."""
+        return self._next_batch_id
+
+    def begin_pause(self, timeout_s: float, on_paused=None, seal: bool = False, on_parked=None):
+        """Stop launching without waiting for the drain; returns ``on_paused()``, run on the loop
+        thread as the last launch is behind it. ``wait_parked`` then waits for the drain, and
+        ``on_parked()`` runs as the loop parks (its result in ``parked_result``)."""
+        request = PauseRequest(on_paused, seal, threading.Event())
+        self._on_parked, self.parked_result = on_parked, None
+        self._pause_request = request
+        self._pause.set()
+        self._wakeup.set()
+        if not self._wait_on_loop(request.done, timeout_s):
+            self._pause_request = None
+            self._pause.clear()
+            raise PipelineError(f"the engine loop did not stop launching within {timeout_s:.1f}s (stopped or stuck)")
+        if isinstance(request.result, BaseException):
+            self._pause.clear()
+            raise request.result
+        return request.result
+
+    def wait_parked(self, timeout_s: float) -> float:
+        """After ``begin_pause``: wait until nothing is in flight; returns when the loop parked (monotonic)."""
+        if not self._wait_on_loop(self._parked, timeout_s):
+            self._pause.clear()
+            raise PipelineError(f"the pipeline did not drain within {timeout_s:.1f}s")
+        return time.monotonic()
+
+    def _wait_on_loop(self, event: threading.Event, timeout_s: float) -> bool:
+        """Wait for ``event``, set by the loop thread; False once ``timeout_s`` passed or the loop is gone."""
+        deadline = time.monotonic() + timeout_s
+        while not event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if not self.thread.is_alive() or time.monotonic() >= deadline:
+                return event.is_set()
+        return True
+
     def pause(self, timeout_s: float, on_parked=None) -> float:
         """Stop launching, wait until nothing is in flight; returns when the loop parked (monotonic).
         ``on_parked()`` runs on the loop thread as it parks; its result is left in ``parked_result``."""
         self._on_parked, self.parked_result = on_parked, None
         self._pause.set()
-        if not self._parked.wait(timeout_s):
-            self._pause.clear()
-            raise PipelineError(f"the pipeline did not drain within {timeout_s:.1f}s")
-        return time.monotonic()
+        return self.wait_parked(timeout_s)
 
     def resume(self, to_first_stage: Outbox | None = None, epoch: int | None = None,
                num_stages: int | None = None) -> Outbox:
@@ -104,6 +151,7 @@ class EngineCore:
         previous = self.to_first_stage
         if to_first_stage is not None:
             self.to_first_stage, self.epoch, self.scheduler.num_stages = to_first_stage, epoch, num_stages
+        self._pause_request = None
         self._parked.clear()
         self._pause.clear()
         self._wakeup.set()
@@ -132,9 +180,11 @@ class EngineCore:
         try:
             while not self._stop.is_set():
                 self._run_calls()
-                if self._pause.is_set() and not self.in_flight:
-                    self._park()
-                    continue
+                if self._pause.is_set():
+                    self._stop_launching()
+                    if not self.in_flight:
+                        self._park()
+                        continue
                 self._admit_submissions()
                 if not self._pause.is_set():
                     self._launch()
@@ -149,6 +199,18 @@ class EngineCore:
             self._fail_everything(PipelineError(f"engine loop crashed: {type(exc).__name__}: {exc}"))
         else:
             self._fail_everything(PipelineError("the pipeline was closed"))
+
+    def _stop_launching(self) -> None:
+        request, self._pause_request = self._pause_request, None
+        if request is None:
+            return
+        try:
+            if request.seal:
+                self.to_first_stage.send(messages.encode(messages.EpochSeal(self.epoch, self.launched)))
+            request.result = request.on_paused() if request.on_paused is not None else None
+        except Exception as exc:  # handed to the caller of begin_pause
+            request.result = exc
+        request.done.set()
 
     def _park(self) -> None:
         if self._on_parked is not None:

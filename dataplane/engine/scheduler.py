@@ -95,6 +95,11 @@ class Scheduler:
         """(request id, block table, positions whose KV is written) of every running request holding KV."""
         return [(s.seq_id, tuple(s.block_table), s.num_computed) for s in self.running if s.block_table and s.num_computed]
 
+    def kv_after_flight(self) -> list[tuple[int, tuple[int, ...], int]]:
+        """As ``kv_in_use``, counting the positions in-flight micro-batches are writing now."""
+        return [(s.seq_id, tuple(s.block_table), s.num_computed + s.pending_tokens)
+                for s in self.running if s.block_table and s.num_computed + s.pending_tokens]
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
