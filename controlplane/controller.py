@@ -18,7 +18,7 @@ import zmq
 from common.config import FlexPipeConfig, load_config
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
-from common.runtime import notify_systemd
+from common.runtime import freeze_heap, notify_systemd
 from common.wire import MAX_MESSAGE_BYTES
 from controlplane.allocator import Allocator
 from controlplane.cluster_refactor import ClusterRefactorPlanner
@@ -103,6 +103,7 @@ class Controller:
             loop.add_signal_handler(signum, self.shell.stop)
         emit(self.log, "controller.started", endpoints=[self.config.controller.ipc_endpoint,
                                                                          self.config.controller.tcp])
+        freeze_heap()
         notify_systemd()
         try:
             loop.run_until_complete(self.shell.run())

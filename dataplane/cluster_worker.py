@@ -25,7 +25,7 @@ from common import events as ev
 from common.config import load_config, parse_bytes
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
-from common.runtime import new_session_dir, notify_systemd
+from common.runtime import freeze_heap, new_session_dir, notify_systemd
 from controlplane.client import BusClient, Heartbeater
 from dataplane.devices import probe_device
 from dataplane.hosted_stage import HostedStage
@@ -77,6 +77,7 @@ class ClusterWorker:
         self.heartbeater = Heartbeater(self.bus.endpoint, self.worker_id, self.heartbeat_interval_s, key_dir=self.key_dir,
                                        insecure=self.insecure, context=self.context, metrics=self._metrics).start()
         emit(self.log, "process.ready", device=self.device.device_id, memory_total=self.device.memory_total)
+        freeze_heap()
         notify_systemd()
         while self._running:
             if self.heartbeater.needs_registration.is_set():

@@ -25,7 +25,7 @@ from common import events as ev
 from common.config import load_config
 from common.errors import FlexPipeError, InvalidRequestError, PipelineError
 from common.logging import configure_logging, emit, get_logger
-from common.runtime import new_session_dir, notify_systemd, runtime_dir
+from common.runtime import freeze_heap, new_session_dir, notify_systemd, runtime_dir
 from controlplane.client import BusClient, Heartbeater
 from dataplane.engine.core import EngineCore
 from dataplane.engine.scheduler import Scheduler
@@ -154,6 +154,7 @@ class EngineHost:
         self.heartbeater = Heartbeater(self.bus.endpoint, self.host_id, self.heartbeat_interval_s, key_dir=self.key_dir,
                                        insecure=self.insecure, context=self.context, metrics=self._metrics).start()
         emit(self.log, "process.ready", request_address=self.request_endpoint)
+        freeze_heap()
         notify_systemd()
         poller = zmq.Poller()
         poller.register(self.bus.socket, zmq.POLLIN)

@@ -11,7 +11,7 @@ from typing import Sequence as Seq
 import zmq
 
 from common.errors import CheckpointError, InvalidRequestError, PartitionError, PipelineError, RefactorAborted, RefactorRefused
-from common.runtime import new_session_dir
+from common.runtime import freeze_heap, new_session_dir
 from dataplane import worker_protocol as proto
 from dataplane.engine.core import EngineCore
 from dataplane.engine.scheduler import Scheduler
@@ -136,6 +136,7 @@ class LLM:
                               max_num_seqs, self.max_num_batched_tokens)
         self.engine = EngineCore(scheduler, self._to_first, self._inbox, self._processes.raise_if_dead,
                                  step_timeout_s=step_timeout_s)
+        freeze_heap()
         self.engine.start()
 
     @property

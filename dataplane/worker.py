@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from common.errors import FlexPipeError
+from common.runtime import freeze_heap
 from dataplane import worker_protocol as proto
 from dataplane.param_cache import ParamCache
 from dataplane.stage_epochs import StageEpochs
@@ -62,6 +63,7 @@ class StageWorker:
         self.parent_pid = os.getppid()
 
     def run(self) -> None:
+        freeze_heap()
         self._send_control(proto.WorkerHello(self.worker_id, os.getpid(), self.inbox.address))
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)

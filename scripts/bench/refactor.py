@@ -19,6 +19,9 @@ The baseline does what a static system does to change layout: stop at an iterati
 boundary, close the pipeline, start a new one with the target layout and re-prefill
 every request that was in flight (prompt + tokens so far) — its stall is that whole gap.
 
+A ``control`` run, a stand-in of a refactor's length with no refactor, goes through the same
+measurement first in every repeat: its figures are what this host's noise alone gives.
+
 Prints exactly one JSON object on stdout; progress goes to stderr.
 
     PYTHONPATH=. python scripts/bench/refactor.py [--model DIR] [--clients 16] [--refactors migrate,rebalance,split]
@@ -36,6 +39,9 @@ import threading
 import time
 
 TARGETS = {"stall_vs_tpot_max": 2.0, "restart_vs_stall_min": 20.0, "window_vs_steady_max_change": 0.05}
+CONTROL = "control"
+CONTROL_REFACTOR_S = 0.15  # about a tiny-model refactor's own length
+CONTROL_SWITCH_S = 0.004
 
 
 def log(*args) -> None:
@@ -131,39 +137,51 @@ def target_for(kind: str, llm) -> dict:
 
 
 def one_refactor(args, llm, clients, kind: str) -> dict:
+    """One refactor of ``kind`` measured against the steady windows around it. ``control`` runs
+    no refactor: the same figures over a stand-in of a refactor's length show the host's noise."""
     steady_start = time.perf_counter()
     time.sleep(args.window_s)
     requested = time.perf_counter()
-    report = llm.refactor(**target_for(kind, llm))
-    finished = time.perf_counter()
+    if kind == CONTROL:
+        time.sleep(CONTROL_REFACTOR_S)
+        finished = time.perf_counter()
+        switch_window, layout, moved = (finished - CONTROL_SWITCH_S, finished), llm.stage_layout, {}
+    else:
+        report = llm.refactor(**target_for(kind, llm))
+        finished = time.perf_counter()
+        switch_window, layout = report.switch_window, report.new_layout
+        moved = {
+            "engine_stall_s": report.stall_s, "switch_s": report.switch_s,
+            "weight_bytes": report.weight_bytes, "weight_bytes_by_source": report.weight_bytes_by_source,
+            "kv_bytes": report.kv_bytes, "kv_bytes_precopy": report.kv_bytes_precopy,
+            "kv_bytes_delta": report.kv_bytes_delta, "requests_carried": report.requests_carried,
+            "phase_seconds": report.phase_seconds,
+        }
     half = args.window_s / 2
     time.sleep(half + args.window_s + 0.5)
     metrics = list(clients.done)
-    switched = report.switch_window[1]
+    switched = switch_window[1]
     before_gap = mean(gaps_in(metrics, steady_start, requested))
     before_ttft = mean(ttfts_in(metrics, steady_start, requested))
     after_start = finished + half
     after_gap = mean(gaps_in(metrics, after_start, after_start + args.window_s))
     after_ttft = mean(ttfts_in(metrics, after_start, after_start + args.window_s))
     window = (requested - half, finished + half)
-    largest, spanning = stall_across(metrics, report.switch_window)
-    noise = [stall_across(metrics, (t, t + report.switch_s))[0] - before_gap
+    largest, spanning = stall_across(metrics, switch_window)
+    length = switch_window[1] - switch_window[0]
+    noise = [stall_across(metrics, (t, t + length))[0] - before_gap
              for t in [steady_start + i * args.window_s / 8 for i in range(1, 7)]]
     return {
-        "layout": report.new_layout,
+        "layout": layout,
         "steady_tpot_s": before_gap, "steady_ttft_s": before_ttft,
         "after_tpot_s": after_gap, "after_ttft_s": after_ttft,
         "stall_s": max(0.0, largest - before_gap),
         "steady_extra_gap_same_length_s": statistics.median(noise),
         "largest_gap_across_switch_s": largest, "requests_across_switch": spanning,
-        "engine_stall_s": report.stall_s, "switch_s": report.switch_s,
         "window_tpot_change": expected_ratio(timed_gaps(metrics, *window), switched, before_gap, after_gap),
         "window_ttft_change": expected_ratio(timed_ttfts(metrics, *window), switched, before_ttft, after_ttft),
         "window_tpot_change_vs_before": mean(gaps_in(metrics, *window)) / before_gap - 1,
-        "weight_bytes": report.weight_bytes, "weight_bytes_by_source": report.weight_bytes_by_source,
-        "kv_bytes": report.kv_bytes, "kv_bytes_precopy": report.kv_bytes_precopy,
-        "kv_bytes_delta": report.kv_bytes_delta, "requests_carried": report.requests_carried,
-        "phase_seconds": report.phase_seconds,
+        **moved,
     }
 
 
@@ -184,6 +202,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def measure_inflight(args, kinds: list[str]) -> dict:
     from dataplane.llm import LLM
+    kinds = [CONTROL, *kinds]
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     with LLM(args.model, num_stages=2, spare_workers=2) as llm:
         clients = Clients(llm, args.clients, args.seed)
@@ -244,11 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--refactors", default="migrate,rebalance,split,merge",
-                        help="kinds, run in this order --repeats times (split then merge returns to 2 stages)")
+    parser.add_argument("--refactors", default="migrate,rebalance,merge,split",
+                        help="kinds, run in this order --repeats times after a no-refactor control; from 2 stages, "
+                             "merge then split goes 2 -> 1 -> 2, split then merge 2 -> 3 -> 2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup-s", type=float, default=2.0)
-    parser.add_argument("--window-s", type=float, default=1.5)
+    parser.add_argument("--window-s", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from common.logging import configure_logging
@@ -269,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         }
     meets = all(c["stall_vs_tpot"] <= TARGETS["stall_vs_tpot_max"] and c["restart_vs_stall"] >= TARGETS["restart_vs_stall_min"]
                 and c["window_within_5pct"] for c in checks.values())
+    control = inflight[CONTROL]
+    checks[CONTROL] = {"stall_vs_tpot": round(control["stall_s"] / control["steady_tpot_s"], 3),
+                       "window_tpot_change": control["window_tpot_change"], "window_ttft_change": control["window_ttft_change"]}
     print(json.dumps({"model": args.model, "clients": args.clients, "inflight": inflight, "restart": restart,
                       "checks": checks, "targets": TARGETS, "meets_targets": meets}))
 
