@@ -465,7 +465,9 @@ class SendStageUnits(Command, tag="send_stage_units"):
 
 class CopyStageKv(Command, tag="copy_stage_kv"):
     """Copy the KV ``slots`` (little-endian int64) of ``layer`` to ``dest_address`` between
-    micro-batches, at most ``bytes_per_s`` (0: as fast as possible); answered by ``Ack`` when queued."""
+    micro-batches, at most ``bytes_per_s`` (0: as fast as possible), and with ``after_seal`` >= 0
+    only once the engine's seal of that many launched micro-batches has passed; answered by
+    ``Ack`` when queued."""
 
     pipeline_id: str
     epoch: int
@@ -474,6 +476,7 @@ class CopyStageKv(Command, tag="copy_stage_kv"):
     dest_address: str
     slots: bytes
     bytes_per_s: float = 0.0
+    after_seal: int = -1
 
 
 class StageKvCopied(Event, tag="stage_kv_copied"):
@@ -493,12 +496,14 @@ class KvTransfer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ActivateStageEpoch(Command, tag="activate_stage_epoch"):
-    """Serve the stage prepared for ``epoch`` once every transfer in ``expect`` has landed here;
+    """Serve the stage prepared for ``epoch`` once every transfer in ``expect`` has landed here
+    and, on a worker serving the pipeline now, the seal ``after_seal`` (when >= 0) has passed;
     answered by ``StageEpochActivated`` then."""
 
     pipeline_id: str
     epoch: int
     expect: list[KvTransfer] = []
+    after_seal: int = -1
 
 
 class StageEpochActivated(Reply, tag="stage_epoch_activated"):
@@ -535,21 +540,27 @@ class StageEpochFailed(Event, tag="stage_epoch_failed"):
 
 
 class PauseEngine(Command, tag="pause_engine"):
-    """Stop launching micro-batches and wait, at most ``timeout_s``, until none is in flight."""
+    """Stop launching micro-batches and wait, at most ``timeout_s``, until none is in flight.
+    With ``seal``, answer as soon as launching stopped: a seal follows the last micro-batch
+    down the pipeline, the snapshot counts what the in-flight micro-batches write, and the
+    drain completes before a ``ResumeEngine`` at a new epoch takes effect."""
 
     pipeline_id: str
     timeout_s: float
+    seal: bool = False
 
 
 class EnginePaused(Reply, tag="engine_paused"):
-    """The engine is parked. Running requests, as parallel lists: their ids, block tables and how
-    many positions have KV written (so the coordinator can name the KV slots to move)."""
+    """The engine is parked (or, after a sealed pause, stopped launching). Running requests, as
+    parallel lists: their ids, block tables and how many positions have KV written (so the
+    coordinator can name the KV slots to move); ``launched`` is the seal's count, -1 unsealed."""
 
     pipeline_id: str
     epoch: int
     seq_ids: list[int]
     block_tables: list[list[int]]
     num_computed: list[int]
+    launched: int = -1
 
 
 class SnapshotKv(Command, tag="snapshot_kv"):

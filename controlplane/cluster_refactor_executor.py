@@ -3,9 +3,10 @@ to workers and the engine host, as a pure state machine.
 
 PREPARE opens the new owners' inboxes, then has every worker of the target layout build
 its stage (weights from itself, its cache, a peer or disk). PRECOPY copies the KV of
-moving layers for what the running requests hold at a snapshot. SWITCH pauses the
-engine, copies the delta past that snapshot, activates the new stages once their KV
-landed and resumes the engine on the new first stage. COMMIT lets every worker drop
+moving layers for what the running requests hold at a snapshot. SWITCH stops the
+engine launching (a seal follows its last micro-batch), has each source send the delta
+past that snapshot once the seal has passed it, activates the new stages once their KV
+landed and the seal passed, and resumes the engine on the new first stage. COMMIT lets every worker drop
 what it no longer serves; ABORT resumes the engine unchanged and drops the new epoch.
 """
 
@@ -43,6 +44,7 @@ class ClusterRun:
     kv_bytes: int = 0
     paused: bool = False
     snapshot: list = field(default_factory=list)
+    launched: int = -1
     transfer_stage: dict[int, tuple[int, int]] = field(default_factory=dict)
     started: float = 0.0
     paused_at: float = 0.0
@@ -127,7 +129,7 @@ class ClusterRefactorExecutor:
             run.weight_bytes += sum(n for source, n in reply.bytes_by_source.items() if source != "resident")
         elif isinstance(reply, (ev.EnginePaused, ev.KvSnapshot)):
             if isinstance(reply, ev.EnginePaused):
-                run.paused, run.paused_at = True, now
+                run.paused, run.paused_at, run.launched = True, now, reply.launched
             run.snapshot = list(zip(reply.seq_ids, reply.block_tables, reply.num_computed))
         return self._advance_if_done(run, now)
 
@@ -200,12 +202,13 @@ class ClusterRefactorExecutor:
     def _begin_switch(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "pause"
         pipeline = self.planner.coordinator.pipelines[run.pipeline_id]
-        return [self._command(run, pipeline.engine_host, ev.PauseEngine, pipeline_id=run.pipeline_id, timeout_s=10.0)]
+        return [self._command(run, pipeline.engine_host, ev.PauseEngine, pipeline_id=run.pipeline_id, timeout_s=10.0,
+                              seal=True)]
 
     def _after_switch_pause(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "activate"
         run.kv_bytes = 0
-        actions = self._copy_kv(run, 0.0) if run.plan.kv_moves else []
+        actions = self._copy_kv(run, 0.0, after_seal=run.launched) if run.plan.kv_moves else []
         transfers = dict(run.expected)
         run.expected = {}
         by_stage: dict[int, list[ev.KvTransfer]] = {}
@@ -214,7 +217,7 @@ class ClusterRefactorExecutor:
                 by_stage.setdefault(stage, []).append(ev.KvTransfer(transfer_id=transfer, num_slots=slots))
         for j, worker in enumerate(run.new_workers()):
             actions.append(self._command(run, worker, ev.ActivateStageEpoch, pipeline_id=run.pipeline_id,
-                                         epoch=run.epoch, expect=by_stage.get(j, [])))
+                                         epoch=run.epoch, expect=by_stage.get(j, []), after_seal=run.launched))
         return actions
 
     def _after_switch_activate(self, run: ClusterRun, now: float) -> list[Action]:
@@ -261,7 +264,7 @@ class ClusterRefactorExecutor:
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _copy_kv(self, run: ClusterRun, bytes_per_s: float) -> list[Action]:
+    def _copy_kv(self, run: ClusterRun, bytes_per_s: float, after_seal: int = -1) -> list[Action]:
         block_size = self.planner.coordinator.pipelines[run.pipeline_id].request.block_size
         slots, run.marks = slots_since(run.marks, run.snapshot, block_size)
         if not len(slots):
@@ -276,7 +279,7 @@ class ClusterRefactorExecutor:
             actions.append(self._command(run, run.cluster_plan.worker(move.source), ev.CopyStageKv,
                                          pipeline_id=run.pipeline_id, epoch=run.epoch, transfer_id=transfer,
                                          layer=move.layer, dest_address=run.inboxes[workers[move.dest_stage]],
-                                         slots=slots.tobytes(), bytes_per_s=bytes_per_s))
+                                         slots=slots.tobytes(), bytes_per_s=bytes_per_s, after_seal=after_seal))
         return actions
 
     def _command(self, run: ClusterRun, peer: str, kind: type, **fields) -> Send:

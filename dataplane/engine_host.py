@@ -43,7 +43,8 @@ class HostedEngine:
     """One pipeline's engine. Invariants: requests are accepted only while it is started and not
     degraded (while paused they wait in the scheduler); a pause waits a bounded time and, when
     the pipeline does not drain in it, leaves the engine serving; resuming at a new epoch
-    needs a newer epoch than the one served."""
+    needs a newer epoch than the one served and, after a sealed pause, waits (bounded) for
+    the drain first."""
 
     def __init__(self, context: zmq.Context, command: ev.PrepareEngine, session_dir: Path) -> None:
         self.pipeline_id, self.epoch = command.pipeline_id, command.epoch
@@ -67,19 +68,26 @@ class HostedEngine:
         self.engine.start()
         self.unavailable = ""
 
-    def pause(self, timeout_s: float) -> list[tuple[int, list[int], int]]:
+    def pause(self, timeout_s: float, seal: bool = False) -> tuple[list[tuple[int, list[int], int]], int]:
         """Park the engine with nothing in flight, waiting at most ``timeout_s``; returns each running
-        request's (id, block table, positions with KV written)."""
+        request's (id, block table, positions with KV written) and -1. Sealed, it returns once
+        launching stopped, with the positions in-flight micro-batches write and the seal's count."""
         if self.engine is None:
             raise PipelineError(f"the engine of pipeline {self.pipeline_id} is not started")
         if self.paused:
             raise PipelineError(f"the engine of pipeline {self.pipeline_id} is paused already")
+        engine = self.engine
         try:
-            self.engine.pause(timeout_s, on_parked=self.scheduler.kv_in_use)
+            if seal:
+                launched, running = engine.begin_pause(timeout_s, seal=True,
+                                                       on_paused=lambda: (engine.launched, self.scheduler.kv_after_flight()))
+            else:
+                engine.pause(timeout_s, on_parked=self.scheduler.kv_in_use)
+                launched, running = -1, engine.parked_result
         except PipelineError as exc:
             raise PipelineError(f"pipeline {self.pipeline_id} could not pause: {exc}; it keeps serving") from exc
         self.paused = True
-        return self.engine.parked_result
+        return running, launched
 
     def resume(self, epoch: int, first_stage_address: str, num_stages: int) -> None:
         """Leave the pause; with an address, feed that stage at ``epoch`` with ``num_stages`` stages."""
@@ -93,6 +101,7 @@ class HostedEngine:
                                     f"the engine serves epoch {self.epoch}")
             if num_stages < 1:
                 raise PipelineError(f"ResumeEngine for pipeline {self.pipeline_id} needs num_stages >= 1")
+            self.engine.wait_parked(MAX_PAUSE_S)  # no reply of the old epoch may be left on the way
             outbox = open_outbox("tcp", self.context, first_stage_address)
             self.engine.resume(outbox, epoch, num_stages).close()
             self.to_first, self.epoch = outbox, epoch
@@ -220,12 +229,12 @@ class EngineHost:
     def _pause(self, command: ev.PauseEngine) -> ev.EnginePaused:
         hosted = self._hosted(command.pipeline_id)
         started = time.monotonic()
-        running = hosted.pause(min(max(0.0, command.timeout_s), MAX_PAUSE_S))
+        running, launched = hosted.pause(min(max(0.0, command.timeout_s), MAX_PAUSE_S), command.seal)
         emit(self.log, "engine.paused", pipeline_id=command.pipeline_id, epoch=hosted.epoch, running=len(running),
              seconds=round(time.monotonic() - started, 4))
         return ev.EnginePaused(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
                                epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
-                               num_computed=[r[2] for r in running])
+                               num_computed=[r[2] for r in running], launched=launched)
 
     def _snapshot(self, command: ev.SnapshotKv) -> ev.KvSnapshot:
         hosted = self._hosted(command.pipeline_id)

@@ -120,14 +120,15 @@ class HostedStage:
     def copy_kv(self, command: ev.CopyStageKv) -> None:
         self._refuse_stale(command, self.settled_epoch)
         self.epochs.precopy(proto.PrecopyKv(command.epoch, command.transfer_id, command.layer, command.dest_address,
-                                            command.slots, command.bytes_per_s))
+                                            command.slots, command.bytes_per_s, command.after_seal))
 
     def activate(self, command: ev.ActivateStageEpoch) -> None:
         """Switch once the expected KV landed; its ``StageEpochActivated`` follows then."""
         self._refuse_stale(command, self.settled_epoch)
         self.replies.defer(command, proto.EpochActivated)
         try:
-            self.epochs.activate(proto.ActivateEpoch(command.epoch, {t.transfer_id: t.num_slots for t in command.expect}))
+            self.epochs.activate(proto.ActivateEpoch(command.epoch, {t.transfer_id: t.num_slots for t in command.expect},
+                                                     command.after_seal))
         except BaseException:
             self.replies.cancel(command)
             raise

@@ -5,7 +5,8 @@ After a warm-up and a steady-state window, each refactor in ``--refactors`` runs
 requests are mid-generation. For each it measures
 
 * the stall: the largest inter-token gap an in-flight request saw across SWITCH, minus
-  the steady-state inter-token gap (TPOT);
+  the steady-state inter-token gap (TPOT) before the refactor; ``checks`` gives it as a
+  multiple of that TPOT and of the new layout's own steady TPOT;
 * TTFT and TPOT in a window around the refactor vs. the steady window before it;
 * bytes of weights and KV moved, the phase durations, and the engine-side stall.
 
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         r, b = inflight[kind], restart[kind]
         checks[kind] = {
             "stall_vs_tpot": round(r["stall_s"] / r["steady_tpot_s"], 3),
+            "stall_vs_tpot_after": round(r["stall_s"] / r["after_tpot_s"], 3),
             "restart_vs_stall": round(b["stall_s"] / max(r["stall_s"], r["steady_tpot_s"] / 10), 1),
             "window_within_5pct": abs(r["window_tpot_change"]) <= 0.05 and abs(r["window_ttft_change"]) <= 0.05,
         }

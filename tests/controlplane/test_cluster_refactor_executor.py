@@ -88,10 +88,13 @@ def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_mo
         sends += h.step(ev.StageKvCopied(sender="w2", pipeline_id="p1", epoch=1, worker_id="w2",
                                          transfer_id=s.event.transfer_id, num_slots=20, nbytes=2000))
     (pause,) = of(sends, ev.PauseEngine)
+    assert pause.event.seal, "SWITCH seals the old epoch so the delta can follow the drain"
     sends = h.step(ev.EnginePaused(sender="e0", reply_to=pause.event.cmd_id, pipeline_id="p1", epoch=0, seq_ids=[7],
-                                   block_tables=[[3, 4]], num_computed=[22]))
+                                   block_tables=[[3, 4]], num_computed=[22], launched=41))
     deltas, activates = of(sends, ev.CopyStageKv), of(sends, ev.ActivateStageEpoch)
     assert all(np.frombuffer(s.event.slots, "<i8").tolist() == [68, 69] for s in deltas)
+    assert {s.event.after_seal for s in deltas + activates} == {41}, "delta and activation wait for the seal"
+    assert all(s.event.after_seal == -1 for s in copies), "pre-copy does not wait for a seal"
     expect = {s.peer: [t.transfer_id for t in s.event.expect] for s in activates}
     assert sorted(expect["w2"]) == sorted(s.event.transfer_id for s in deltas) and expect["w0"] == []
     for s in deltas:
