@@ -63,7 +63,7 @@ class Coordinator:
     name: ClassVar[str] = "coordinator"
     accepts: ClassVar[tuple[type, ...]] = (
         ev.DeployPipeline, ev.UndeployPipeline, ev.PlacementDecided, ev.EnginePrepared, ev.StageLoaded, ev.Ack,
-        ev.ErrorReply, ev.WorkerLost, ev.RegisterEngineHost, ev.PipelineReshaped, Tick,
+        ev.ErrorReply, ev.WorkerLost, ev.RegisterWorker, ev.RegisterEngineHost, ev.PipelineReshaped, Tick,
     )
 
     def __init__(self, planner: Callable[..., PipelinePlan], phase_timeout_s: float = 120.0) -> None:
@@ -196,6 +196,10 @@ class Coordinator:
         return self._enter(pipeline, "READY", now)
 
     # ---- cluster changes and time --------------------------------------------------------
+
+    def _on_RegisterWorker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
+        self.lost.discard(event.worker_id)  # a restarted worker: a new process, usable again
+        return []
 
     def _on_RegisterEngineHost(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
         self.lost.discard(event.host_id)

@@ -28,8 +28,8 @@ class Monitor:
     """Registry of workers and engine hosts, heartbeat watchdog, metrics and status.
 
     Invariants: a member is ``lost`` once it has been silent for more than
-    ``heartbeat_interval_s * lost_after_heartbeats``, and the coordinator and allocator
-    are told exactly once per loss; a member that registers again with the same id
+    ``heartbeat_interval_s * lost_after_heartbeats``, and the coordinator, the allocator
+    and the refactor executor are told exactly once per loss; a member that registers again with the same id
     replaces its old record (a restart with a new pid counts as a loss of the old one
     first); status answers reflect every event handled before the request.
     """
@@ -57,6 +57,7 @@ class Monitor:
         self.members[event.worker_id] = Member(event.worker_id, "worker", event.pid, event.host, now, device=event.device)
         actions += [
             Tell("allocator", event),
+            Tell("coordinator", event),
             Send(event.sender, ev.WorkerRegistered(sender=self.name, reply_to=event.cmd_id,
                                                    heartbeat_interval_s=self.heartbeat_interval_s)),
             Log("worker.registered", {"worker_id": event.worker_id, "worker_pid": event.pid, "host": event.host,
@@ -127,7 +128,7 @@ class Monitor:
     def _declare_lost(self, member: Member, now: float) -> list[Action]:
         member.state = "lost"
         lost = ev.WorkerLost(sender=self.name, worker_id=member.member_id, silent_for_s=round(now - member.last_seen, 3))
-        return [Tell("coordinator", lost), Tell("allocator", lost),
+        return [Tell("coordinator", lost), Tell("allocator", lost), Tell("refactor_executor", lost),
                 Log("worker.lost", {"worker_id": member.member_id, "kind": member.kind, "member_pid": member.pid,
                                     "silent_for_s": lost.silent_for_s}, level="warning")]
 

@@ -18,6 +18,7 @@ from dataplane.transport import open_outbox
 
 PRECOPY_ROUNDS = 3
 PRECOPY_SMALL_SLOTS = 64
+REFILL_WAIT_S = 0.25  # COMMIT waits at most this long for the new pipeline's first answers
 
 
 class PhaseFailed(FlexPipeError):
@@ -207,6 +208,11 @@ class RefactorExecutor:
         work.report.epoch = epoch
 
     def _commit(self, work: RefactorWork, epoch: int, deadline: float) -> None:
+        # Retiring old stages (closing rings, caching units) runs on the workers' serving threads:
+        # let the new pipeline answer its first micro-batches before that work competes with them.
+        settle_by = min(deadline, time.monotonic() + REFILL_WAIT_S)
+        while not self.engine.refilled and time.monotonic() < settle_by:
+            time.sleep(0.001)
         involved = self._live(set(work.plan.old_workers) | set(work.plan.workers))
         for worker in involved:
             self.processes.send(worker, proto.CommitEpoch(epoch))

@@ -88,12 +88,15 @@ class StageExecutor:
         distinct = {t.data_ptr(): t for u in self.units for t in unit_tensors(u).values()}
         self.param_bytes = sum(t.numel() * t.element_size() for t in distinct.values())
 
-    def warm_up(self, num_seqs: int = 16, rounds: int = 3) -> None:
+    def warm_up(self, num_seqs: int = 16, rounds: int = 3, max_blocks: int = 8) -> None:
         """Run a few decode-shaped micro-batches of throw-away tokens over the scratch KV block, so the
-        first real micro-batches do not pay first-use costs (kernel set-up, allocator growth) while serving."""
+        first real micro-batches do not pay first-use costs (kernel set-up, allocator growth) while
+        serving. Contexts span 1..``max_blocks`` blocks (the scratch block repeated), as real ones do."""
         scratch, block_size = self.spec.num_kv_blocks, self.spec.block_size
-        for _ in range(rounds):
-            batch = BatchInput.build([[1]] * num_seqs, [block_size - 1] * num_seqs, [[scratch]] * num_seqs,
+        max_blocks = max(1, min(max_blocks, self.model.max_position_embeddings // block_size))
+        for r in range(rounds):
+            blocks = [1 + (i + r) % max_blocks for i in range(num_seqs)]
+            batch = BatchInput.build([[1]] * num_seqs, [n * block_size - 1 for n in blocks], [[scratch] * n for n in blocks],
                                      block_size, self.device)
             hidden = None if self.spec.is_first else torch.zeros(
                 num_seqs, self.model.hidden_size, dtype=resolve_dtype(self.spec.dtype), device=self.device)

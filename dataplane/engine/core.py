@@ -69,6 +69,7 @@ class EngineCore:
         self._pause_request: PauseRequest | None = None
         self.parked_result = None
         self.step_seconds = 0.0
+        self.replies_in_epoch = 0
         self.thread = threading.Thread(target=self._run, name="flexpipe-engine", daemon=True)
 
     def start(self) -> None:
@@ -98,6 +99,11 @@ class EngineCore:
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
+
+    @property
+    def refilled(self) -> bool:
+        """Whether the pipeline answered a micro-batch per stage since the last resume, or has nothing to do."""
+        return self.replies_in_epoch >= self.scheduler.num_stages or not (self.in_flight or self.scheduler.has_work)
 
     @property
     def launched(self) -> int:
@@ -151,6 +157,7 @@ class EngineCore:
         previous = self.to_first_stage
         if to_first_stage is not None:
             self.to_first_stage, self.epoch, self.scheduler.num_stages = to_first_stage, epoch, num_stages
+            self.replies_in_epoch = 0
         self._pause_request = None
         self._parked.clear()
         self._pause.clear()
@@ -271,6 +278,7 @@ class EngineCore:
                 seq.fail(error)
                 self._finish(seq)
             return
+        self.replies_in_epoch += 1
         logprobs = reply.logprobs or [None] * len(reply.token_ids)
         for seq, token, logprob in zip(flight.seqs, reply.token_ids, logprobs):
             seq.append_token(token, logprob)

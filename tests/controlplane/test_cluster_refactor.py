@@ -2,7 +2,10 @@
 refusals, and the timeline rebuilt from the cluster's log."""
 
 import json
+import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 from common import events as ev
@@ -94,3 +97,36 @@ def test_plan_split_and_migrate_a_serving_cluster_pipeline(cluster_env, tiny_mod
     timelines = json.loads(fpctl(env, "timeline", "--log", str(log), "--json").stdout)
     assert [t["outcome"] for t in timelines] == ["committed", "committed", "refused"]
     assert [t["kind"] for t in timelines[:2]] == ["split", "migrate"]
+
+
+def test_a_new_worker_that_stops_answering_aborts_the_refactor_and_the_old_layout_keeps_serving(cluster_env, tiny_model):
+    env = cluster_env
+    fpctl(env, "up", "--workers", "3")
+    assert json.loads(fpctl(env, "deploy", "--model", str(tiny_model), "--stages", "2", "--pipeline", "p1",
+                            "--json").stdout)["state"] == "READY"
+    expected = offline_tokens(tiny_model, TOKENS)
+    snapshot = status(env)
+    serving = [s["worker_id"] for s in snapshot["pipelines"][0]["stages"]]
+    (idle,) = [w for w in snapshot["workers"] if w["worker_id"] not in serving]
+
+    streams = [Streaming(env, TOKENS) for _ in range(4)]
+    os.kill(idle["pid"], signal.SIGSTOP)  # alive to the controller until its heartbeats are missed
+    try:
+        with BusClient(f"ipc://{env['FLEXPIPE_RUNTIME_DIR']}/controller.sock", timeout_s=60) as bus:
+            outcome = bus.request(ev.RefactorPipeline, timeout_s=60, pipeline_id="p1", num_stages=3, by="test")
+    finally:
+        os.kill(idle["pid"], signal.SIGKILL)
+    assert outcome.outcome == "aborted" and f"worker {idle['worker_id']} was lost" in outcome.reason, outcome
+    assert all(stream.result() == expected for stream in streams), "the old layout served every token"
+    (pipeline,) = status(env)["pipelines"]
+    assert pipeline["epoch"] == 0 and [s["worker_id"] for s in pipeline["stages"]] == serving
+    assert pipeline["state"] == "READY"
+
+    deadline = time.monotonic() + 30
+    while next(w for w in status(env)["workers"] if w["worker_id"] == idle["worker_id"])["state"] != "alive":
+        assert time.monotonic() < deadline, "the killed worker was not restarted"
+        time.sleep(0.2)
+    streams = [Streaming(env, TOKENS) for _ in range(4)]
+    split = json.loads(fpctl(env, "refactor", "p1", "--stages", "3", "--json").stdout)
+    assert split["outcome"] == "committed" and split["epoch"] >= 1, split
+    assert all(stream.result() == expected for stream in streams)

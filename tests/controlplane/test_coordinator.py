@@ -134,6 +134,11 @@ def test_losing_a_worker_degrades_a_ready_pipeline_and_tells_the_engine(tiny_mod
     assert notice.peer == "e0" and notice.event.state == "DEGRADED" and "w1" in notice.event.reason
     assert [l.name for l in actions if isinstance(l, Log)] == ["pipeline.state"]
     assert c.handle(ev.WorkerLost(sender="monitor", worker_id="w9", silent_for_s=3.2), 9.0) == []
+    assert c.lost == {"w1", "w9"}
+    restarted = ev.RegisterWorker(sender="w9", cmd_id=2, worker_id="w9", host="h", pid=2,
+                                  device=ev.DeviceInfo(device_id="w9", kind="cpu", name="virtual", memory_total=1 << 30,
+                                                    memory_free=1 << 30, host="h"))
+    assert c.handle(restarted, 10.0) == [] and c.lost == {"w1"}, "a worker that registers again is usable again"
 
 
 def test_undeploy_unloads_stops_and_removes(tiny_model):
