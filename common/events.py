@@ -403,6 +403,16 @@ class PipelineReshaped(Event, tag="pipeline_reshaped"):
     stage_memory: list[int] = []
 
 
+class RefactorHold(Event, tag="refactor_hold"):
+    """While a refactor of ``pipeline_id`` runs, its target puts a stage of ``stage_memory[k]`` bytes
+    on ``workers[k]``; the allocator holds what that adds to the pipeline's reservation, so no
+    placement takes it meanwhile. Empty lists (an abort) or a ``PipelineReshaped`` release it."""
+
+    pipeline_id: str
+    workers: list[str] = []
+    stage_memory: list[int] = []
+
+
 # ---- inflight refactoring: a cluster worker's stages across epochs -------------------------
 # Commands the coordinator sends a worker while it re-shapes a pipeline. Weights and KV move
 # on the data plane between workers; only these small events travel on the bus.

@@ -123,18 +123,20 @@ class Allocator:
     """Keeps the resource graph and every pipeline's reservations; answers placement requests.
 
     Invariants: a pipeline holds at most one reservation (placing it again first releases
-    the old one); reserved bytes on a device never exceed its free memory; a lost device
-    is never chosen; a refusal leaves all reservations as they were.
+    the old one), plus, while a refactor of it runs, a hold on what its target adds; reserved
+    and held bytes on a device never exceed its free memory; a lost device is never chosen;
+    a refusal leaves all reservations as they were.
     """
 
     name: ClassVar[str] = "allocator"
     accepts: ClassVar[tuple[type, ...]] = (ev.RegisterWorker, ev.WorkerLost, ev.PlaceStages, ev.ReleasePlacement,
-                                           ev.PipelineReshaped)
+                                           ev.PipelineReshaped, ev.RefactorHold)
 
     def __init__(self, graph: ResourceGraph | None = None, cv: float = 0.0) -> None:
         self.graph = graph or ResourceGraph()
         self.cv = cv
         self.reservations: dict[str, dict[str, int]] = {}
+        self.holds: dict[str, dict[str, int]] = {}
 
     def handle(self, event, now: float) -> list[Action]:
         return getattr(self, f"_on_{type(event).__name__}")(event)
@@ -151,10 +153,24 @@ class Allocator:
 
     def _on_ReleasePlacement(self, event: ev.ReleasePlacement) -> list[Action]:
         self.reservations.pop(event.pipeline_id, None)
+        self.holds.pop(event.pipeline_id, None)
+        return []
+
+    def _on_RefactorHold(self, event: ev.RefactorHold) -> list[Action]:
+        current = self.reservations.get(event.pipeline_id, {})
+        target: dict[str, int] = {}
+        for worker, memory in zip(event.workers, event.stage_memory):
+            target[worker] = target.get(worker, 0) + memory
+        hold = {w: m - current.get(w, 0) for w, m in target.items() if m > current.get(w, 0)}
+        if hold:
+            self.holds[event.pipeline_id] = hold
+        else:
+            self.holds.pop(event.pipeline_id, None)
         return []
 
     def _on_PipelineReshaped(self, event: ev.PipelineReshaped) -> list[Action]:
         """A refactor moved the pipeline: its reservation follows the new stages."""
+        self.holds.pop(event.pipeline_id, None)
         if event.pipeline_id in self.reservations and len(event.stage_memory) == len(event.workers):
             reservation: dict[str, int] = {}
             for worker, memory in zip(event.workers, event.stage_memory):
@@ -180,11 +196,12 @@ class Allocator:
                                          "stage_memory": list(event.stage_memory)})]
 
     def _totals(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Bytes reserved per device, and how many pipelines use each device."""
+        """Bytes reserved or held per device, and how many pipelines use each device."""
         reserved: dict[str, int] = {}
         shared: dict[str, int] = {}
-        for holdings in self.reservations.values():
-            for device, memory in holdings.items():
-                reserved[device] = reserved.get(device, 0) + memory
+        for pipeline_id in self.reservations.keys() | self.holds.keys():
+            holdings, held = self.reservations.get(pipeline_id, {}), self.holds.get(pipeline_id, {})
+            for device in holdings.keys() | held.keys():
+                reserved[device] = reserved.get(device, 0) + holdings.get(device, 0) + held.get(device, 0)
                 shared[device] = shared.get(device, 0) + 1
         return reserved, shared

@@ -155,8 +155,11 @@ class ClusterRefactorExecutor:
     def _begin_prepare(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "inboxes"
         transport = self.planner.coordinator.pipelines[run.pipeline_id].request.transport
-        return [self._command(run, worker, ev.OpenStageInbox, pipeline_id=run.pipeline_id, epoch=run.epoch,
-                              transport=transport) for worker in dict.fromkeys(run.new_workers())]
+        hold = ev.RefactorHold(sender=self.name, pipeline_id=run.pipeline_id, workers=run.new_workers(),
+                               stage_memory=list(run.plan.stage_memory))
+        return [Tell("allocator", hold)] + [
+            self._command(run, worker, ev.OpenStageInbox, pipeline_id=run.pipeline_id, epoch=run.epoch,
+                          transport=transport) for worker in dict.fromkeys(run.new_workers())]
 
     def _after_prepare_inboxes(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "stages"
@@ -260,7 +263,7 @@ class ClusterRefactorExecutor:
 
     def _after_abort_settle(self, run: ClusterRun, now: float) -> list[Action]:
         self.runs.pop(run.refactor_id, None)
-        return [self._done(run, now)]
+        return [Tell("allocator", ev.RefactorHold(sender=self.name, pipeline_id=run.pipeline_id)), self._done(run, now)]
 
     # ---- helpers -------------------------------------------------------------------------
 

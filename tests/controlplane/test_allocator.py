@@ -121,3 +121,25 @@ def test_a_lost_device_is_never_chosen_and_a_returning_one_is():
     assert "only 0 are available" in decision(request(allocator, "p", [1])).reason
     register(allocator, "w0", 10)
     assert decision(request(allocator, "p", [1], cmd_id=2)).devices == ["w0"]
+
+
+def test_a_running_refactor_holds_its_new_workers_until_it_commits_or_aborts():
+    allocator = Allocator()
+    for worker in ("w0", "w1", "w2"):
+        register(allocator, worker, 10)
+    assert sorted(decision(request(allocator, "p1", [6, 6])).devices) == ["w0", "w1"]
+    hold = ev.RefactorHold(sender="refactor_executor", pipeline_id="p1", workers=["w0", "w2"], stage_memory=[8 * GIB, 6 * GIB])
+    allocator.handle(hold, 0.0)
+    assert allocator.holds["p1"] == {"w0": 2 * GIB, "w2": 6 * GIB}, "only what the target adds is held"
+    assert decision(request(allocator, "p2", [5], cmd_id=2)).devices == [], "the refactor's new worker is not free"
+
+    allocator.handle(ev.RefactorHold(sender="refactor_executor", pipeline_id="p1"), 0.0)  # aborted
+    assert "p1" not in allocator.holds and decision(request(allocator, "p2", [5], cmd_id=4)).devices == ["w2"]
+    allocator.handle(ev.ReleasePlacement(sender="coordinator", pipeline_id="p2"), 0.0)
+
+    allocator.handle(hold, 0.0)
+    allocator.handle(ev.PipelineReshaped(sender="refactor_executor", pipeline_id="p1", epoch=1, workers=["w0", "w2"],
+                                         stage_units=[["embed"], ["head"]], stage_inboxes=["a", "b"],
+                                         stage_memory=[8 * GIB, 6 * GIB]), 0.0)
+    assert "p1" not in allocator.holds and allocator.reservations["p1"] == {"w0": 8 * GIB, "w2": 6 * GIB}
+    assert decision(request(allocator, "p2", [5], cmd_id=5)).devices == ["w1"], "the committed refactor freed w1"

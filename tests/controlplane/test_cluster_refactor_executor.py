@@ -62,6 +62,8 @@ def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_mo
     sends = h.step(migrate_request(layout=layout))
     opens = of(sends, ev.OpenStageInbox)
     assert sorted(s.peer for s in opens) == ["w0", "w2"]
+    held = h.allocator.holds["p1"]
+    assert "w2" in held and "w1" not in held, "the new worker is held for the refactor from PREPARE on"
     sends = []
     for s in opens:
         sends += h.step(ev.StageInboxOpened(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
@@ -108,6 +110,7 @@ def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_mo
     pipeline = h.coordinator.pipelines["p1"]
     assert pipeline.workers == ["w0", "w2"] and pipeline.epoch == 1 and pipeline.former_workers == {"w1"}
     assert set(h.allocator.reservations["p1"]) == {"w0", "w2"} and min(h.allocator.reservations["p1"].values()) > 1
+    assert "p1" not in h.allocator.holds
     commits = of(sends, ev.CommitStageEpoch)
     assert sorted(s.peer for s in commits) == ["w0", "w1", "w2"]
     sends = []
@@ -124,6 +127,7 @@ def test_an_error_in_prepare_aborts_and_every_worker_drops_the_epoch(tiny_model)
     h = Harness(str(tiny_model))
     sends = h.step(ev.RefactorPipeline(sender="op", cmd_id=1, pipeline_id="p1", num_stages=3))
     (first, *_) = of(sends, ev.OpenStageInbox)
+    assert "p1" in h.allocator.holds
     sends = h.step(ev.ErrorReply(sender=first.peer, reply_to=first.event.cmd_id, code="command_failed",
                                  message="disk full"))
     aborts = of(sends, ev.AbortStageEpoch)
@@ -136,6 +140,7 @@ def test_an_error_in_prepare_aborts_and_every_worker_drops_the_epoch(tiny_model)
     (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
     assert outcome.outcome == "aborted" and "disk full" in outcome.reason and outcome.epoch == 0
     assert h.coordinator.pipelines["p1"].workers == ["w0", "w1"] and h.coordinator.pipelines["p1"].epoch == 0
+    assert "p1" not in h.allocator.holds, "an aborted refactor holds nothing"
 
 
 @pytest.mark.parametrize("request_fields, reason", [
