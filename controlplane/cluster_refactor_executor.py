@@ -3,10 +3,11 @@ to workers and the engine host, as a pure state machine.
 
 PREPARE opens the new owners' inboxes, then has every worker of the target layout build
 its stage (weights from itself, its cache, a peer or disk). PRECOPY copies the KV of
-moving layers for what the running requests hold at a snapshot. SWITCH stops the
-engine launching (a seal follows its last micro-batch), has each source send the delta
-past that snapshot once the seal has passed it, activates the new stages once their KV
-landed and the seal passed, and resumes the engine on the new first stage. COMMIT lets every worker drop
+moving layers for what the running requests hold at a snapshot, in up to three rounds,
+each copying what was written since the last. SWITCH stops the engine launching (a seal
+follows its last micro-batch), has each source send the delta past the last snapshot
+once the seal has passed it, activates the new stages once their KV landed and the seal
+passed, and resumes the engine on the new first stage. COMMIT lets every worker drop
 what it no longer serves; ABORT resumes the engine unchanged and drops the new epoch.
 """
 
@@ -19,7 +20,7 @@ from typing import ClassVar
 from common import events as ev
 from controlplane.actor import Action, Send, Tell, Tick
 from controlplane.cluster_refactor import ClusterPlan, ClusterRefactorPlanner
-from dataplane.kv_cache import Watermark, slots_since
+from dataplane.kv_cache import PRECOPY_ROUNDS, PRECOPY_SMALL_SLOTS, Watermark, slots_since
 
 REFACTOR = "refactor"
 
@@ -45,6 +46,7 @@ class ClusterRun:
     paused: bool = False
     snapshot: list = field(default_factory=list)
     launched: int = -1
+    precopy_rounds: int = 0
     transfer_stage: dict[int, tuple[int, int]] = field(default_factory=dict)
     started: float = 0.0
     paused_at: float = 0.0
@@ -190,17 +192,26 @@ class ClusterRefactorExecutor:
     def _begin_precopy(self, run: ClusterRun, now: float) -> list[Action]:
         if not run.plan.kv_moves:
             return [self._done(run, now)]
+        run.kv_bytes, run.precopy_rounds = 0, 0
+        return self._after_precopy_copy(run, now)
+
+    def _after_precopy_snapshot(self, run: ClusterRun, now: float) -> list[Action]:
+        """A round copies what the requests wrote since the last one; after the first, a small
+        remainder is left to SWITCH."""
+        run.step = "copy"
+        block_size = self.planner.coordinator.pipelines[run.pipeline_id].request.block_size
+        if run.precopy_rounds and len(slots_since(run.marks, run.snapshot, block_size)[0]) <= PRECOPY_SMALL_SLOTS:
+            return [self._done(run, now, kv_bytes=run.kv_bytes)]
+        run.precopy_rounds += 1
+        return self._copy_kv(run, run.bytes_per_s if run.precopy_rounds == 1 else 0.0) or \
+            [self._done(run, now, kv_bytes=run.kv_bytes)]
+
+    def _after_precopy_copy(self, run: ClusterRun, now: float) -> list[Action]:
+        if run.precopy_rounds >= PRECOPY_ROUNDS:
+            return [self._done(run, now, kv_bytes=run.kv_bytes)]
         run.step = "snapshot"
         host = self.planner.coordinator.pipelines[run.pipeline_id].engine_host
         return [self._command(run, host, ev.SnapshotKv, pipeline_id=run.pipeline_id)]
-
-    def _after_precopy_snapshot(self, run: ClusterRun, now: float) -> list[Action]:
-        run.step = "copy"
-        run.kv_bytes = 0
-        return self._copy_kv(run, run.bytes_per_s) or self._after_precopy_copy(run, now)
-
-    def _after_precopy_copy(self, run: ClusterRun, now: float) -> list[Action]:
-        return [self._done(run, now, kv_bytes=run.kv_bytes)]
 
     def _begin_switch(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "pause"

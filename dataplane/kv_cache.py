@@ -61,6 +61,10 @@ class Watermark:
     upto: int
 
 
+PRECOPY_ROUNDS = 3  # KV pre-copy rounds before SWITCH, at most
+PRECOPY_SMALL_SLOTS = 64  # a later round whose delta is this small is left to SWITCH
+
+
 def slots_since(marks: dict[int, Watermark], snapshot, block_size: int) -> tuple[np.ndarray, dict[int, Watermark]]:
     """The KV slots written since ``marks`` by each (request id, block table, positions written) of
     ``snapshot``, and the watermarks after copying them. A request whose blocks changed (preempted

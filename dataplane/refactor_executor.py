@@ -11,13 +11,11 @@ import numpy as np
 from common import events as ev
 from common.errors import FlexPipeError, PipelineError, RefactorRefused
 from dataplane import worker_protocol as proto
-from dataplane.kv_cache import Watermark, slots_since
+from dataplane.kv_cache import PRECOPY_ROUNDS, PRECOPY_SMALL_SLOTS, Watermark, slots_since
 from dataplane.refactor_plan import SPAWN, RefactorPlan, WorkerHoldings, plan_refactor
 from dataplane.refactor_report import RefactorReport
 from dataplane.transport import open_outbox
 
-PRECOPY_ROUNDS = 3
-PRECOPY_SMALL_SLOTS = 64
 REFILL_WAIT_S = 0.25  # COMMIT waits at most this long for the new pipeline's first answers
 
 

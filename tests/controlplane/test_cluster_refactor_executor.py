@@ -89,6 +89,11 @@ def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_mo
     for s in copies:
         sends += h.step(ev.StageKvCopied(sender="w2", pipeline_id="p1", epoch=1, worker_id="w2",
                                          transfer_id=s.event.transfer_id, num_slots=20, nbytes=2000))
+    (again,) = of(sends, ev.SnapshotKv)
+    assert not of(sends, ev.PauseEngine), "a second pre-copy round looks at what was written meanwhile"
+    sends = h.step(ev.KvSnapshot(sender="e0", reply_to=again.event.cmd_id, pipeline_id="p1", epoch=0, seq_ids=[7],
+                                 block_tables=[[3, 4]], num_computed=[21]))
+    assert not of(sends, ev.CopyStageKv), "one new slot is left to SWITCH"
     (pause,) = of(sends, ev.PauseEngine)
     assert pause.event.seal, "SWITCH seals the old epoch so the delta can follow the drain"
     sends = h.step(ev.EnginePaused(sender="e0", reply_to=pause.event.cmd_id, pipeline_id="p1", epoch=0, seq_ids=[7],
@@ -163,3 +168,36 @@ def test_a_stage_that_does_not_fit_its_workers_free_memory_is_refused(tiny_model
     (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
     assert outcome.outcome == "refused" and "on w2, which has 1000 free" in outcome.reason
     assert len(sends) == 1
+
+
+def test_pre_copy_repeats_while_requests_write_much_and_stops_after_three_rounds(tiny_model):
+    h = Harness(str(tiny_model))
+    layout = [f"{u[0]}..{u[-1]}" for u in h.coordinator.pipelines["p1"].plan.stage_units]
+    sends = h.step(migrate_request(layout=layout))
+    opens = of(sends, ev.OpenStageInbox)
+    sends = []
+    for s in opens:
+        sends += h.step(ev.StageInboxOpened(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
+                                            inbox_address=f"ipc://{s.peer}-new"))
+    for s in of(sends, ev.SendStageUnits):
+        sends += h.step(ev.Ack(sender=s.peer, reply_to=s.event.cmd_id))
+    for s in of(sends, ev.PrepareStageEpoch):
+        sends += h.step(ev.StageEpochPrepared(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
+                                              stage=s.event.stage, sources=s.event.sources,
+                                              bytes_by_source={}, kv_bytes_allocated=0, seconds=0.1))
+    table = list(range(20))
+    copied_per_round = []
+    for written in (100, 200, 300):  # each round, the requests wrote 100 more positions
+        (snapshot,) = of(sends, ev.SnapshotKv)
+        sends = h.step(ev.KvSnapshot(sender="e0", reply_to=snapshot.event.cmd_id, pipeline_id="p1", epoch=0,
+                                     seq_ids=[7], block_tables=[table], num_computed=[written]))
+        copies = of(sends, ev.CopyStageKv)
+        copied_per_round.append(len(np.frombuffer(copies[0].event.slots, "<i8")))
+        for s in copies:
+            h.step(ev.Ack(sender="w1", reply_to=s.event.cmd_id))
+        sends = []
+        for s in copies:
+            sends += h.step(ev.StageKvCopied(sender="w2", pipeline_id="p1", epoch=1, worker_id="w2",
+                                             transfer_id=s.event.transfer_id, num_slots=copied_per_round[-1], nbytes=10))
+    assert copied_per_round == [100, 100, 100]
+    assert not of(sends, ev.SnapshotKv) and of(sends, ev.PauseEngine), "after three rounds SWITCH takes the rest"
