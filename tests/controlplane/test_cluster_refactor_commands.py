@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from common import events as ev
-from controlplane.client import BusClient
+from controlplane.client import BusClient, BusError
 from controlplane.planner import plan_pipeline
 from stand_in_controller import ClusterProcesses, StandInController
 
@@ -178,6 +178,37 @@ def test_a_pause_that_cannot_drain_in_time_is_refused_and_serving_goes_on(cluste
         while not (chunk := client.await_reply(request.cmd_id)).finish_reason:
             tokens += chunk.token_ids
     assert len(before) == 24 and cluster.generate() == before
+
+
+def test_a_sealed_pause_answers_while_a_micro_batch_is_still_in_flight(cluster):
+    c = cluster.controller
+    before = cluster.generate()
+    stuck = cluster.processes.processes["worker-1"]
+    with BusClient(cluster.processes.request_endpoint, timeout_s=60) as client:
+        request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT, max_tokens=24,
+                                 ignore_eos=True)
+        client.send(request)
+        tokens = list(client.await_reply(request.cmd_id).token_ids)
+        stuck.send_signal(signal.SIGSTOP)  # the request's next micro-batch cannot finish now
+        try:
+            started = time.monotonic()
+            paused = c.request("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=5.0, seal=True)
+            assert time.monotonic() - started < 3, "a sealed pause does not wait for the drain"
+            while True:  # the tokens that made it out before the stop
+                try:
+                    tokens += client.await_reply(request.cmd_id, timeout_s=0.5).token_ids
+                except BusError:
+                    break
+            assert paused.launched >= 1 and len(paused.seq_ids) == 1
+            assert paused.num_computed == [len(PROMPT) + len(tokens)], \
+                "the snapshot counts the position the in-flight micro-batch is writing"
+        finally:
+            stuck.send_signal(signal.SIGCONT)
+        c.request("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=0)
+        while not (chunk := client.await_reply(request.cmd_id)).finish_reason:
+            tokens += chunk.token_ids
+        tokens += chunk.token_ids
+    assert tokens == before, "the seal passed the stages and serving went on unchanged"
 
 
 def test_migrating_stage_1_while_a_request_streams_carries_its_kv_and_keeps_every_token(cluster):
