@@ -158,9 +158,7 @@ class Allocator:
 
     def _on_RefactorHold(self, event: ev.RefactorHold) -> list[Action]:
         current = self.reservations.get(event.pipeline_id, {})
-        target: dict[str, int] = {}
-        for worker, memory in zip(event.workers, event.stage_memory):
-            target[worker] = target.get(worker, 0) + memory
+        target = _bytes_per_worker(event.workers, event.stage_memory)
         hold = {w: m - current.get(w, 0) for w, m in target.items() if m > current.get(w, 0)}
         if hold:
             self.holds[event.pipeline_id] = hold
@@ -172,10 +170,7 @@ class Allocator:
         """A refactor moved the pipeline: its reservation follows the new stages."""
         self.holds.pop(event.pipeline_id, None)
         if event.pipeline_id in self.reservations and len(event.stage_memory) == len(event.workers):
-            reservation: dict[str, int] = {}
-            for worker, memory in zip(event.workers, event.stage_memory):
-                reservation[worker] = reservation.get(worker, 0) + memory
-            self.reservations[event.pipeline_id] = reservation
+            self.reservations[event.pipeline_id] = _bytes_per_worker(event.workers, event.stage_memory)
         return []
 
     def _on_PlaceStages(self, event: ev.PlaceStages) -> list[Action]:
@@ -205,3 +200,11 @@ class Allocator:
                 reserved[device] = reserved.get(device, 0) + holdings.get(device, 0) + held.get(device, 0)
                 shared[device] = shared.get(device, 0) + 1
         return reserved, shared
+
+
+def _bytes_per_worker(workers: list[str], stage_memory: list[int]) -> dict[str, int]:
+    """Each worker's total over the stages it is given."""
+    totals: dict[str, int] = {}
+    for worker, memory in zip(workers, stage_memory):
+        totals[worker] = totals.get(worker, 0) + memory
+    return totals

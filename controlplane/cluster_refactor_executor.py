@@ -199,12 +199,12 @@ class ClusterRefactorExecutor:
         """A round copies what the requests wrote since the last one; after the first, a small
         remainder is left to SWITCH."""
         run.step = "copy"
-        block_size = self.planner.coordinator.pipelines[run.pipeline_id].request.block_size
-        if run.precopy_rounds and len(slots_since(run.marks, run.snapshot, block_size)[0]) <= PRECOPY_SMALL_SLOTS:
+        first = run.precopy_rounds == 0
+        actions = self._copy_kv(run, run.bytes_per_s if first else 0.0, at_least=1 if first else PRECOPY_SMALL_SLOTS + 1)
+        if not actions:
             return [self._done(run, now, kv_bytes=run.kv_bytes)]
         run.precopy_rounds += 1
-        return self._copy_kv(run, run.bytes_per_s if run.precopy_rounds == 1 else 0.0) or \
-            [self._done(run, now, kv_bytes=run.kv_bytes)]
+        return actions
 
     def _after_precopy_copy(self, run: ClusterRun, now: float) -> list[Action]:
         if run.precopy_rounds >= PRECOPY_ROUNDS:
@@ -278,11 +278,13 @@ class ClusterRefactorExecutor:
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _copy_kv(self, run: ClusterRun, bytes_per_s: float, after_seal: int = -1) -> list[Action]:
+    def _copy_kv(self, run: ClusterRun, bytes_per_s: float, after_seal: int = -1, at_least: int = 1) -> list[Action]:
+        """Commands copying what was written since the watermarks, if that is ``at_least`` slots."""
         block_size = self.planner.coordinator.pipelines[run.pipeline_id].request.block_size
-        slots, run.marks = slots_since(run.marks, run.snapshot, block_size)
-        if not len(slots):
+        slots, marks = slots_since(run.marks, run.snapshot, block_size)
+        if len(slots) < at_least:
             return []
+        run.marks = marks
         slots = slots.astype("<i8")
         actions = []
         workers = run.new_workers()

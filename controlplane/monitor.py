@@ -29,9 +29,10 @@ class Monitor:
 
     Invariants: a member is ``lost`` once it has been silent for more than
     ``heartbeat_interval_s * lost_after_heartbeats``, and the coordinator, the allocator
-    and the refactor executor are told exactly once per loss; a member that registers again with the same id
-    replaces its old record (a restart with a new pid counts as a loss of the old one
-    first); status answers reflect every event handled before the request.
+    and the refactor executor are told exactly once per loss; a member that registers
+    again with the same id replaces its old record (a restart with a new pid counts as a
+    loss of the old one first); status answers reflect every event handled before the
+    request.
     """
 
     name: ClassVar[str] = "monitor"

@@ -80,7 +80,7 @@ class HostedEngine:
         try:
             if seal:
                 launched, running = engine.begin_pause(timeout_s, seal=True,
-                                                       on_paused=lambda: (engine.launched, self.scheduler.kv_after_flight()))
+                                                       on_paused=lambda: self.scheduler.kv_in_use(in_flight=True))
             else:
                 engine.pause(timeout_s, on_parked=self.scheduler.kv_in_use)
                 launched, running = -1, engine.parked_result

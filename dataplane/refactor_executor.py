@@ -173,7 +173,7 @@ class RefactorExecutor:
         # delta as soon as the seal behind the last old-epoch micro-batch has passed it, so
         # the copy overlaps the drain instead of following it.
         launched, snapshot = engine.begin_pause(max(0.05, deadline - time.monotonic()), seal=True,
-                                                on_paused=lambda: (engine.launched, scheduler.kv_after_flight()),
+                                                on_paused=lambda: scheduler.kv_in_use(in_flight=True),
                                                 on_parked=lambda: len(scheduler.kv_in_use()))
         work.paused = True
         slots, _ = slots_since(work.watermarks, snapshot, p.block_size)

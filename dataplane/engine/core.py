@@ -43,8 +43,8 @@ class EngineCore:
     micro-batch is launched; once the in-flight ones are answered the loop parks at an
     iteration boundary until ``resume`` hands it (maybe) a new first stage, epoch and
     stage count, and replies of any other epoch are dropped. A sealed pause sends one
-    ``EpochSeal`` behind the last micro-batch it launched, before launching anything else. At most ``num_stages``
-    micro-batches are in flight. Every sequence ends with ``on_finish`` called once:
+    ``EpochSeal`` behind the last micro-batch it launched, before launching anything else.
+    At most ``num_stages`` micro-batches are in flight. Every sequence ends with ``on_finish`` called once:
     finished normally, failed with its micro-batch, or failed because the pipeline died.
     """
 
@@ -92,10 +92,8 @@ class EngineCore:
         box: list = []
         self._calls.put((fn, box, done))
         self._wakeup.set()
-        deadline = time.monotonic() + timeout_s
-        while not done.wait(0.05):
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise PipelineError("the engine loop did not run a call in time (stopped or stuck)")
+        if not self._wait_on_loop(done, timeout_s):
+            raise PipelineError("the engine loop did not run a call in time (stopped or stuck)")
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
@@ -110,10 +108,11 @@ class EngineCore:
         """How many micro-batches the engine has launched, over every epoch."""
         return self._next_batch_id
 
-    def begin_pause(self, timeout_s: float, on_paused=None, seal: bool = False, on_parked=None):
-        """Stop launching without waiting for the drain; returns ``on_paused()``, run on the loop
-        thread as the last launch is behind it. ``wait_parked`` then waits for the drain, and
-        ``on_parked()`` runs as the loop parks (its result in ``parked_result``)."""
+    def begin_pause(self, timeout_s: float, on_paused=None, seal: bool = False, on_parked=None) -> tuple[int, object]:
+        """Stop launching without waiting for the drain; returns how many micro-batches were launched
+        (the seal's count) and ``on_paused()``, run on the loop thread as the last launch is behind
+        it. ``wait_parked`` then waits for the drain, and ``on_parked()`` runs as the loop parks
+        (its result in ``parked_result``)."""
         request = PauseRequest(on_paused, seal, threading.Event())
         self._on_parked, self.parked_result = on_parked, None
         self._pause_request = request
@@ -146,9 +145,9 @@ class EngineCore:
     def pause(self, timeout_s: float, on_parked=None) -> float:
         """Stop launching, wait until nothing is in flight; returns when the loop parked (monotonic).
         ``on_parked()`` runs on the loop thread as it parks; its result is left in ``parked_result``."""
-        self._on_parked, self.parked_result = on_parked, None
-        self._pause.set()
-        return self.wait_parked(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        self.begin_pause(timeout_s, on_parked=on_parked)
+        return self.wait_parked(max(0.0, deadline - time.monotonic()))
 
     def resume(self, to_first_stage: Outbox | None = None, epoch: int | None = None,
                num_stages: int | None = None) -> Outbox:
@@ -214,7 +213,7 @@ class EngineCore:
         try:
             if request.seal:
                 self.to_first_stage.send(messages.encode(messages.EpochSeal(self.epoch, self.launched)))
-            request.result = request.on_paused() if request.on_paused is not None else None
+            request.result = (self.launched, request.on_paused() if request.on_paused is not None else None)
         except Exception as exc:  # handed to the caller of begin_pause
             request.result = exc
         request.done.set()

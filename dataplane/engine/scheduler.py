@@ -91,14 +91,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def kv_in_use(self) -> list[tuple[int, tuple[int, ...], int]]:
-        """(request id, block table, positions whose KV is written) of every running request holding KV."""
-        return [(s.seq_id, tuple(s.block_table), s.num_computed) for s in self.running if s.block_table and s.num_computed]
-
-    def kv_after_flight(self) -> list[tuple[int, tuple[int, ...], int]]:
-        """As ``kv_in_use``, counting the positions in-flight micro-batches are writing now."""
-        return [(s.seq_id, tuple(s.block_table), s.num_computed + s.pending_tokens)
-                for s in self.running if s.block_table and s.num_computed + s.pending_tokens]
+    def kv_in_use(self, in_flight: bool = False) -> list[tuple[int, tuple[int, ...], int]]:
+        """(request id, block table, positions whose KV is written) of every running request holding KV;
+        with ``in_flight``, counting the positions in-flight micro-batches are writing now."""
+        held = []
+        for s in self.running:
+            upto = s.num_computed + (s.pending_tokens if in_flight else 0)
+            if s.block_table and upto:
+                held.append((s.seq_id, tuple(s.block_table), upto))
+        return held
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

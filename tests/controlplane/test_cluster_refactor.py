@@ -57,11 +57,16 @@ class Streaming:
         return self.tokens
 
 
+def serve_two_stages(env, model, workers: int) -> None:
+    """``fpctl up`` with ``workers`` workers, then a READY 2-stage pipeline p1 of ``model``."""
+    fpctl(env, "up", "--workers", str(workers))
+    assert json.loads(fpctl(env, "deploy", "--model", str(model), "--stages", "2", "--pipeline", "p1",
+                            "--json").stdout)["state"] == "READY"
+
+
 def test_plan_split_and_migrate_a_serving_cluster_pipeline(cluster_env, tiny_model):
     env = cluster_env
-    fpctl(env, "up", "--workers", "4")
-    assert json.loads(fpctl(env, "deploy", "--model", str(tiny_model), "--stages", "2", "--pipeline", "p1",
-                            "--json").stdout)["state"] == "READY"
+    serve_two_stages(env, tiny_model, workers=4)
     expected = offline_tokens(tiny_model, TOKENS)
 
     plan = json.loads(fpctl(env, "plan", "p1", "--stages", "3", "--json").stdout)
@@ -101,9 +106,7 @@ def test_plan_split_and_migrate_a_serving_cluster_pipeline(cluster_env, tiny_mod
 
 def test_a_new_worker_that_stops_answering_aborts_the_refactor_and_the_old_layout_keeps_serving(cluster_env, tiny_model):
     env = cluster_env
-    fpctl(env, "up", "--workers", "3")
-    assert json.loads(fpctl(env, "deploy", "--model", str(tiny_model), "--stages", "2", "--pipeline", "p1",
-                            "--json").stdout)["state"] == "READY"
+    serve_two_stages(env, tiny_model, workers=3)
     expected = offline_tokens(tiny_model, TOKENS)
     snapshot = status(env)
     serving = [s["worker_id"] for s in snapshot["pipelines"][0]["stages"]]

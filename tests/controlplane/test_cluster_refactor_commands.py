@@ -6,6 +6,7 @@ the tiny model the way the coordinator does, then migrates stage 1 to a spare wo
 that migrate half-way, and checks that generated tokens do not change.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +22,23 @@ from controlplane.planner import plan_pipeline
 from stand_in_controller import ClusterProcesses, StandInController
 
 PROMPT = [5, 17, 42, 9, 101, 33, 7]
+
+
+def send_request(client: BusClient, max_tokens: int) -> ev.GenerateRequest:
+    request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT, max_tokens=max_tokens,
+                             ignore_eos=True)
+    client.send(request)
+    return request
+
+
+def tokens_until_finished(client: BusClient, cmd_id: int) -> list[int]:
+    """The tokens of a request streaming on ``client`` until its last chunk."""
+    tokens: list[int] = []
+    while True:
+        chunk = client.await_reply(cmd_id)
+        tokens += chunk.token_ids
+        if chunk.finish_reason:
+            return tokens
 
 
 class Deployed:
@@ -48,15 +66,24 @@ class Deployed:
 
     def generate(self, max_tokens: int = 24) -> list[int]:
         with BusClient(self.processes.request_endpoint, timeout_s=60) as client:
-            request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT,
-                                     max_tokens=max_tokens, ignore_eos=True)
-            client.send(request)
-            tokens: list[int] = []
-            while True:
-                chunk = client.await_reply(request.cmd_id)
-                tokens += chunk.token_ids
-                if chunk.finish_reason:
-                    return tokens
+            request = send_request(client, max_tokens)
+            return tokens_until_finished(client, request.cmd_id)
+
+    @contextlib.contextmanager
+    def request_stuck_at_stage_1(self, max_tokens: int = 24):
+        """A request mid-generation (its first tokens out) whose next micro-batch cannot finish:
+        worker-1 is stopped for the block. Yields the bus client, the request and the tokens so
+        far; after the block worker-1 runs again and the request's other tokens join that list."""
+        stuck = self.processes.processes["worker-1"]
+        with BusClient(self.processes.request_endpoint, timeout_s=60) as client:
+            request = send_request(client, max_tokens)
+            tokens = list(client.await_reply(request.cmd_id).token_ids)
+            stuck.send_signal(signal.SIGSTOP)
+            try:
+                yield client, request, tokens
+            finally:
+                stuck.send_signal(signal.SIGCONT)
+            tokens += tokens_until_finished(client, request.cmd_id)
 
     def prepare_migrate_of_stage_1(self, epoch: int) -> str:
         """PREPARE stage 1 on worker-2 (weights from worker-1) and stage 0 on worker-0 pointing at it;
@@ -160,54 +187,30 @@ def test_an_abort_after_activation_leaves_the_old_stages_serving(cluster):
 def test_a_pause_that_cannot_drain_in_time_is_refused_and_serving_goes_on(cluster):
     c = cluster.controller
     before = cluster.generate()
-    stuck = cluster.processes.processes["worker-1"]
-    with BusClient(cluster.processes.request_endpoint, timeout_s=60) as client:
-        request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT, max_tokens=24,
-                                 ignore_eos=True)
-        client.send(request)
-        client.await_reply(request.cmd_id)  # a first token: the request is mid-generation
-        stuck.send_signal(signal.SIGSTOP)
-        try:
-            started = time.monotonic()
-            refused = c.refusal("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=0.5)
-            assert time.monotonic() - started < 10
-            assert "could not pause" in refused and "did not drain within 0.5s" in refused
-        finally:
-            stuck.send_signal(signal.SIGCONT)
-        tokens = []
-        while not (chunk := client.await_reply(request.cmd_id)).finish_reason:
-            tokens += chunk.token_ids
+    with cluster.request_stuck_at_stage_1():
+        started = time.monotonic()
+        refused = c.refusal("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=0.5)
+        assert time.monotonic() - started < 10
+        assert "could not pause" in refused and "did not drain within 0.5s" in refused
     assert len(before) == 24 and cluster.generate() == before
 
 
 def test_a_sealed_pause_answers_while_a_micro_batch_is_still_in_flight(cluster):
     c = cluster.controller
     before = cluster.generate()
-    stuck = cluster.processes.processes["worker-1"]
-    with BusClient(cluster.processes.request_endpoint, timeout_s=60) as client:
-        request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT, max_tokens=24,
-                                 ignore_eos=True)
-        client.send(request)
-        tokens = list(client.await_reply(request.cmd_id).token_ids)
-        stuck.send_signal(signal.SIGSTOP)  # the request's next micro-batch cannot finish now
-        try:
-            started = time.monotonic()
-            paused = c.request("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=5.0, seal=True)
-            assert time.monotonic() - started < 3, "a sealed pause does not wait for the drain"
-            while True:  # the tokens that made it out before the stop
-                try:
-                    tokens += client.await_reply(request.cmd_id, timeout_s=0.5).token_ids
-                except BusError:
-                    break
-            assert paused.launched >= 1 and len(paused.seq_ids) == 1
-            assert paused.num_computed == [len(PROMPT) + len(tokens)], \
-                "the snapshot counts the position the in-flight micro-batch is writing"
-        finally:
-            stuck.send_signal(signal.SIGCONT)
+    with cluster.request_stuck_at_stage_1() as (client, request, tokens):
+        started = time.monotonic()
+        paused = c.request("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=5.0, seal=True)
+        assert time.monotonic() - started < 3, "a sealed pause does not wait for the drain"
+        while True:  # the tokens that made it out before the stop
+            try:
+                tokens += client.await_reply(request.cmd_id, timeout_s=0.5).token_ids
+            except BusError:
+                break
+        assert paused.launched >= 1 and len(paused.seq_ids) == 1
+        assert paused.num_computed == [len(PROMPT) + len(tokens)], \
+            "the snapshot counts the position the in-flight micro-batch is writing"
         c.request("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=0)
-        while not (chunk := client.await_reply(request.cmd_id)).finish_reason:
-            tokens += chunk.token_ids
-        tokens += chunk.token_ids
     assert tokens == before, "the seal passed the stages and serving went on unchanged"
 
 
@@ -217,9 +220,7 @@ def test_migrating_stage_1_while_a_request_streams_carries_its_kv_and_keeps_ever
     inbox = cluster.prepare_migrate_of_stage_1(epoch=1)
     layers = [int(u[1:].split(".")[0]) for u in cluster.plan.stage_units[1] if u.endswith(".attn")]
     with BusClient(cluster.processes.request_endpoint, timeout_s=60) as client:
-        request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT, max_tokens=240,
-                                 ignore_eos=True)
-        client.send(request)
+        request = send_request(client, 240)
         tokens = list(client.await_reply(request.cmd_id).token_ids)
 
         paused = c.request("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=10.0)
@@ -238,9 +239,5 @@ def test_migrating_stage_1_while_a_request_streams_carries_its_kv_and_keeps_ever
                   num_stages=2)
         for worker in ("worker-0", "worker-1", "worker-2"):
             c.request(worker, ev.CommitStageEpoch, pipeline_id="p1", epoch=1)
-        while True:
-            chunk = client.await_reply(request.cmd_id)
-            tokens += chunk.token_ids
-            if chunk.finish_reason:
-                break
+        tokens += tokens_until_finished(client, request.cmd_id)
     assert tokens == before, "the request went on at worker-2 with the KV it had at worker-1"

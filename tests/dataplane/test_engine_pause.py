@@ -88,7 +88,7 @@ def test_a_sealed_pause_seals_behind_the_last_launch_and_launches_nothing_until_
     while engine.launched < 6 and time.monotonic() < deadline:
         time.sleep(0.005)
     stage.hold.set()  # the micro-batches now in flight stay there while the pause begins
-    launched, kv = engine.begin_pause(5.0, seal=True, on_paused=lambda: (engine.launched, engine.scheduler.kv_after_flight()),
+    launched, kv = engine.begin_pause(5.0, seal=True, on_paused=lambda: engine.scheduler.kv_in_use(in_flight=True),
                                       on_parked=lambda: len(engine.scheduler.running))
     in_flight = [s for s in engine.scheduler.running if s.in_flight]
     assert in_flight, "the pause began with micro-batches in flight"
@@ -122,7 +122,7 @@ def test_a_sealed_pause_seals_behind_the_last_launch_and_launches_nothing_until_
 def test_an_unsealed_pause_sends_no_seal_and_a_stopped_loop_fails_a_pause_at_once(engine_and_stage):
     engine, stage = engine_and_stage
     done = submit(engine, 2, max_tokens=50)
-    assert engine.begin_pause(5.0, on_paused=lambda: "stopped") == "stopped"
+    assert engine.begin_pause(5.0, on_paused=lambda: "stopped") == (engine.launched, "stopped")
     engine.wait_parked(5.0)
     assert not any(isinstance(h, messages.EpochSeal) for h in stage.seen)
     engine.resume()
