@@ -87,16 +87,20 @@ class SecurityConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
-    """Invariant: at least one worker, a positive worker memory, restart_limit >= 0."""
+    """Invariant: at least one worker, a positive worker memory, restart_limit >= 0, spawn_limit >= 0.
+
+    ``spawn_limit`` is how many more workers the supervisor may start when a refactor needs them."""
 
     workers: int = 2
     worker_memory: int = 4 << 30
     restart_limit: int = 3
     ready_timeout_s: float = 60.0
+    spawn_limit: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "worker_memory", parse_bytes(self.worker_memory))
-        if self.workers < 1 or self.worker_memory <= 0 or self.restart_limit < 0 or self.ready_timeout_s <= 0:
+        if self.workers < 1 or self.worker_memory <= 0 or self.restart_limit < 0 or self.ready_timeout_s <= 0 \
+                or self.spawn_limit < 0:
             raise ConfigError(f"invalid [cluster] settings: {self}")
 
 

@@ -109,6 +109,8 @@ class LoadStage(Command, tag="load_stage"):
 
 
 class StageLoaded(Reply, tag="stage_loaded"):
+    """A stage is loaded; ``tensors_read`` names the checkpoint tensors it read (a stage reads only its own)."""
+
     pipeline_id: str
     epoch: int
     stage: int
@@ -116,6 +118,7 @@ class StageLoaded(Reply, tag="stage_loaded"):
     param_bytes: int
     kv_bytes: int
     load_seconds: float
+    tensors_read: list[str] = []
 
 
 class ConnectStage(Command, tag="connect_stage"):
@@ -142,7 +145,10 @@ class RegisterEngineHost(Command, tag="register_engine_host"):
 
 
 class PrepareEngine(Command, tag="prepare_engine"):
-    """Create the engine of a pipeline and bind the inbox its last stage answers to."""
+    """Create the engine of a pipeline and bind the inbox its last stage answers to.
+
+    ``max_model_len`` caps a request's prompt + output tokens, ``max_num_batched_tokens`` the
+    tokens of one micro-batch; a micro-batch unanswered for ``step_timeout_s`` fails the pipeline."""
 
     pipeline_id: str
     epoch: int
@@ -152,6 +158,9 @@ class PrepareEngine(Command, tag="prepare_engine"):
     block_size: int
     max_num_seqs: int
     transport: str
+    max_model_len: int
+    max_num_batched_tokens: int
+    step_timeout_s: float = 60.0
 
 
 class EnginePrepared(Reply, tag="engine_prepared"):
@@ -170,6 +179,9 @@ class StopEngine(Command, tag="stop_engine"):
 
 
 class EngineMetrics(Event, tag="engine_metrics"):
+    """One engine's load: requests, KV blocks, ``kv_tokens`` (positions with KV written, summed over
+    running requests) and ``step_s`` (the smoothed time a micro-batch takes through the pipeline)."""
+
     host_id: str
     pipeline_id: str
     epoch: int
@@ -178,6 +190,8 @@ class EngineMetrics(Event, tag="engine_metrics"):
     kv_blocks_used: int
     kv_blocks_free: int
     tokens_per_s: float
+    kv_tokens: int = 0
+    step_s: float = 0.0
 
 
 # ---- operators ---------------------------------------------------------------------------
@@ -231,7 +245,12 @@ class StatusReply(Reply, tag="status_reply"):
 
 
 class DeployPipeline(Command, tag="deploy"):
-    """Deploy a model as a pipeline: ``num_stages`` stages cut by the partitioner, or an explicit ``layout``."""
+    """Deploy a model as a pipeline: ``num_stages`` stages cut by the partitioner, or an explicit ``layout``.
+
+    ``workers`` pins stage k to ``workers[k]`` (empty: the allocator places them). The KV cache
+    has ``num_kv_blocks`` blocks, or (0) as many as ``kv_cache_bytes`` per stage holds for
+    ``max_num_seqs`` requests; ``max_model_len`` 0 means the model's own context, and
+    ``max_num_batched_tokens`` 0 means max(context, 2048)."""
 
     pipeline_id: str
     model_dir: str
@@ -241,6 +260,12 @@ class DeployPipeline(Command, tag="deploy"):
     dtype: str = "float32"
     block_size: int = 16
     max_num_seqs: int = 64
+    workers: list[str] = []
+    num_kv_blocks: int = 0
+    kv_cache_bytes: int = 256 << 20
+    max_model_len: int = 0
+    max_num_batched_tokens: int = 0
+    step_timeout_s: float = 60.0
 
 
 class DeployAccepted(Reply, tag="deploy_accepted"):
@@ -258,8 +283,40 @@ class ShutdownRequest(Command, tag="shutdown"):
 # ---- notifications (controller -> subscribers, and the log) ------------------------------
 
 class WorkerLost(Event, tag="worker_lost"):
+    """A member is gone: silent for ``silent_for_s``, or its process exited (``reason`` says how)."""
+
     worker_id: str
     silent_for_s: float
+    reason: str = ""
+
+
+# ---- supervisors (start worker processes on demand and report their exits) ---------------------
+
+class RegisterSupervisor(Command, tag="register_supervisor"):
+    """A process supervisor on ``host`` that can start up to ``spawn_capacity`` more workers."""
+
+    supervisor_id: str
+    host: str
+    pid: int
+    spawn_capacity: int
+
+
+class SpawnWorkers(Command, tag="spawn_workers"):
+    """Start ``count`` more worker processes; answered by ``WorkersSpawned`` once started (they register themselves)."""
+
+    count: int
+
+
+class WorkersSpawned(Reply, tag="workers_spawned"):
+    worker_ids: list[str]
+
+
+class MemberExited(Event, tag="member_exited"):
+    """A supervised worker or engine host process exited with ``exit_code`` (negative: killed by that signal)."""
+
+    member_id: str
+    pid: int
+    exit_code: int
 
 
 class PipelineStateChanged(Event, tag="pipeline_state"):
@@ -296,10 +353,12 @@ class TokenChunk(Reply, tag="tokens"):
 # ---- between actors (co-hosted in the controller, or over the bus when an actor runs alone) ----
 
 class PlaceStages(Command, tag="place_stages"):
-    """Ask the allocator for one device per stage; ``stage_memory[k]`` bytes must fit on stage k's device."""
+    """Ask the allocator for one device per stage; ``stage_memory[k]`` bytes must fit on stage k's device.
+    With ``workers``, stage k must go to ``workers[k]`` (checked and reserved, not chosen)."""
 
     pipeline_id: str
     stage_memory: list[int]
+    workers: list[str] = []
 
 
 class PlacementDecided(Reply, tag="placement"):
@@ -344,6 +403,9 @@ class RefactorPipeline(Command, tag="refactor"):
     migrate: list[int] = []
     dry_run: bool = False
     by: str = "api"
+    precopy_bytes_per_s: float = 0.0
+    worker_memory: int = 0
+    max_workers: int = 0
 
 
 class RefactorPhase(Event, tag="refactor_phase"):
@@ -355,8 +417,24 @@ class RefactorPhase(Event, tag="refactor_phase"):
     phase: str
 
 
+class SwitchTiming(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """SWITCH as the engine measured it, in seconds on its host's monotonic clock.
+
+    ``stall_s``: the engine launched nothing, from the drained pipeline to the first micro-batch of
+    the new epoch; ``switch_s``: from the moment launching stopped (adds the drain);
+    ``requests_carried``: requests holding KV when the layout switched."""
+
+    stall_s: float = 0.0
+    switch_s: float = 0.0
+    paused_at: float = 0.0
+    resumed_at: float = 0.0
+    requests_carried: int = 0
+
+
 class RefactorPhaseDone(Event, tag="refactor_phase_done"):
-    """The executor finished (``ok``) or failed a phase; bytes moved during it and, for SWITCH, the stall."""
+    """The executor finished (``ok``) or failed a phase, with what it moved: PREPARE the weights (by
+    source, per unit) onto ``workers``; PRECOPY ``kv_bytes`` in ``precopy_rounds``; SWITCH the KV delta
+    and the ``switch`` timing."""
 
     pipeline_id: str
     refactor_id: int
@@ -366,8 +444,12 @@ class RefactorPhaseDone(Event, tag="refactor_phase_done"):
     reason: str = ""
     duration_s: float = 0.0
     weight_bytes: int = 0
+    weight_bytes_by_source: dict[str, int] = {}
+    unit_sources: dict[str, str] = {}
+    workers: list[str] = []
     kv_bytes: int = 0
-    stall_s: float = 0.0
+    precopy_rounds: int = 0
+    switch: SwitchTiming | None = None
 
 
 class RefactorOutcome(Reply, tag="refactor_outcome"):
@@ -380,14 +462,25 @@ class RefactorOutcome(Reply, tag="refactor_outcome"):
     outcome: str
     reason: str = ""
     kind: str = ""
+    from_epoch: int = 0
+    old_layout: list[str] = []
     target: list[str] = []
     phase_seconds: dict[str, float] = {}
     weight_bytes: int = 0
+    weight_bytes_by_source: dict[str, int] = {}
+    unit_sources: dict[str, str] = {}
+    kv_layers_moved: list[int] = []
     kv_bytes: int = 0
+    kv_bytes_precopy: int = 0
+    kv_bytes_delta: int = 0
+    precopy_rounds: int = 0
     stall_s: float = 0.0
+    switch_s: float = 0.0
+    requests_carried: int = 0
+    switch: SwitchTiming | None = None
     workers: list[str] = []
     moves: list[str] = []
-    weight_bytes_by_source: dict[str, int] = {}
+    stage_memory: list[int] = []
     stall_estimate_s: float = 0.0
 
 
@@ -591,12 +684,26 @@ class KvSnapshot(Reply, tag="kv_snapshot"):
 
 class ResumeEngine(Command, tag="resume_engine"):
     """Leave the pause; with ``first_stage_address`` set, feed that stage at ``epoch`` with
-    ``num_stages`` stages from now on (empty: resume unchanged). Answered by ``Ack``."""
+    ``num_stages`` stages from now on (empty: resume unchanged). Answered by ``EngineResumed``."""
 
     pipeline_id: str
     epoch: int
     first_stage_address: str = ""
     num_stages: int = 0
+
+
+class EngineResumed(Reply, tag="engine_resumed"):
+    pipeline_id: str
+    epoch: int
+    switch: SwitchTiming
+
+
+class AwaitRefill(Command, tag="await_refill"):
+    """Answer (``Ack``) once the pipeline answered a micro-batch per stage since the last resume, has
+    nothing to do, or ``timeout_s`` passed; COMMIT lets the new layout refill before old stages retire."""
+
+    pipeline_id: str
+    timeout_s: float
 
 
 ANY_EVENT = Union[
@@ -608,7 +715,8 @@ ANY_EVENT = Union[
     RefactorPhaseDone, RefactorOutcome, OpenStageInbox, StageInboxOpened, PrepareStageEpoch, StageEpochPrepared,
     SendStageUnits, CopyStageKv, StageKvCopied, ActivateStageEpoch, StageEpochActivated, CommitStageEpoch,
     AbortStageEpoch, StageEpochSettled, StageEpochFailed, PauseEngine, EnginePaused, ResumeEngine, PipelineReshaped,
-    SnapshotKv, KvSnapshot,
+    SnapshotKv, KvSnapshot, RefactorHold, EngineResumed, AwaitRefill, RegisterSupervisor, SpawnWorkers, WorkersSpawned,
+    MemberExited,
 ]
 
 CATALOGUE: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in ANY_EVENT.__args__}

@@ -66,6 +66,21 @@ def place(graph: ResourceGraph, stage_memory: list[int], reserved: dict[str, int
     return choice
 
 
+def place_pinned(graph: ResourceGraph, stage_memory: list[int], workers: list[str], reserved: dict[str, int]) -> list[str]:
+    """Check that stage k fits on ``workers[k]`` (distinct, known, with the free memory); returns ``workers``.
+    Raises PlacementError naming the first stage that does not fit."""
+    if len(set(workers)) != len(workers):
+        raise PlacementError(f"stages must go to distinct devices, got {workers}")
+    for stage, (device_id, need) in enumerate(zip(workers, stage_memory)):
+        device = graph.devices.get(device_id)
+        if device is None:
+            raise PlacementError(f"stage {stage} is pinned to {device_id!r}, which is not an alive device")
+        free = device.memory_free - reserved.get(device_id, 0)
+        if need > free:
+            raise PlacementError(f"stage {stage} needs {gib(need)}; {device_id} has {gib(free)} free")
+    return list(workers)
+
+
 def _check_feasible(stage_memory: list[int], free: dict[str, int]) -> None:
     if len(stage_memory) > len(free):
         raise PlacementError(f"{len(stage_memory)} stages need {len(stage_memory)} distinct devices; "
@@ -139,24 +154,27 @@ class Allocator:
         self.holds: dict[str, dict[str, int]] = {}
 
     def handle(self, event, now: float) -> list[Action]:
-        return getattr(self, f"_on_{type(event).__name__}")(event)
+        handlers = {ev.RegisterWorker: self._on_register_worker, ev.WorkerLost: self._on_worker_lost,
+                    ev.PlaceStages: self._on_place_stages, ev.ReleasePlacement: self._on_release_placement,
+                    ev.PipelineReshaped: self._on_pipeline_reshaped, ev.RefactorHold: self._on_refactor_hold}
+        return handlers[type(event)](event)
 
-    def _on_RegisterWorker(self, event: ev.RegisterWorker) -> list[Action]:
+    def _on_register_worker(self, event: ev.RegisterWorker) -> list[Action]:
         info = event.device
         self.graph.add_device(Device(info.device_id, info.kind, info.name, info.memory_total, info.memory_free,
                                      info.host, info.rack, frozenset(info.nvlink_peers)))
         return []
 
-    def _on_WorkerLost(self, event: ev.WorkerLost) -> list[Action]:
+    def _on_worker_lost(self, event: ev.WorkerLost) -> list[Action]:
         self.graph.remove_device(event.worker_id)
         return []
 
-    def _on_ReleasePlacement(self, event: ev.ReleasePlacement) -> list[Action]:
+    def _on_release_placement(self, event: ev.ReleasePlacement) -> list[Action]:
         self.reservations.pop(event.pipeline_id, None)
         self.holds.pop(event.pipeline_id, None)
         return []
 
-    def _on_RefactorHold(self, event: ev.RefactorHold) -> list[Action]:
+    def _on_refactor_hold(self, event: ev.RefactorHold) -> list[Action]:
         current = self.reservations.get(event.pipeline_id, {})
         target = _bytes_per_worker(event.workers, event.stage_memory)
         hold = {w: m - current.get(w, 0) for w, m in target.items() if m > current.get(w, 0)}
@@ -166,18 +184,21 @@ class Allocator:
             self.holds.pop(event.pipeline_id, None)
         return []
 
-    def _on_PipelineReshaped(self, event: ev.PipelineReshaped) -> list[Action]:
+    def _on_pipeline_reshaped(self, event: ev.PipelineReshaped) -> list[Action]:
         """A refactor moved the pipeline: its reservation follows the new stages."""
         self.holds.pop(event.pipeline_id, None)
         if event.pipeline_id in self.reservations and len(event.stage_memory) == len(event.workers):
             self.reservations[event.pipeline_id] = _bytes_per_worker(event.workers, event.stage_memory)
         return []
 
-    def _on_PlaceStages(self, event: ev.PlaceStages) -> list[Action]:
+    def _on_place_stages(self, event: ev.PlaceStages) -> list[Action]:
         previous = self.reservations.pop(event.pipeline_id, None)
         reserved, shared = self._totals()
         try:
-            devices = place(self.graph, list(event.stage_memory), reserved, shared=shared, cv=self.cv)
+            if event.workers:
+                devices = place_pinned(self.graph, list(event.stage_memory), list(event.workers), reserved)
+            else:
+                devices = place(self.graph, list(event.stage_memory), reserved, shared=shared, cv=self.cv)
         except PlacementError as error:
             if previous is not None:
                 self.reservations[event.pipeline_id] = previous

@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 
 import zmq
 
@@ -23,25 +24,21 @@ from common.wire import MAX_MESSAGE_BYTES
 from controlplane.allocator import Allocator
 from controlplane.cluster_refactor import ClusterRefactorPlanner
 from controlplane.cluster_refactor_executor import ClusterRefactorExecutor
-from controlplane.coordinator import Coordinator
+from controlplane.coordinator import DeployCoordinator
 from controlplane.monitor import Monitor
 from controlplane.planner import plan_pipeline
 from controlplane.refactor_machine import RefactorCoordinator
 from controlplane.shell import ActorShell
 
 
-def build_actors(config: FlexPipeConfig, inventory=None) -> list:
+def build_actors(config: FlexPipeConfig, inventory=None, refactor_timeouts_s: dict[str, float] | None = None) -> list:
     """The actors a controller hosts; ``inventory`` is an optional resource graph from a TOML file.
     The allocator is left out when the configuration names the endpoint where it runs alone."""
     controller = config.controller
     monitor = Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats)
-    coordinator = Coordinator(plan_pipeline)
-    alive_workers = lambda: [m.member_id for m in monitor.members.values()  # noqa: E731
-                             if m.kind == "worker" and m.state == "alive"]
-    free_memory = lambda worker: (monitor.members[worker].device.memory_free  # noqa: E731
-                                  if worker in monitor.members and monitor.members[worker].device else None)
-    executor = ClusterRefactorExecutor(ClusterRefactorPlanner(coordinator, alive_workers, free_memory))
-    actors = [monitor, coordinator, executor, RefactorCoordinator(executor.plan)]
+    coordinator = DeployCoordinator(plan_pipeline)
+    executor = ClusterRefactorExecutor(ClusterRefactorPlanner(coordinator, monitor))
+    actors = [monitor, coordinator, executor, RefactorCoordinator(executor.plan, refactor_timeouts_s)]
     if not controller.allocator:
         actors.append(Allocator(inventory) if inventory is not None else Allocator())
     return actors
@@ -50,7 +47,8 @@ def build_actors(config: FlexPipeConfig, inventory=None) -> list:
 class Controller:
     """Owns the controller's sockets and authenticator. Invariant: ``close()`` releases all of them."""
 
-    def __init__(self, config: FlexPipeConfig, insecure: bool = False, inventory=None) -> None:
+    def __init__(self, config: FlexPipeConfig, insecure: bool = False, inventory=None,
+                 refactor_timeouts_s: dict[str, float] | None = None) -> None:
         self.config = config
         self.context = zmq.Context()
         self.log = get_logger(process="controller")
@@ -64,7 +62,10 @@ class Controller:
             remote["allocator"].setsockopt(zmq.LINGER, 0)
             remote["allocator"].connect(config.controller.allocator)
         self.remote_sockets = list(remote.values())
-        self.shell = ActorShell(build_actors(config, inventory), self.routers, name="controller", remote_actors=remote)
+        self.shell = ActorShell(build_actors(config, inventory, refactor_timeouts_s), self.routers, name="controller",
+                                remote_actors=remote)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     def _bind(self, endpoint: str) -> zmq.Socket:
         socket = self.context.socket(zmq.ROUTER)
@@ -111,6 +112,28 @@ class Controller:
             loop.close()
             self.close()
             emit(self.log, "controller.stopped")
+
+    def start_thread(self) -> "Controller":
+        """Serve on a thread of this process (the offline ``LLM``); ``stop_thread()`` ends it and closes."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self.shell.run(),),
+                                        name="flexpipe-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop_thread(self, timeout_s: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self.shell.stop)
+        self._thread.join(timeout_s)
+        self._loop.close()
+        self._thread = None
+        self.close()
+
+    def actor(self, name: str):
+        """The hosted actor ``name``; read it from another thread only for a snapshot of its state."""
+        return self.shell.actors[name]
 
     def close(self) -> None:
         for socket in [*self.routers, *self.remote_sockets]:

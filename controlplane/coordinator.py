@@ -19,6 +19,7 @@ from controlplane.actor import Action, Log, Send, Tell, Tick
 from controlplane.planner import PipelinePlan
 
 PHASES = ("PLACING", "PREPARING", "LOADING", "CONNECTING", "STARTING")
+UNSUPPORTED_TRANSPORTS = ("nccl", "gloo")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Pipeline:
     engine_inbox: str = ""
     pending: dict[int, str] = field(default_factory=dict)
     former_workers: set[str] = field(default_factory=set)
+    loaded: dict[int, ev.StageLoaded] = field(default_factory=dict)
 
     @property
     def pipeline_id(self) -> str:
@@ -50,7 +52,7 @@ class Pipeline:
                                reason=self.reason)
 
 
-class Coordinator:
+class DeployCoordinator:
     """Drives pipelines through deploy and undeploy.
 
     Invariants: at most one pipeline per id; a pipeline only advances when every
@@ -66,7 +68,7 @@ class Coordinator:
         ev.ErrorReply, ev.WorkerLost, ev.RegisterWorker, ev.RegisterEngineHost, ev.PipelineReshaped, Tick,
     )
 
-    def __init__(self, planner: Callable[..., PipelinePlan], phase_timeout_s: float = 120.0) -> None:
+    def __init__(self, planner: Callable[[ev.DeployPipeline], PipelinePlan], phase_timeout_s: float = 120.0) -> None:
         self.planner = planner
         self.phase_timeout_s = phase_timeout_s
         self.pipelines: dict[str, Pipeline] = {}
@@ -74,13 +76,21 @@ class Coordinator:
         self.lost: set[str] = set()
         self._cmd_ids = itertools.count(1)
         self._owner: dict[int, str] = {}
+        self.handlers = {
+            ev.DeployPipeline: self._on_deploy, ev.UndeployPipeline: self._on_undeploy,
+            ev.PlacementDecided: self._on_placement_decided, ev.EnginePrepared: self._on_engine_prepared,
+            ev.StageLoaded: self._on_stage_loaded, ev.Ack: self._on_ack, ev.ErrorReply: self._on_error_reply,
+            ev.WorkerLost: self._on_worker_lost, ev.RegisterWorker: self._on_register_worker,
+            ev.RegisterEngineHost: self._on_register_engine_host, ev.PipelineReshaped: self._on_pipeline_reshaped,
+            Tick: self._on_tick,
+        }
 
     def handle(self, event, now: float) -> list[Action]:
-        return getattr(self, f"_on_{type(event).__name__}")(event, now)
+        return self.handlers[type(event)](event, now)
 
     # ---- operator commands -----------------------------------------------------------
 
-    def _on_DeployPipeline(self, event: ev.DeployPipeline, now: float) -> list[Action]:
+    def _on_deploy(self, event: ev.DeployPipeline, now: float) -> list[Action]:
         refuse = lambda reason: [Send(event.sender, ev.ErrorReply(sender=self.name, reply_to=event.cmd_id,  # noqa: E731
                                                                  code="deploy_refused", message=reason)),
                                  Log("pipeline.state", {"pipeline_id": event.pipeline_id, "state": "REFUSED", "reason": reason},
@@ -92,21 +102,26 @@ class Coordinator:
             return refuse("no engine host is registered")
         if event.num_stages < 1 and not event.layout:
             return refuse("give a stage count >= 1 or an explicit layout")
+        if event.transport in UNSUPPORTED_TRANSPORTS:
+            return refuse(f"the {event.transport} transport needs a torch.distributed process group fixed at "
+                          "start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp or cuda_ipc")
         try:
-            plan = self.planner(event.model_dir, event.num_stages, event.layout, event.dtype, event.block_size,
-                                event.max_num_seqs)
+            plan = self.planner(event)
         except FlexPipeError as exc:
             return refuse(str(exc))
+        if event.workers and len(event.workers) != len(plan.stage_units):
+            return refuse(f"{len(event.workers)} workers named for {len(plan.stage_units)} stages")
         pipeline = Pipeline(event, plan, hosts[0])
         self.pipelines[event.pipeline_id] = pipeline
         place = ev.PlaceStages(sender=self.name, cmd_id=self._command(pipeline, "allocator"),
-                               pipeline_id=event.pipeline_id, stage_memory=plan.stage_memory)
+                               pipeline_id=event.pipeline_id, stage_memory=plan.stage_memory,
+                               workers=list(event.workers))
         return [Send(event.sender, ev.DeployAccepted(sender=self.name, reply_to=event.cmd_id, pipeline_id=event.pipeline_id)),
                 Log("pipeline.deploy_requested", {"pipeline_id": event.pipeline_id, "model_dir": event.model_dir,
                                                   "stages": len(plan.stage_units), "stage_memory": plan.stage_memory}),
                 Tell("allocator", place), *self._enter(pipeline, "PLACING", now)]
 
-    def _on_UndeployPipeline(self, event: ev.UndeployPipeline, now: float) -> list[Action]:
+    def _on_undeploy(self, event: ev.UndeployPipeline, now: float) -> list[Action]:
         pipeline = self.pipelines.pop(event.pipeline_id, None)
         if pipeline is None:
             return [Send(event.sender, ev.ErrorReply(sender=self.name, reply_to=event.cmd_id, code="unknown_pipeline",
@@ -117,7 +132,7 @@ class Coordinator:
 
     # ---- replies -----------------------------------------------------------------------
 
-    def _on_PlacementDecided(self, event: ev.PlacementDecided, now: float) -> list[Action]:
+    def _on_placement_decided(self, event: ev.PlacementDecided, now: float) -> list[Action]:
         pipeline = self._answered(event, "PLACING")
         if pipeline is None:
             return []
@@ -129,10 +144,12 @@ class Coordinator:
                                    pipeline_id=pipeline.pipeline_id, epoch=pipeline.epoch, model_dir=request.model_dir,
                                    num_stages=len(plan.stage_units), num_kv_blocks=plan.num_kv_blocks,
                                    block_size=request.block_size, max_num_seqs=request.max_num_seqs,
-                                   transport=request.transport)
+                                   transport=request.transport, max_model_len=plan.max_model_len,
+                                   max_num_batched_tokens=plan.max_num_batched_tokens,
+                                   step_timeout_s=request.step_timeout_s)
         return [Send(pipeline.engine_host, prepare), *self._enter(pipeline, "PREPARING", now)]
 
-    def _on_EnginePrepared(self, event: ev.EnginePrepared, now: float) -> list[Action]:
+    def _on_engine_prepared(self, event: ev.EnginePrepared, now: float) -> list[Action]:
         pipeline = self._answered(event, "PREPARING")
         if pipeline is None:
             return []
@@ -147,11 +164,12 @@ class Coordinator:
             actions.append(Send(worker, load))
         return actions + self._enter(pipeline, "LOADING", now)
 
-    def _on_StageLoaded(self, event: ev.StageLoaded, now: float) -> list[Action]:
+    def _on_stage_loaded(self, event: ev.StageLoaded, now: float) -> list[Action]:
         pipeline = self._answered(event, "LOADING")
         if pipeline is None:
             return []
         pipeline.stage_inboxes[event.stage] = event.inbox_address
+        pipeline.loaded[event.stage] = event
         actions: list[Action] = [Log("stage.loaded", {"pipeline_id": pipeline.pipeline_id, "epoch": pipeline.epoch,
                                                       "stage": event.stage, "param_bytes": event.param_bytes,
                                                       "kv_bytes": event.kv_bytes, "seconds": round(event.load_seconds, 3)})]
@@ -165,7 +183,7 @@ class Coordinator:
             actions.append(Send(worker, connect))
         return actions + self._enter(pipeline, "CONNECTING", now)
 
-    def _on_Ack(self, event: ev.Ack, now: float) -> list[Action]:
+    def _on_ack(self, event: ev.Ack, now: float) -> list[Action]:
         pipeline = self._answered(event, "CONNECTING", "STARTING")
         if pipeline is None or pipeline.pending:
             return []
@@ -176,13 +194,13 @@ class Coordinator:
             return [Send(pipeline.engine_host, start), *self._enter(pipeline, "STARTING", now)]
         return self._enter(pipeline, "READY", now)
 
-    def _on_ErrorReply(self, event: ev.ErrorReply, now: float) -> list[Action]:
+    def _on_error_reply(self, event: ev.ErrorReply, now: float) -> list[Action]:
         pipeline = self._answered(event, *PHASES)
         if pipeline is None:
             return []
         return self._fail(pipeline, f"{event.sender} refused: {event.message}", now)
 
-    def _on_PipelineReshaped(self, event: ev.PipelineReshaped, now: float) -> list[Action]:
+    def _on_pipeline_reshaped(self, event: ev.PipelineReshaped, now: float) -> list[Action]:
         """A refactor switched the pipeline to a new layout; undeploy will unload the former workers too."""
         pipeline = self.pipelines.get(event.pipeline_id)
         if pipeline is None or event.epoch <= pipeline.epoch:
@@ -197,24 +215,24 @@ class Coordinator:
 
     # ---- cluster changes and time --------------------------------------------------------
 
-    def _on_RegisterWorker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
+    def _on_register_worker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
         self.lost.discard(event.worker_id)  # a restarted worker: a new process, usable again
         return []
 
-    def _on_RegisterEngineHost(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
+    def _on_register_engine_host(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
         self.lost.discard(event.host_id)
         if event.host_id not in self.engine_hosts:
             self.engine_hosts.append(event.host_id)
         return []
 
-    def _on_WorkerLost(self, event: ev.WorkerLost, now: float) -> list[Action]:
+    def _on_worker_lost(self, event: ev.WorkerLost, now: float) -> list[Action]:
         self.lost.add(event.worker_id)
         actions: list[Action] = []
         for pipeline in self.pipelines.values():
             involved = event.worker_id in pipeline.workers or event.worker_id == pipeline.engine_host
             if not involved:
                 continue
-            reason = f"{event.worker_id} lost (silent for {event.silent_for_s:.1f}s)"
+            reason = f"{event.worker_id} lost ({event.reason or f'silent for {event.silent_for_s:.1f}s'})"
             if pipeline.state in PHASES:
                 actions += self._fail(pipeline, reason, now)
             elif pipeline.state == "READY":
@@ -226,7 +244,7 @@ class Coordinator:
                         state="DEGRADED", reason=reason)))
         return actions
 
-    def _on_Tick(self, event: Tick, now: float) -> list[Action]:
+    def _on_tick(self, event: Tick, now: float) -> list[Action]:
         actions: list[Action] = []
         for pipeline in list(self.pipelines.values()):
             if pipeline.state in PHASES and now > pipeline.deadline:

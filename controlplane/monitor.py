@@ -11,7 +11,7 @@ from controlplane.actor import Action, Log, Send, Tell, Tick
 
 @dataclass
 class Member:
-    """A registered worker or engine host. ``state`` is ``alive`` or ``lost``."""
+    """A registered worker, engine host or supervisor. ``state`` is ``alive`` or ``lost``."""
 
     member_id: str
     kind: str
@@ -21,6 +21,7 @@ class Member:
     state: str = "alive"
     device: ev.DeviceInfo | None = None
     request_address: str = ""
+    spawn_capacity: int = 0
     stages: list[ev.StageMetrics] = field(default_factory=list)
 
 
@@ -37,8 +38,8 @@ class Monitor:
 
     name: ClassVar[str] = "monitor"
     accepts: ClassVar[tuple[type, ...]] = (
-        ev.RegisterWorker, ev.RegisterEngineHost, ev.Heartbeat, ev.WorkerMetrics, ev.EngineMetrics,
-        ev.StatusRequest, ev.PipelineUpdated, ev.MessageRejected, Tick,
+        ev.RegisterWorker, ev.RegisterEngineHost, ev.RegisterSupervisor, ev.Heartbeat, ev.WorkerMetrics,
+        ev.EngineMetrics, ev.StatusRequest, ev.PipelineUpdated, ev.MessageRejected, ev.MemberExited, Tick,
     )
 
     def __init__(self, heartbeat_interval_s: float = 1.0, lost_after_heartbeats: int = 3) -> None:
@@ -48,17 +49,46 @@ class Monitor:
         self.pipelines: dict[str, ev.PipelineView] = {}
         self.engine_metrics: dict[str, ev.EngineMetrics] = {}
         self.rejected_messages = 0
+        self.handlers = {
+            ev.RegisterWorker: self._on_register_worker, ev.RegisterEngineHost: self._on_register_engine_host,
+            ev.RegisterSupervisor: self._on_register_supervisor, ev.Heartbeat: self._on_heartbeat,
+            ev.WorkerMetrics: self._on_worker_metrics, ev.EngineMetrics: self._on_engine_metrics,
+            ev.StatusRequest: self._on_status_request, ev.PipelineUpdated: self._on_pipeline_updated,
+            ev.MessageRejected: self._on_message_rejected, ev.MemberExited: self._on_member_exited, Tick: self._on_tick,
+        }
 
     def handle(self, event, now: float) -> list[Action]:
-        handler = getattr(self, f"_on_{type(event).__name__}")
-        return handler(event, now)
+        return self.handlers[type(event)](event, now)
 
-    def _on_RegisterWorker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
+    # ---- what other actors read (they run on the same thread) -------------------------------
+
+    def alive_workers(self) -> list[str]:
+        return [m.member_id for m in self.members.values() if m.kind == "worker" and m.state == "alive"]
+
+    def free_memory(self, worker_id: str) -> int | None:
+        member = self.members.get(worker_id)
+        return member.device.memory_free if member is not None and member.device is not None else None
+
+    def spawner(self) -> tuple[str, int] | None:
+        """The alive supervisor that can start the most workers, and how many; None if there is none."""
+        supervisors = [m for m in self.members.values() if m.kind == "supervisor" and m.state == "alive"]
+        best = max(supervisors, key=lambda m: m.spawn_capacity, default=None)
+        return (best.member_id, best.spawn_capacity) if best is not None else None
+
+    def engine_load(self, pipeline_id: str) -> tuple[int, float]:
+        """(positions with KV written, seconds per micro-batch) the pipeline's engine last reported; zeros if none."""
+        metrics = self.engine_metrics.get(pipeline_id)
+        return (metrics.kv_tokens, metrics.step_s) if metrics is not None else (0, 0.0)
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def _on_register_worker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
         actions = self._replace_member(event.worker_id, event.pid, now)
         self.members[event.worker_id] = Member(event.worker_id, "worker", event.pid, event.host, now, device=event.device)
         actions += [
             Tell("allocator", event),
             Tell("coordinator", event),
+            Tell("refactor_executor", event),
             Send(event.sender, ev.WorkerRegistered(sender=self.name, reply_to=event.cmd_id,
                                                    heartbeat_interval_s=self.heartbeat_interval_s)),
             Log("worker.registered", {"worker_id": event.worker_id, "worker_pid": event.pid, "host": event.host,
@@ -66,7 +96,7 @@ class Monitor:
         ]
         return actions
 
-    def _on_RegisterEngineHost(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
+    def _on_register_engine_host(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
         actions = self._replace_member(event.host_id, event.pid, now)
         self.members[event.host_id] = Member(event.host_id, "engine_host", event.pid, event.host, now,
                                              request_address=event.request_address)
@@ -85,7 +115,26 @@ class Monitor:
             actions += self._declare_lost(old, now)
         return actions
 
-    def _on_Heartbeat(self, event: ev.Heartbeat, now: float) -> list[Action]:
+    def _on_register_supervisor(self, event: ev.RegisterSupervisor, now: float) -> list[Action]:
+        actions = self._replace_member(event.supervisor_id, event.pid, now)
+        self.members[event.supervisor_id] = Member(event.supervisor_id, "supervisor", event.pid, event.host, now,
+                                                   spawn_capacity=event.spawn_capacity)
+        return actions + [Send(event.sender, ev.Ack(sender=self.name, reply_to=event.cmd_id))]
+
+    def _on_member_exited(self, event: ev.MemberExited, now: float) -> list[Action]:
+        """A supervisor saw the process exit: lost at once, without waiting for missed heartbeats."""
+        reason = f"exited with code {event.exit_code}"
+        member = self.members.get(event.member_id)
+        if member is not None and member.pid == event.pid:
+            return self._declare_lost(member, now, reason) if member.state == "alive" else []
+        if member is not None:
+            return []  # an older process of a member that registered again since
+        lost = ev.WorkerLost(sender=self.name, worker_id=event.member_id, silent_for_s=0.0, reason=reason)
+        return [Tell("coordinator", lost), Tell("refactor_executor", lost),
+                Log("worker.lost", {"worker_id": event.member_id, "kind": "unregistered", "member_pid": event.pid,
+                                    "reason": reason}, level="warning")]
+
+    def _on_heartbeat(self, event: ev.Heartbeat, now: float) -> list[Action]:
         member = self.members.get(event.worker_id)
         if member is None or member.state == "lost":
             return [Send(event.sender, ev.ErrorReply(sender=self.name, reply_to=-1, code="not_registered",
@@ -93,21 +142,21 @@ class Monitor:
         member.last_seen = now
         return []
 
-    def _on_WorkerMetrics(self, event: ev.WorkerMetrics, now: float) -> list[Action]:
+    def _on_worker_metrics(self, event: ev.WorkerMetrics, now: float) -> list[Action]:
         member = self.members.get(event.worker_id)
         if member is not None and member.state == "alive":
             member.last_seen = now
             member.stages = list(event.stages)
         return []
 
-    def _on_EngineMetrics(self, event: ev.EngineMetrics, now: float) -> list[Action]:
+    def _on_engine_metrics(self, event: ev.EngineMetrics, now: float) -> list[Action]:
         self.engine_metrics[event.pipeline_id] = event
         member = self.members.get(event.host_id)
         if member is not None and member.state == "alive":
             member.last_seen = now
         return []
 
-    def _on_PipelineUpdated(self, event: ev.PipelineUpdated, now: float) -> list[Action]:
+    def _on_pipeline_updated(self, event: ev.PipelineUpdated, now: float) -> list[Action]:
         if event.removed:
             self.pipelines.pop(event.pipeline.pipeline_id, None)
             self.engine_metrics.pop(event.pipeline.pipeline_id, None)
@@ -115,25 +164,27 @@ class Monitor:
             self.pipelines[event.pipeline.pipeline_id] = event.pipeline
         return []
 
-    def _on_MessageRejected(self, event: ev.MessageRejected, now: float) -> list[Action]:
+    def _on_message_rejected(self, event: ev.MessageRejected, now: float) -> list[Action]:
         self.rejected_messages += 1
         return []
 
-    def _on_Tick(self, event: Tick, now: float) -> list[Action]:
+    def _on_tick(self, event: Tick, now: float) -> list[Action]:
         actions: list[Action] = []
         for member in self.members.values():
             if member.state == "alive" and now - member.last_seen > self.lost_after_s:
                 actions += self._declare_lost(member, now)
         return actions
 
-    def _declare_lost(self, member: Member, now: float) -> list[Action]:
+    def _declare_lost(self, member: Member, now: float, reason: str = "") -> list[Action]:
         member.state = "lost"
-        lost = ev.WorkerLost(sender=self.name, worker_id=member.member_id, silent_for_s=round(now - member.last_seen, 3))
+        lost = ev.WorkerLost(sender=self.name, worker_id=member.member_id, silent_for_s=round(now - member.last_seen, 3),
+                             reason=reason)
         return [Tell("coordinator", lost), Tell("allocator", lost), Tell("refactor_executor", lost),
                 Log("worker.lost", {"worker_id": member.member_id, "kind": member.kind, "member_pid": member.pid,
-                                    "silent_for_s": lost.silent_for_s}, level="warning")]
+                                    "silent_for_s": lost.silent_for_s} | ({"reason": reason} if reason else {}),
+                    level="warning")]
 
-    def _on_StatusRequest(self, event: ev.StatusRequest, now: float) -> list[Action]:
+    def _on_status_request(self, event: ev.StatusRequest, now: float) -> list[Action]:
         return [Send(event.sender, self.status(event.cmd_id, now))]
 
     def status(self, reply_to: int, now: float) -> ev.StatusReply:

@@ -22,10 +22,19 @@ DEFAULT_PHASE_TIMEOUTS = {"PREPARE": 120.0, "PRECOPY": 120.0, "SWITCH": 30.0, "C
 
 
 class PlanSummary(Protocol):
-    """What PLAN decided, as far as the coordinator needs to know."""
+    """What PLAN decided, as far as the coordinator needs to know (``ClusterPlanSummary``)."""
 
     kind: str
+    source: list[str]
     target: list[str]
+    workers: list[str]
+    moves: list[str]
+    kv_layers_moved: list[int]
+    stage_memory: list[int]
+    weight_bytes_by_source: dict[str, int]
+    kv_bytes_estimate: int
+    stall_estimate_s: float
+    from_epoch: int
 
 
 @dataclass
@@ -42,11 +51,25 @@ class RefactorRun:
     phase: str = "PLAN"
     phase_started: float = 0.0
     deadline: float = 0.0
+    summary: PlanSummary | None = None
     failure: str = ""
     phase_seconds: dict[str, float] = field(default_factory=dict)
     weight_bytes: int = 0
-    kv_bytes: int = 0
-    stall_s: float = 0.0
+    weight_bytes_by_source: dict[str, int] = field(default_factory=dict)
+    unit_sources: dict[str, str] = field(default_factory=dict)
+    workers: list[str] = field(default_factory=list)
+    kv_bytes_precopy: int = 0
+    kv_bytes_delta: int = 0
+    precopy_rounds: int = 0
+    switch: ev.SwitchTiming | None = None
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_bytes_precopy + self.kv_bytes_delta
+
+    @property
+    def stall_s(self) -> float:
+        return self.switch.stall_s if self.switch is not None else 0.0
 
 
 @dataclass
@@ -121,14 +144,13 @@ class RefactorCoordinator:
             summary = self.planner(request, refactor_id)
         except RefactorRefused as exc:
             return self._refuse(request, state, refactor_id, str(exc))
-        details = {"workers": list(getattr(summary, "workers", [])), "moves": list(getattr(summary, "moves", [])),
-                   "weight_bytes_by_source": dict(getattr(summary, "weight_bytes_by_source", {})),
-                   "kv_bytes": getattr(summary, "kv_bytes_estimate", 0),
-                   "stall_estimate_s": getattr(summary, "stall_estimate_s", 0.0)}
         return [Send(request.sender, ev.RefactorOutcome(
             reply_to=request.cmd_id, pipeline_id=request.pipeline_id, refactor_id=refactor_id,
-            epoch=getattr(summary, "from_epoch", state.epoch), outcome="planned", kind=summary.kind,
-            target=list(summary.target), **details))]
+            epoch=summary.from_epoch, from_epoch=summary.from_epoch, outcome="planned", kind=summary.kind,
+            old_layout=list(summary.source), target=list(summary.target), workers=list(summary.workers),
+            moves=list(summary.moves), kv_layers_moved=list(summary.kv_layers_moved),
+            stage_memory=list(summary.stage_memory), weight_bytes_by_source=dict(summary.weight_bytes_by_source),
+            kv_bytes=summary.kv_bytes_estimate, stall_estimate_s=summary.stall_estimate_s))]
 
     def _start(self, request: ev.RefactorPipeline, state: PipelineRefactors, now: float) -> list:
         if request.dry_run:
@@ -140,9 +162,10 @@ class RefactorCoordinator:
             summary = self.planner(request, refactor_id)
         except RefactorRefused as exc:
             return actions + self._refuse(request, state, refactor_id, str(exc))
-        state.epoch = getattr(summary, "from_epoch", state.epoch)
+        state.epoch = summary.from_epoch
         fields["epoch"] = state.epoch + 1
-        run = RefactorRun(refactor_id, request, request.sender, state.epoch + 1, summary.kind, list(summary.target), now)
+        run = RefactorRun(refactor_id, request, request.sender, state.epoch + 1, summary.kind, list(summary.target), now,
+                          summary=summary, workers=list(summary.workers))
         run.phase_seconds["PLAN"] = 0.0
         state.active = run
         actions += [
@@ -181,9 +204,18 @@ class RefactorCoordinator:
             return []
         run.phase_seconds[run.phase] = done.duration_s
         run.weight_bytes += done.weight_bytes
-        run.kv_bytes += done.kv_bytes
-        if run.phase == "SWITCH" and done.ok:
-            run.stall_s = done.stall_s
+        for source, nbytes in done.weight_bytes_by_source.items():
+            run.weight_bytes_by_source[source] = run.weight_bytes_by_source.get(source, 0) + nbytes
+        run.unit_sources.update(done.unit_sources)
+        if done.workers:
+            run.workers = list(done.workers)
+        if run.phase == "PRECOPY":
+            run.kv_bytes_precopy += done.kv_bytes
+            run.precopy_rounds += done.precopy_rounds
+        elif run.phase == "SWITCH":
+            run.kv_bytes_delta += done.kv_bytes
+            if done.ok:
+                run.switch = done.switch
         actions = [Log("refactor.phase_finished", {
             "pipeline_id": done.pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id, "phase": run.phase,
             "duration_s": done.duration_s, "ok": done.ok, "weight_bytes": done.weight_bytes,
@@ -209,14 +241,24 @@ class RefactorCoordinator:
         if outcome == "committed":
             log = Log("refactor.committed", {"pipeline_id": pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id,
                                              "duration_s": duration, "stall_s": run.stall_s,
+                                             "switch_s": run.switch.switch_s if run.switch else 0.0,
                                              "weight_bytes": run.weight_bytes, "kv_bytes": run.kv_bytes})
         else:
             log = Log("refactor.aborted", {"pipeline_id": pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id,
                                            "phase": run.failure.split(" ", 1)[0], "reason": reason}, "warning")
+        summary = run.summary
+        switch = run.switch or ev.SwitchTiming()
         reply = ev.RefactorOutcome(
             reply_to=run.request.cmd_id, pipeline_id=pipeline_id, refactor_id=run.refactor_id, epoch=state.epoch,
-            outcome=outcome, reason=reason, kind=run.kind, target=run.target, phase_seconds=dict(run.phase_seconds),
-            weight_bytes=run.weight_bytes, kv_bytes=run.kv_bytes, stall_s=run.stall_s)
+            outcome=outcome, reason=reason, kind=run.kind, from_epoch=run.epoch - 1,
+            old_layout=list(summary.source) if summary else [], target=run.target,
+            phase_seconds=dict(run.phase_seconds), weight_bytes=run.weight_bytes,
+            weight_bytes_by_source=dict(run.weight_bytes_by_source), unit_sources=dict(run.unit_sources),
+            kv_layers_moved=list(summary.kv_layers_moved) if summary else [], kv_bytes=run.kv_bytes,
+            kv_bytes_precopy=run.kv_bytes_precopy, kv_bytes_delta=run.kv_bytes_delta,
+            precopy_rounds=run.precopy_rounds, stall_s=switch.stall_s, switch_s=switch.switch_s,
+            requests_carried=switch.requests_carried, switch=run.switch, workers=list(run.workers),
+            stage_memory=list(summary.stage_memory) if summary else [])
         actions = [log, Send(run.requester, reply)]
         if state.queued:
             request, _ = state.queued.popleft()

@@ -81,7 +81,7 @@ class ActorShell:
             self._run_local()
 
     def _drain(self, socket: zmq.Socket) -> None:
-        is_router = socket.socket_type == zmq.ROUTER
+        is_router = socket.type == zmq.ROUTER
         for _ in range(MAX_DRAIN):
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK, copy=True)

@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,11 +26,25 @@ from common.config import FlexPipeConfig, load_config, with_overrides
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
 from common.runtime import remove_rings_of, runtime_dir
-from controlplane.client import BusClient, BusError
+from controlplane.client import BusClient, BusError, Heartbeater
 
 STATE_FILE = "cluster.json"
 STOP_TIMEOUT_S = 10.0
 RESTART_DELAY_S = 2.0
+WORKER_MODULE = "dataplane.cluster_worker"
+# Activations and gathered KV are a few hundred KiB to a few MiB per micro-batch. Above
+# glibc's default mmap threshold every such tensor is a fresh mmap whose pages fault in
+# on first touch, which costs more than the attention itself on small models; keeping
+# them on the heap lets freed blocks be reused.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912"
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a FlexPipe child process: importable sources, unbuffered output, heap tuning."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
+    return env
 
 
 def cluster_state_path() -> Path:
@@ -83,14 +98,17 @@ class ProcessSupervisor:
         child.started_at = time.monotonic()
         emit(self.log, "process.started", child=child.name, child_pid=child.process.pid)
 
-    def watch(self) -> None:
-        """Restart children that exited (one pass; call it periodically)."""
+    def watch(self) -> list[tuple[str, int, int]]:
+        """Restart children that exited (one pass; call it periodically); returns (name, pid, exit code)
+        of each child seen exiting in this pass."""
         now = time.monotonic()
+        exited = []
         for child in self.children.values():
             if child.gave_up or child.process is None or child.process.poll() is None:
                 continue
             if child.restart_at is None:
                 remove_rings_of(child.process.pid)
+                exited.append((child.name, child.process.pid, child.process.returncode))
                 emit(self.log, "process.exited", level="warning", child=child.name, child_pid=child.process.pid,
                      exit_code=child.process.returncode)
                 if child.restarts >= self.restart_limit:
@@ -104,13 +122,19 @@ class ProcessSupervisor:
             child.restart_at = None
             self._spawn(child)
             emit(self.log, "process.restarted", child=child.name, child_pid=child.process.pid, restarts=child.restarts)
+        return exited
 
     def alive(self, name: str) -> bool:
         child = self.children.get(name)
         return child is not None and child.process is not None and child.process.poll() is None
 
+    def pids(self, prefix: str = "") -> list[int]:
+        """Pids of the running children whose name starts with ``prefix``, in start order."""
+        return [c.process.pid for name, c in self.children.items()
+                if name.startswith(prefix) and c.process is not None and c.process.poll() is None]
+
     def stop_all(self, order: list[str] | None = None) -> None:
-        names = order or list(self.children)
+        names = [*(order or []), *(n for n in self.children if n not in (order or []))]
         for name in names:
             child = self.children[name]
             if child.process is not None and child.process.poll() is None:
@@ -127,6 +151,73 @@ class ProcessSupervisor:
                 process.kill()
                 process.wait(5)
             remove_rings_of(process.pid)
+
+
+class SupervisorAgent:
+    """A supervisor as a peer of the control bus: it registers with how many workers it may still
+    start, heartbeats, starts workers on ``SpawnWorkers`` and reports every child that exits
+    (``MemberExited``), so the controller learns of a dead worker at once.
+
+    Invariants: it never starts more than ``spawn_capacity`` workers in all; every ``SpawnWorkers``
+    is answered (``WorkersSpawned`` or an ``ErrorReply``); only the thread calling ``step`` touches
+    its bus socket.
+    """
+
+    def __init__(self, supervisor: ProcessSupervisor, bus: BusClient, agent_id: str,
+                 worker_argv: Callable[[str], list[str]], spawn_capacity: int, first_worker_index: int,
+                 key_dir=None, insecure: bool = False) -> None:
+        self.supervisor, self.bus, self.agent_id = supervisor, bus, agent_id
+        self.worker_argv, self.spawn_capacity = worker_argv, spawn_capacity
+        self.next_index = first_worker_index
+        self.key_dir, self.insecure = key_dir, insecure
+        self.heartbeater: Heartbeater | None = None
+
+    def register(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.bus.request(ev.RegisterSupervisor, timeout_s=2.0, supervisor_id=self.agent_id, host=socket.gethostname(),
+                                 pid=os.getpid(), spawn_capacity=self.spawn_capacity)
+                break
+            except BusError:
+                if time.monotonic() > deadline:
+                    raise
+        if self.heartbeater is None:
+            self.heartbeater = Heartbeater(self.bus.endpoint, self.agent_id, 1.0, key_dir=self.key_dir,
+                                           insecure=self.insecure, context=self.bus.context).start()
+
+    def start_worker(self) -> str:
+        worker_id = f"worker-{self.next_index}"
+        self.next_index += 1
+        self.supervisor.start(worker_id, self.worker_argv(worker_id))
+        return worker_id
+
+    def step(self, timeout_s: float) -> None:
+        """Answer the commands that arrive within ``timeout_s`` and report children that exited."""
+        if self.heartbeater is not None and self.heartbeater.needs_registration.is_set():
+            self.heartbeater.needs_registration.clear()
+            self.register()
+        event = self.bus.receive(timeout_s)
+        while event is not None:
+            if isinstance(event, ev.SpawnWorkers):
+                self.bus.send(self._spawn(event))
+            event = self.bus.receive(0)
+        for name, pid, code in self.supervisor.watch():
+            self.bus.send(ev.MemberExited(sender=self.agent_id, member_id=name, pid=pid, exit_code=code))
+
+    def _spawn(self, command: ev.SpawnWorkers) -> ev.Event:
+        if command.count > self.spawn_capacity:
+            return ev.ErrorReply(sender=self.agent_id, reply_to=command.cmd_id, code="spawn_refused",
+                                 message=f"asked for {command.count} workers; {self.agent_id} may start "
+                                         f"{self.spawn_capacity} more")
+        self.spawn_capacity -= command.count
+        worker_ids = [self.start_worker() for _ in range(command.count)]
+        return ev.WorkersSpawned(sender=self.agent_id, reply_to=command.cmd_id, worker_ids=worker_ids)
+
+    def close(self) -> None:
+        if self.heartbeater is not None:
+            self.heartbeater.stop()
+        self.bus.close()
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.2) -> None:
@@ -155,25 +246,34 @@ class LocalCluster:
     def __init__(self, config: FlexPipeConfig, config_path: str | None, insecure: bool) -> None:
         self.config = config
         self.log = get_logger(process="supervisor")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
-        self.supervisor = ProcessSupervisor(config.cluster.restart_limit, env, self.log)
+        self.supervisor = ProcessSupervisor(config.cluster.restart_limit, child_environment(), self.log)
         self.common = (["--config", config_path] if config_path else []) + (["--insecure"] if insecure else [])
+        self.insecure = insecure
         self.worker_ids = [f"worker-{i}" for i in range(config.cluster.workers)]
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, len(self.worker_ids)))
+        self.agent: SupervisorAgent | None = None
         self.stopping = False
+
+    def worker_argv(self, worker_id: str) -> list[str]:
+        return [sys.executable, "-m", WORKER_MODULE, "--worker-id", worker_id,
+                "--memory", str(self.config.cluster.worker_memory), "--threads", str(self.threads), *self.common]
 
     def up(self) -> None:
         timeout = self.config.cluster.ready_timeout_s
         python = sys.executable
         self.supervisor.start("controller", [python, "-m", "controlplane.controller", *self.common])
         wait_until(lambda: self._dead_check("controller") or cluster_status(self.config) is not None, timeout, "controller")
-        threads = max(1, (os.cpu_count() or 1) // max(1, len(self.worker_ids)))
         for worker_id in self.worker_ids:
-            self.supervisor.start(worker_id, [python, "-m", "dataplane.cluster_worker", "--worker-id", worker_id,
-                                              "--memory", str(self.config.cluster.worker_memory),
-                                              "--threads", str(threads), *self.common])
+            self.supervisor.start(worker_id, self.worker_argv(worker_id))
         self.supervisor.start("engine-0", [python, "-m", "dataplane.engine_host", "--host-id", "engine-0", *self.common])
         wait_until(self._all_registered, timeout, "workers and engine host")
+        security = self.config.security
+        bus = BusClient(self.config.controller.ipc_endpoint, sender="supervisor", key_dir=security.key_path,
+                        insecure=self.insecure or security.insecure)
+        self.agent = SupervisorAgent(self.supervisor, bus, "supervisor", self.worker_argv,
+                                     self.config.cluster.spawn_limit, len(self.worker_ids), security.key_path,
+                                     self.insecure or security.insecure)
+        self.agent.register()
         emit(self.log, "process.ready", children=list(self.supervisor.children))
 
     def _dead_check(self, name: str) -> bool:
@@ -193,11 +293,13 @@ class LocalCluster:
 
     def serve(self) -> None:
         while not self.stopping:
-            self.supervisor.watch()
-            time.sleep(0.2)
+            self.agent.step(0.2)
 
     def down(self) -> None:
-        self.supervisor.stop_all(["engine-0", *self.worker_ids, "controller"])
+        if self.agent is not None:
+            self.agent.close()
+        workers = [name for name in self.supervisor.children if name.startswith("worker-")]
+        self.supervisor.stop_all(["engine-0", *workers, "controller"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket as pysocket
 import sys
+import threading
 import time
 
 import torch
@@ -159,7 +160,7 @@ class ClusterWorker:
         return ev.StageLoaded(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
                               epoch=command.epoch, stage=command.stage, inbox_address=server.inbox.address,
                               param_bytes=server.executor.param_bytes, kv_bytes=server.executor.kv_bytes,
-                              load_seconds=seconds)
+                              load_seconds=seconds, tensors_read=list(server.executor.tensors_read))
 
     def _host(self, pipeline_id: str, epoch: int, transport: str) -> HostedStage:
         hosted = HostedStage(self.context, pipeline_id, epoch, transport, self.worker_id, self.session_dir,
@@ -250,11 +251,23 @@ def main(argv: list[str] | None = None) -> None:
                            args.insecure or config.security.insecure, cache_bytes)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
+    warming = warm_meta_device()
     try:
         worker.run()
     except FlexPipeError as exc:
         print(f"flexpipe worker {args.worker_id}: {exc}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        warming.join(10.0)  # a C++ thread still running at interpreter exit aborts the process
+
+
+def warm_meta_device() -> threading.Thread:
+    """The first op on the ``meta`` device imports its kernels (about a second); pay that at start-up,
+    not when a refactor builds a unit received from a peer. Returns the thread doing it."""
+    thread = threading.Thread(target=lambda: torch.cat([torch.empty(1, device="meta")] * 2), name="warm-meta",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 if __name__ == "__main__":

@@ -49,38 +49,44 @@ class HostedEngine:
     def __init__(self, context: zmq.Context, command: ev.PrepareEngine, session_dir: Path) -> None:
         self.pipeline_id, self.epoch = command.pipeline_id, command.epoch
         self.context = context
-        spec = ModelSpec.from_config(read_config(Path(command.model_dir)))
-        self.requests = RequestFactory(spec, load_tokenizer(Path(command.model_dir)), spec.max_position_embeddings,
+        self.model_dir = Path(command.model_dir)
+        spec = ModelSpec.from_config(read_config(self.model_dir))
+        self.requests = RequestFactory(spec, load_tokenizer(self.model_dir), command.max_model_len,
                                        command.block_size, command.num_kv_blocks)
         self.inbox = Inbox(context, inbox_address(command.transport, str(session_dir), f"engine-{command.pipeline_id}"))
         self.allocator = BlockAllocator(command.num_kv_blocks, command.block_size)
         self.scheduler = Scheduler(self.allocator, command.num_stages, command.max_num_seqs,
-                                   max(spec.max_position_embeddings, 2048))
+                                   command.max_num_batched_tokens)
+        self.step_timeout_s = command.step_timeout_s
         self.engine: EngineCore | None = None
         self.to_first = None
         self.paused = False
+        self.paused_at = 0.0
         self.unavailable = "not started"
-        self.tokens_emitted = 0
 
     def start(self, first_stage_address: str) -> None:
         self.to_first = open_outbox("tcp", self.context, first_stage_address)
-        self.engine = EngineCore(self.scheduler, self.to_first, self.inbox, lambda: None, epoch=self.epoch)
+        self.engine = EngineCore(self.scheduler, self.to_first, self.inbox, lambda: None, epoch=self.epoch,
+                                 step_timeout_s=self.step_timeout_s)
         self.engine.start()
         self.unavailable = ""
 
     def pause(self, timeout_s: float, seal: bool = False) -> tuple[list[tuple[int, list[int], int]], int]:
         """Park the engine with nothing in flight, waiting at most ``timeout_s``; returns each running
         request's (id, block table, positions with KV written) and -1. Sealed, it returns once
-        launching stopped, with the positions in-flight micro-batches write and the seal's count."""
+        launching stopped, with the positions in-flight micro-batches write and the seal's count;
+        as the pipeline drains, the requests holding KV are counted (``requests_carried``)."""
         if self.engine is None:
             raise PipelineError(f"the engine of pipeline {self.pipeline_id} is not started")
         if self.paused:
             raise PipelineError(f"the engine of pipeline {self.pipeline_id} is paused already")
         engine = self.engine
+        self.paused_at = time.monotonic()
         try:
             if seal:
                 launched, running = engine.begin_pause(timeout_s, seal=True,
-                                                       on_paused=lambda: self.scheduler.kv_in_use(in_flight=True))
+                                                       on_paused=lambda: self.scheduler.kv_in_use(in_flight=True),
+                                                       on_parked=lambda: len(self.scheduler.kv_in_use()))
             else:
                 engine.pause(timeout_s, on_parked=self.scheduler.kv_in_use)
                 launched, running = -1, engine.parked_result
@@ -89,28 +95,40 @@ class HostedEngine:
         self.paused = True
         return running, launched
 
-    def resume(self, epoch: int, first_stage_address: str, num_stages: int) -> None:
-        """Leave the pause; with an address, feed that stage at ``epoch`` with ``num_stages`` stages."""
+    def resume(self, epoch: int, first_stage_address: str, num_stages: int) -> ev.SwitchTiming:
+        """Leave the pause; with an address, feed that stage at ``epoch`` with ``num_stages`` stages, once
+        the old epoch drained (bounded). Returns the switch as measured here (``stall_s`` is engine idle
+        time: drained pipeline to resume)."""
         if not self.paused:
             raise PipelineError(f"the engine of pipeline {self.pipeline_id} is not paused")
         if not first_stage_address:
             self.engine.resume()
-        else:
-            if epoch <= self.epoch:
-                raise PipelineError(f"ResumeEngine for epoch {epoch} of pipeline {self.pipeline_id} is stale: "
-                                    f"the engine serves epoch {self.epoch}")
-            if num_stages < 1:
-                raise PipelineError(f"ResumeEngine for pipeline {self.pipeline_id} needs num_stages >= 1")
-            self.engine.wait_parked(MAX_PAUSE_S)  # no reply of the old epoch may be left on the way
-            outbox = open_outbox("tcp", self.context, first_stage_address)
-            self.engine.resume(outbox, epoch, num_stages).close()
-            self.to_first, self.epoch = outbox, epoch
-        self.paused = False
+            self.paused = False
+            return ev.SwitchTiming()
+        if epoch <= self.epoch:
+            raise PipelineError(f"ResumeEngine for epoch {epoch} of pipeline {self.pipeline_id} is stale: "
+                                f"the engine serves epoch {self.epoch}")
+        if num_stages < 1:
+            raise PipelineError(f"ResumeEngine for pipeline {self.pipeline_id} needs num_stages >= 1")
+        parked_at = self.engine.wait_parked(MAX_PAUSE_S)  # no reply of the old epoch may be left on the way
+        carried = self.engine.parked_result
+        outbox = open_outbox("tcp", self.context, first_stage_address)
+        previous = self.engine.resume(outbox, epoch, num_stages)
+        resumed_at = time.monotonic()
+        previous.close()
+        self.to_first, self.epoch, self.paused = outbox, epoch, False
+        return ev.SwitchTiming(stall_s=resumed_at - parked_at, switch_s=resumed_at - self.paused_at,
+                               paused_at=self.paused_at, resumed_at=resumed_at,
+                               requests_carried=carried if isinstance(carried, int) else 0)
+
+    def kv_tokens(self) -> int:
+        """Positions with KV written, summed over running requests (read from another thread: an estimate)."""
+        return sum(seq.num_computed for seq in list(self.scheduler.running))
 
     def fail_all(self, reason: str) -> None:
         self.unavailable = reason
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop(reason=reason)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -139,6 +157,7 @@ class EngineHost:
         self.session_dir = new_session_dir(f"engine-{host_id}-")
         self.engines: dict[str, HostedEngine] = {}
         self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self.refill_waits: list[tuple[ev.AwaitRefill, float]] = []
         self.heartbeat_interval_s = 1.0
         self.log = get_logger(host_id=host_id)
         self.heartbeater: Heartbeater | None = None
@@ -158,13 +177,15 @@ class EngineHost:
                 if time.monotonic() > deadline or not self._running:
                     raise
 
-    def run(self) -> None:
+    def run(self, notify: bool = True) -> None:
+        """Serve until ``stop()``; ``notify`` tells systemd once ready (a service, not an embedded host)."""
         self.register()
         self.heartbeater = Heartbeater(self.bus.endpoint, self.host_id, self.heartbeat_interval_s, key_dir=self.key_dir,
                                        insecure=self.insecure, context=self.context, metrics=self._metrics).start()
         emit(self.log, "process.ready", request_address=self.request_endpoint)
-        freeze_heap()
-        notify_systemd()
+        if notify:
+            freeze_heap()
+            notify_systemd()
         poller = zmq.Poller()
         poller.register(self.bus.socket, zmq.POLLIN)
         poller.register(self.requests_socket, zmq.POLLIN)
@@ -179,6 +200,8 @@ class EngineHost:
             if self.requests_socket in ready:
                 self._drain_requests()
             self._flush_outgoing()
+            if self.refill_waits:
+                self._answer_refilled()
         self.close()
 
     def _metrics(self) -> list[ev.Event]:
@@ -188,7 +211,8 @@ class EngineHost:
             events.append(ev.EngineMetrics(
                 sender=f"{self.host_id}.heartbeat", host_id=self.host_id, pipeline_id=hosted.pipeline_id,
                 epoch=hosted.epoch, running=len(hosted.scheduler.running), waiting=len(hosted.scheduler.waiting),
-                kv_blocks_used=hosted.allocator.num_blocks - free, kv_blocks_free=free, tokens_per_s=0.0))
+                kv_blocks_used=hosted.allocator.num_blocks - free, kv_blocks_free=free, tokens_per_s=0.0,
+                kv_tokens=hosted.kv_tokens(), step_s=hosted.engine.step_seconds if hosted.engine else 0.0))
         return events
 
     def _on_command(self, event) -> None:
@@ -199,7 +223,7 @@ class EngineHost:
             return
         handler = {ev.PrepareEngine: self._prepare, ev.StartEngine: self._start, ev.StopEngine: self._stop,
                    ev.PauseEngine: self._pause, ev.ResumeEngine: self._resume,
-                   ev.SnapshotKv: self._snapshot}.get(type(event))
+                   ev.SnapshotKv: self._snapshot, ev.AwaitRefill: self._await_refill}.get(type(event))
         if handler is None:
             return
         try:
@@ -207,7 +231,8 @@ class EngineHost:
         except Exception as exc:  # every command gets an answer, failures included
             detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
             reply = ev.ErrorReply(sender=self.host_id, reply_to=event.cmd_id, code="command_failed", message=detail)
-        self.bus.send(reply)
+        if reply is not None:
+            self.bus.send(reply)
 
     def _prepare(self, command: ev.PrepareEngine) -> ev.EnginePrepared:
         old = self.engines.pop(command.pipeline_id, None)
@@ -245,11 +270,27 @@ class EngineHost:
                              epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
                              num_computed=[r[2] for r in running])
 
-    def _resume(self, command: ev.ResumeEngine) -> ev.Ack:
+    def _resume(self, command: ev.ResumeEngine) -> ev.EngineResumed:
         hosted = self._hosted(command.pipeline_id)
-        hosted.resume(command.epoch, command.first_stage_address, command.num_stages)
-        emit(self.log, "engine.resumed", pipeline_id=command.pipeline_id, epoch=hosted.epoch)
-        return ev.Ack(sender=self.host_id, reply_to=command.cmd_id)
+        timing = hosted.resume(command.epoch, command.first_stage_address, command.num_stages)
+        emit(self.log, "engine.resumed", pipeline_id=command.pipeline_id, epoch=hosted.epoch,
+             stall_s=round(timing.stall_s, 6), switch_s=round(timing.switch_s, 6))
+        return ev.EngineResumed(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
+                                epoch=hosted.epoch, switch=timing)
+
+    def _await_refill(self, command: ev.AwaitRefill) -> None:
+        self._hosted(command.pipeline_id)
+        self.refill_waits.append((command, time.monotonic() + max(0.0, command.timeout_s)))
+
+    def _answer_refilled(self) -> None:
+        now, waiting = time.monotonic(), []
+        for command, deadline in self.refill_waits:
+            hosted = self.engines.get(command.pipeline_id)
+            if hosted is None or hosted.engine is None or hosted.engine.refilled or now >= deadline:
+                self.bus.send(ev.Ack(sender=self.host_id, reply_to=command.cmd_id))
+            else:
+                waiting.append((command, deadline))
+        self.refill_waits = waiting
 
     def _hosted(self, pipeline_id: str) -> HostedEngine:
         hosted = self.engines.get(pipeline_id)

@@ -1,4 +1,4 @@
-"""A cluster worker's answers about epochs: ``StageEpochs`` replies (worker protocol) turned into bus events."""
+"""A worker's answers about epochs: what ``StageEpochs`` finished on its own time, as bus events."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from typing import Callable
 
 from common import events as ev
 from common.logging import emit, get_logger
-from dataplane import worker_protocol as proto
+
+PREPARED, ACTIVATED = "prepared", "activated"
 
 
 class EpochReplies:
-    """The reply callback of one pipeline's ``StageEpochs`` on a cluster worker.
+    """The ``EpochListener`` of one pipeline's ``StageEpochs`` on a worker.
 
     Invariants: a deferred command (``PrepareStageEpoch``, ``ActivateStageEpoch``) is answered
     exactly once, by its reply (``reply_to`` its ``cmd_id``) or by an ``ErrorReply`` when its
@@ -21,11 +22,11 @@ class EpochReplies:
 
     def __init__(self, worker_id: str, pipeline_id: str, send: Callable[[ev.Event], None]) -> None:
         self.worker_id, self.pipeline_id, self.send = worker_id, pipeline_id, send
-        self.deferred: dict[tuple[type, int], ev.Command] = {}
+        self.deferred: dict[tuple[str, int], ev.Command] = {}
         self.log = get_logger(worker_id=worker_id)
 
-    def defer(self, command: ev.Command, answered_by: type) -> None:
-        """Remember ``command`` until the ``answered_by`` worker-protocol reply of its epoch arrives."""
+    def defer(self, command: ev.Command, answered_by: str) -> None:
+        """Remember ``command`` until its epoch is ``answered_by`` (``PREPARED`` or ``ACTIVATED``)."""
         key = (answered_by, command.epoch)
         earlier = self.deferred.pop(key, None)
         if earlier is not None:
@@ -38,19 +39,11 @@ class EpochReplies:
             if waiting is command:
                 del self.deferred[key]
 
-    def __call__(self, message) -> None:
-        if isinstance(message, proto.StagePrepared):
-            self._prepared(message)
-        elif isinstance(message, proto.EpochActivated):
-            self._activated(message)
-        elif isinstance(message, proto.KvReceived):
-            self.send(ev.StageKvCopied(sender=self.worker_id, pipeline_id=self.pipeline_id, epoch=message.epoch,
-                                       worker_id=self.worker_id, transfer_id=message.transfer_id,
-                                       num_slots=message.num_slots, nbytes=message.nbytes))
-        elif isinstance(message, proto.WorkerError):
-            self.fail(message.epoch, message.message)
+    def kv_received(self, epoch: int, transfer_id: int, num_slots: int, nbytes: int) -> None:
+        self.send(ev.StageKvCopied(sender=self.worker_id, pipeline_id=self.pipeline_id, epoch=epoch,
+                                   worker_id=self.worker_id, transfer_id=transfer_id, num_slots=num_slots, nbytes=nbytes))
 
-    def fail(self, epoch: int, reason: str) -> None:
+    def failed(self, epoch: int, reason: str) -> None:
         """Epoch ``epoch`` cannot go on here: its deferred commands get an error, or, with none waiting, an event says so."""
         emit(self.log, "stage.epoch_failed", level="error", pipeline_id=self.pipeline_id, epoch=epoch, reason=reason)
         waiting = [key for key in self.deferred if key[1] == epoch]
@@ -70,22 +63,22 @@ class EpochReplies:
             self._error(command, reason)
         self.deferred.clear()
 
-    def _prepared(self, message: proto.StagePrepared) -> None:
-        command = self.deferred.pop((proto.StagePrepared, message.epoch), None)
-        emit(self.log, "stage.epoch_prepared", pipeline_id=self.pipeline_id, epoch=message.epoch, stage=message.stage,
-             sources=message.sources, seconds=round(message.seconds, 3))
+    def prepared(self, epoch: int, stage: int, sources: dict[str, str], bytes_by_source: dict[str, int],
+                 kv_bytes_allocated: int, seconds: float) -> None:
+        command = self.deferred.pop((PREPARED, epoch), None)
+        emit(self.log, "stage.epoch_prepared", pipeline_id=self.pipeline_id, epoch=epoch, stage=stage,
+             sources=sources, seconds=round(seconds, 3))
         if command is not None:
             self.send(ev.StageEpochPrepared(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=self.pipeline_id,
-                                            epoch=message.epoch, stage=message.stage, sources=message.sources,
-                                            bytes_by_source=message.bytes_by_source,
-                                            kv_bytes_allocated=message.kv_bytes_allocated, seconds=message.seconds))
+                                            epoch=epoch, stage=stage, sources=sources, bytes_by_source=bytes_by_source,
+                                            kv_bytes_allocated=kv_bytes_allocated, seconds=seconds))
 
-    def _activated(self, message: proto.EpochActivated) -> None:
-        command = self.deferred.pop((proto.EpochActivated, message.epoch), None)
-        emit(self.log, "stage.epoch_activated", pipeline_id=self.pipeline_id, epoch=message.epoch)
+    def activated(self, epoch: int) -> None:
+        command = self.deferred.pop((ACTIVATED, epoch), None)
+        emit(self.log, "stage.epoch_activated", pipeline_id=self.pipeline_id, epoch=epoch)
         if command is not None:
             self.send(ev.StageEpochActivated(sender=self.worker_id, reply_to=command.cmd_id,
-                                             pipeline_id=self.pipeline_id, epoch=message.epoch))
+                                             pipeline_id=self.pipeline_id, epoch=epoch))
 
     def _error(self, command: ev.Command, reason: str) -> None:
         self.send(ev.ErrorReply(sender=self.worker_id, reply_to=command.cmd_id, code="command_failed",

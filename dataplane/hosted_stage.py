@@ -11,8 +11,7 @@ import zmq
 from common import events as ev
 from common.errors import PipelineError
 from common.logging import emit, get_logger
-from dataplane import worker_protocol as proto
-from dataplane.epoch_replies import EpochReplies
+from dataplane.epoch_replies import ACTIVATED, PREPARED, EpochReplies
 from dataplane.param_cache import ParamCache
 from dataplane.stage import StageSpec
 from dataplane.stage_epochs import StageEpochs
@@ -81,7 +80,7 @@ class HostedStage:
         except Exception as exc:  # e.g. a stage built from received weights failed: its prepare is answered
             pending = self.epochs.pending
             epoch = pending.command.epoch if pending is not None else -1
-            self.replies.fail(epoch, f"{type(exc).__name__}: {exc}")
+            self.replies.failed(epoch, f"{type(exc).__name__}: {exc}")
 
     def metrics(self) -> ev.StageMetrics | None:
         server = self.epochs.active
@@ -103,32 +102,27 @@ class HostedStage:
         active = self.epochs.active
         self._refuse_stale(command, max(self.settled_epoch, active.epoch if active is not None else -1))
         set_device(self.device)
-        self.replies.defer(command, proto.StagePrepared)
+        self.replies.defer(command, PREPARED)
         try:
-            self.epochs.prepare(proto.PrepareStage(
-                command.epoch, command.stage, command.num_stages, command.model_dir, list(command.units),
-                dict(command.sources), command.num_kv_blocks, command.block_size, command.dtype, self.device,
-                command.next_address, command.engine_address, command.slot_bytes))
+            self.epochs.prepare(command, self.device)
         except BaseException:
             self.replies.cancel(command)
             raise
 
     def send_units(self, command: ev.SendStageUnits) -> None:
         self._refuse_stale(command, self.settled_epoch)
-        self.epochs.send_units(proto.SendUnits(command.epoch, list(command.units), command.dest_address))
+        self.epochs.send_units(command)
 
     def copy_kv(self, command: ev.CopyStageKv) -> None:
         self._refuse_stale(command, self.settled_epoch)
-        self.epochs.precopy(proto.PrecopyKv(command.epoch, command.transfer_id, command.layer, command.dest_address,
-                                            command.slots, command.bytes_per_s, command.after_seal))
+        self.epochs.precopy(command)
 
     def activate(self, command: ev.ActivateStageEpoch) -> None:
         """Switch once the expected KV landed; its ``StageEpochActivated`` follows then."""
         self._refuse_stale(command, self.settled_epoch)
-        self.replies.defer(command, proto.EpochActivated)
+        self.replies.defer(command, ACTIVATED)
         try:
-            self.epochs.activate(proto.ActivateEpoch(command.epoch, {t.transfer_id: t.num_slots for t in command.expect},
-                                                     command.after_seal))
+            self.epochs.activate(command.epoch, {t.transfer_id: t.num_slots for t in command.expect}, command.after_seal)
         except BaseException:
             self.replies.cancel(command)
             raise

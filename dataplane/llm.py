@@ -1,34 +1,47 @@
-"""The offline API: ``LLM(model, num_stages=...)`` and ``llm.generate(prompts, params)``."""
+"""The offline API: ``LLM(model, num_stages=...)`` and ``llm.generate(prompts, params)``.
+
+An ``LLM`` is a client of the same runtime ``fpctl up`` runs: it hosts the controller and an
+engine host on threads of this process (``LocalCluster``), whose supervisor starts the same
+worker processes; it deploys with ``DeployPipeline`` and refactors with ``RefactorPipeline``,
+and ``generate`` submits straight to the in-process engine.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence as Seq
 
-import zmq
+import psutil
+import structlog
 
-from common.errors import CheckpointError, InvalidRequestError, PartitionError, PipelineError, RefactorAborted, RefactorRefused
+from common import events as ev
+from common.errors import (
+    CheckpointError, InvalidRequestError, PartitionError, PipelineError, RefactorAborted, RefactorRefused,
+)
+from common.logging import configure_logging
 from common.runtime import freeze_heap, new_session_dir
-from dataplane import worker_protocol as proto
-from dataplane.engine.core import EngineCore
-from dataplane.engine.scheduler import Scheduler
-from dataplane.kv_cache import BlockAllocator, kv_bytes_per_block
+from controlplane.client import BusError
+from dataplane.kv_cache import kv_bytes_per_block
+from dataplane.local_cluster import LocalCluster, WorkerOptions
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader, read_config
 from dataplane.models.spec import ModelSpec
-from dataplane.offline_pipeline import OfflinePipeline
 from dataplane.partitioner import partition_model
 from dataplane.refactor_report import RefactorReport
-from dataplane.refactor_service import RefactorService
-from dataplane.requests import RequestFactory, load_tokenizer
+from dataplane.requests import load_tokenizer
 from dataplane.sampling_params import RequestOutput, SamplingParams
 from dataplane.stage import resolve_dtype
-from dataplane.stage_processes import StageProcesses
-from dataplane.transport import Inbox, check_transport, inbox_address, open_outbox
+from dataplane.transport import check_transport
 from dataplane.units import Layout, unit_names
+
+PIPELINE_ID = "llm"
+SPAWN_CAPACITY = 16  # workers a refactor may start beyond the first ones, unless ``max_workers`` says otherwise
+FIXED_GROUP_TRANSPORTS = ("nccl", "gloo")
 
 
 class LLM:
@@ -36,7 +49,7 @@ class LLM:
 
     Invariants: after construction every stage is loaded and serving; ``generate``
     may be called from many threads at once and all their requests share one running
-    batch; ``close()`` (or leaving the ``with`` block) stops every child process.
+    batch; ``close()`` (or leaving the ``with`` block) stops every child process and thread.
     """
 
     def __init__(self, model: str | Path | None = None, *, num_stages: int = 1, layout: Seq | None = None,
@@ -51,6 +64,10 @@ class LLM:
             model = ensure_tiny_model()
         self.model_dir = Path(model).resolve()
         self.transport = check_transport(transport)
+        if self.transport in FIXED_GROUP_TRANSPORTS:
+            raise InvalidRequestError(f"the {self.transport} transport needs a torch.distributed process group fixed "
+                                      "at start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp "
+                                      "or cuda_ipc")
         self.dtype = dtype
         resolve_dtype(dtype)
         self.spec = ModelSpec.from_config(read_config(self.model_dir))
@@ -65,17 +82,16 @@ class LLM:
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks or self._default_kv_blocks(kv_cache_bytes, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens or max(self.max_model_len, 2048)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.requests = RequestFactory(self.spec, self.tokenizer, self.max_model_len, block_size, self.num_kv_blocks)
         self.worker_memory, self.max_workers = worker_memory, max_workers
+        self.epoch = 0
         self._closed = False
-        self._context = zmq.Context()
-        self._session_dir = new_session_dir("pipeline-")
-        self._processes = None
-        self._refactors = None
+        self._cluster: LocalCluster | None = None
+        if not structlog.is_configured():
+            configure_logging("llm", level="warning")
+        self._session_dir = new_session_dir("llm-")
         try:
-            self._start(dtype, start_timeout_s, step_timeout_s, max_num_seqs, spare_workers, param_cache_bytes)
-            self._refactors = RefactorService(OfflinePipeline(self), phase_timeouts_s=refactor_timeouts_s)
+            self._start(stages + spare_workers, max_num_seqs, step_timeout_s, start_timeout_s, param_cache_bytes,
+                        refactor_timeouts_s)
         except BaseException:
             self.close()
             raise
@@ -94,9 +110,7 @@ class LLM:
         return partition_model(self.spec, num_stages, self.max_model_len // 2, device_memory)
 
     def _default_device(self, stage: int) -> str:
-        if self.transport in ("cuda_ipc", "nccl"):
-            return f"cuda:{stage}"
-        return "cpu"
+        return f"cuda:{stage}" if self.transport == "cuda_ipc" else "cpu"
 
     def _default_kv_blocks(self, kv_cache_bytes: int, max_num_seqs: int) -> int:
         layers_per_stage = max(sum(1 for u in self.layout.stage_units(s, self.unit_names) if u.endswith(".attn"))
@@ -106,42 +120,35 @@ class LLM:
         wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(wanted, kv_cache_bytes // per_block))
 
-    def _start(self, dtype: str, start_timeout_s: float, step_timeout_s: float, max_num_seqs: int,
-               spare_workers: int, param_cache_bytes: int | None) -> None:
+    def _start(self, num_workers: int, max_num_seqs: int, step_timeout_s: float, start_timeout_s: float,
+               param_cache_bytes: int | None, refactor_timeouts_s: dict[str, float] | None) -> None:
         stages = self.layout.num_stages
-        self._inbox = Inbox(self._context, inbox_address("shm", str(self._session_dir), "engine"))
-        self._processes = StageProcesses(stages + spare_workers, self._session_dir, self.transport, self._context,
-                                         start_timeout_s, threads_per_worker=max(1, (os.cpu_count() or 1) // stages),
-                                         param_cache_bytes=param_cache_bytes)
-        self._processes.serving = set(range(stages))
-        self.stage_workers = list(range(stages))
-        self.epoch = 0
-        self.slot_bytes = slot_bytes = max(1 << 20, self.max_num_batched_tokens * self.spec.hidden_size * 4 + 4096)
-        dist_init = ""
-        if self.transport in ("nccl", "gloo"):
-            import socket
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                dist_init = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-        commands = [
-            proto.LoadStage(stage, stages, 0, str(self.model_dir), self.layout.stage_units(stage, self.unit_names),
-                            self.num_kv_blocks, self.block_size, dtype, self.devices[stage], self.transport,
-                            self._processes.inboxes[stage + 1] if stage + 1 < stages else "",
-                            self._inbox.address, slot_bytes, dist_init)
-            for stage in range(stages)
-        ]
-        self.stages = self._processes.load(commands)
-        self._to_first = open_outbox("tcp", self._context, self._processes.inboxes[0])
-        scheduler = Scheduler(BlockAllocator(self.num_kv_blocks, self.block_size), stages,
-                              max_num_seqs, self.max_num_batched_tokens)
-        self.engine = EngineCore(scheduler, self._to_first, self._inbox, self._processes.raise_if_dead,
-                                 step_timeout_s=step_timeout_s)
+        options = WorkerOptions(tuple(self.devices), "cuda" if self.transport == "cuda_ipc" else "cpu",
+                                self.worker_memory or psutil.virtual_memory().total,
+                                max(1, (os.cpu_count() or 1) // stages), param_cache_bytes)
+        spawn = max(0, self.max_workers - num_workers) if self.max_workers is not None else SPAWN_CAPACITY
+        # the engine loads the tokenizer once the workers are up; read it meanwhile (imports, file cache)
+        tokenizer_warm_up = threading.Thread(target=load_tokenizer, args=(self.model_dir,), daemon=True)
+        tokenizer_warm_up.start()
+        self._cluster = LocalCluster(self._session_dir, num_workers, options, spawn, start_timeout_s, refactor_timeouts_s)
+        tokenizer_warm_up.join(start_timeout_s)
+        self._finalizer = weakref.finalize(self, self._cluster.close)
+        hosted = self._cluster.deploy(
+            start_timeout_s, pipeline_id=PIPELINE_ID, model_dir=str(self.model_dir),
+            layout=self.layout.describe(self.unit_names), transport=self.transport, dtype=self.dtype,
+            block_size=self.block_size, max_num_seqs=max_num_seqs, workers=[f"worker-{i}" for i in range(stages)],
+            num_kv_blocks=self.num_kv_blocks, max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens, step_timeout_s=step_timeout_s)
+        self.engine, self.requests = hosted.engine, hosted.requests
+        self.tokenizer = self.requests.tokenizer
+        loaded = self._cluster.controller.actor("coordinator").pipelines[PIPELINE_ID].loaded
+        self.stages = [loaded[stage] for stage in sorted(loaded)]
         freeze_heap()
-        self.engine.start()
 
     @property
     def worker_pids(self) -> list[int]:
-        return self._processes.pids if self._processes else []
+        """Pids of the worker processes serving or ready to serve stages, in start order."""
+        return self._cluster.worker_pids() if self._cluster is not None and not self._closed else []
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  timeout_s: float | None = None) -> list[RequestOutput]:
@@ -181,25 +188,39 @@ class LLM:
         continue with their KV cache carried across. Pre-copy runs at most at ``precopy_bytes_per_s``
         (0: unlimited). Returns the report of a committed refactor; raises ``RefactorRefused`` when
         nothing was started and ``RefactorAborted`` (with ``.report``) when the old layout kept serving."""
-        waiter = self._refactor_service().submit(num_stages, self._layout_spec(layout), migrate,
-                                                 bytes_per_s=precopy_bytes_per_s, timeout_s=timeout_s)
-        outcome = waiter.outcome
-        if outcome is None:
-            raise PipelineError("the LLM was closed during the refactor")
+        outcome = self._refactor_request(num_stages, layout, migrate, False, precopy_bytes_per_s, timeout_s)
         if outcome.outcome == "refused":
             raise RefactorRefused(outcome.reason)
+        report = RefactorReport.from_outcome(outcome, clock_offset_s=time.perf_counter() - time.monotonic())
         if outcome.outcome == "aborted":
-            raise RefactorAborted(f"refactor aborted, the old layout still serves: {outcome.reason}", waiter.report)
-        return waiter.report
+            raise RefactorAborted(f"refactor aborted, the old layout still serves: {outcome.reason}", report)
+        self.layout, self.epoch = Layout.from_spec(outcome.target, self.unit_names), outcome.epoch
+        return report
 
     def plan_refactor(self, num_stages: int | None = None, layout: Seq | None = None, *,
                       migrate: Seq[int] = ()) -> dict:
         """What ``refactor`` with these arguments would do (workers, moves, bytes, estimated stall), doing nothing.
         Raises ``RefactorRefused`` when it would be refused."""
-        waiter = self._refactor_service().submit(num_stages, self._layout_spec(layout), migrate, dry_run=True)
-        if waiter.outcome is not None and waiter.outcome.outcome == "refused":
-            raise RefactorRefused(waiter.outcome.reason)
-        return waiter.plan
+        outcome = self._refactor_request(num_stages, layout, migrate, True, 0.0, 60.0)
+        if outcome.outcome == "refused":
+            raise RefactorRefused(outcome.reason)
+        return {"kind": outcome.kind, "from": list(outcome.old_layout), "to": list(outcome.target),
+                "workers": list(outcome.workers), "moves": list(outcome.moves),
+                "weight_bytes_by_source": dict(outcome.weight_bytes_by_source),
+                "kv_layers_moving": list(outcome.kv_layers_moved), "kv_bytes_estimate": outcome.kv_bytes,
+                "stall_estimate_s": outcome.stall_estimate_s, "stage_memory": list(outcome.stage_memory)}
+
+    def _refactor_request(self, num_stages, layout, migrate, dry_run: bool, precopy_bytes_per_s: float,
+                          timeout_s: float) -> ev.RefactorOutcome:
+        self._check_open()
+        try:
+            return self._cluster.request(
+                ev.RefactorPipeline, timeout_s=timeout_s, pipeline_id=PIPELINE_ID, num_stages=num_stages,
+                layout=self._layout_spec(layout), migrate=list(migrate), dry_run=dry_run, by="api",
+                precopy_bytes_per_s=precopy_bytes_per_s, worker_memory=self.worker_memory or 0,
+                max_workers=self.max_workers or 0)
+        except BusError as exc:
+            raise PipelineError(f"the refactor request got no outcome: {exc}") from exc
 
     def _layout_spec(self, layout: Seq | None) -> list[str] | None:
         """A layout as ``"first..last"`` unit ranges, the form refactor requests carry."""
@@ -210,14 +231,23 @@ class LLM:
         except PartitionError as exc:
             raise RefactorRefused(f"bad target layout: {exc}") from exc
 
-    def _refactor_service(self) -> RefactorService:
-        if self._closed or self._refactors is None:
+    def _check_open(self) -> None:
+        if self._closed or self._cluster is None:
             raise PipelineError("this LLM is closed")
-        return self._refactors
 
     def refactor_status(self) -> dict | None:
         """The refactor in progress (id, phase, target epoch, kind, target workers' pids), or None."""
-        return self._refactor_service().current()
+        self._check_open()
+        controller = self._cluster.controller
+        state = controller.actor("refactor").pipelines.get(PIPELINE_ID)
+        run = state.active if state is not None else None
+        if run is None:
+            return None
+        executing = controller.actor("refactor_executor").runs.get(run.refactor_id)
+        workers = executing.new_workers() if executing is not None else []
+        pids = [self._cluster.member_pid(w) for w in workers]
+        return {"refactor_id": run.refactor_id, "phase": run.phase, "epoch": run.epoch, "kind": run.kind,
+                "worker_pids": [pid for pid in pids if pid is not None]}
 
     @property
     def stage_layout(self) -> list[str]:
@@ -228,29 +258,18 @@ class LLM:
         return self.engine.call(lambda: self.engine.scheduler.allocator.num_free)
 
     def close(self) -> None:
-        if self._closed:
+        """Stop the engine, every worker process and the in-process controller; idempotent."""
+        if getattr(self, "_closed", True) and getattr(self, "_cluster", None) is None:
             return
         self._closed = True
-        if self._refactors is not None:
-            self._refactors.close()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.stop()
-        if self._processes is not None:
-            self._processes.close()
-        current = engine.to_first_stage if engine is not None else None
-        for endpoint in (current, getattr(self, "_to_first", None), getattr(self, "_inbox", None)):
-            if endpoint is not None:
-                endpoint.close()
-        self._context.term()
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            self._finalizer.detach()
+            cluster.close()
+        shutil.rmtree(self._session_dir, ignore_errors=True)
 
     def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            self.close()
-

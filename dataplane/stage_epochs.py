@@ -8,14 +8,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import zmq
 
+from common import events as ev
 from common.errors import FlexPipeError, PipelineError
 from dataplane import messages
-from dataplane import worker_protocol as proto
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader, read_config
 from dataplane.models.spec import ModelSpec
@@ -30,11 +31,25 @@ log = logging.getLogger("flexpipe.stage")
 PEER_SEND_TIMEOUT_S = 2.0
 
 
+class EpochListener(Protocol):
+    """Who hears what a ``StageEpochs`` finished on its own time (answers to deferred commands)."""
+
+    def prepared(self, epoch: int, stage: int, sources: dict[str, str], bytes_by_source: dict[str, int],
+                 kv_bytes_allocated: int, seconds: float) -> None: ...
+
+    def activated(self, epoch: int) -> None: ...
+
+    def kv_received(self, epoch: int, transfer_id: int, num_slots: int, nbytes: int) -> None: ...
+
+    def failed(self, epoch: int, reason: str) -> None: ...
+
+
 @dataclass
 class PendingStage:
-    """A stage being prepared for ``command.epoch``: units gathered so far, peers still awaited."""
+    """A stage being prepared for ``command.epoch`` on ``device``: units gathered so far, peers still awaited."""
 
-    command: proto.PrepareStage
+    command: ev.PrepareStageEpoch
+    device: str
     provided: dict[str, object]
     sources: dict[str, str]
     awaiting: set[str]
@@ -82,7 +97,7 @@ class StageEpochs:
     session_dir: str
     transport: str
     worker_id: str
-    reply: object
+    listener: EpochListener
     cache: ParamCache
     slot_bytes: int = 4 << 20
     active: StageServer | None = None
@@ -94,16 +109,6 @@ class StageEpochs:
     sealed_through: int = -1
 
     # ---- serving -------------------------------------------------------------------------
-
-    def load(self, command: proto.LoadStage) -> StageServer:
-        spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks,
-                         command.block_size, command.dtype, command.device)
-        server = StageServer(self.context, spec, stage=command.stage, num_stages=command.num_stages,
-                             epoch=command.epoch, transport=command.transport, session_dir=self.session_dir,
-                             name=f"stage-{self.worker_id}", inbox=self.inbox)
-        server.connect(command.next_address, command.engine_address, command.slot_bytes)
-        self.active, self.slot_bytes = server, command.slot_bytes
-        return server
 
     def on_data(self, message) -> None:
         """Dispatch one data-plane message by its header."""
@@ -139,7 +144,7 @@ class StageEpochs:
 
     # ---- PREPARE -------------------------------------------------------------------------
 
-    def prepare(self, command: proto.PrepareStage) -> None:
+    def prepare(self, command: ev.PrepareStageEpoch, device: str) -> None:
         if self.pending is not None:
             self._drop_pending()
         provided, sources = {}, dict(command.sources)
@@ -157,7 +162,7 @@ class StageEpochs:
                     provided[unit] = cached
         awaiting = {u for u, s in sources.items() if s == "peer"}
         self.slot_bytes = command.slot_bytes
-        self.pending = PendingStage(command, provided, sources, awaiting, time.perf_counter())
+        self.pending = PendingStage(command, device, provided, sources, awaiting, time.perf_counter())
         for unit in list(awaiting):
             tensors = self.early_weights.pop((command.epoch, unit), None)
             if tensors is not None:
@@ -184,7 +189,7 @@ class StageEpochs:
         reader, adapter = self.pending.checkpoint
         shapes = {name: reader.shape(name) for name in adapter.tensor_names(unit)}
         built = skeleton(adapter, unit, shapes, resolve_dtype(command.dtype))
-        self.pending.provided[unit] = fill(built, {k: v.to(command.device) for k, v in tensors.items()})
+        self.pending.provided[unit] = fill(built, {k: v.to(self.pending.device) for k, v in tensors.items()})
         self.pending.awaiting.discard(unit)
 
     def _finish_prepare_if_ready(self) -> None:
@@ -193,7 +198,7 @@ class StageEpochs:
             return
         command = pending.command
         spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks,
-                         command.block_size, command.dtype, command.device)
+                         command.block_size, command.dtype, pending.device)
         executor = StageExecutor(spec, pending.provided, pending.sources)
         executor.warm_up()
         server = StageServer(self.context, spec, stage=command.stage, num_stages=command.num_stages,
@@ -201,10 +206,10 @@ class StageEpochs:
                              name=f"stage-{self.worker_id}", inbox=self.inbox, executor=executor)
         server.connect(command.next_address, command.engine_address, command.slot_bytes)
         pending.server = server
-        self.reply(proto.StagePrepared(command.epoch, command.stage, executor.sources, executor.bytes_by_source(),
-                                       executor.fresh_kv_bytes, time.perf_counter() - pending.started))
+        self.listener.prepared(command.epoch, command.stage, executor.sources, executor.bytes_by_source(),
+                               executor.fresh_kv_bytes, time.perf_counter() - pending.started)
 
-    def send_units(self, command: proto.SendUnits) -> None:
+    def send_units(self, command: ev.SendStageUnits) -> None:
         if self.active is None:
             raise PipelineError(f"worker {self.worker_id} serves nothing to send")
         outbox = self._peer_outbox(command.dest_address)
@@ -224,7 +229,7 @@ class StageEpochs:
 
     # ---- PRECOPY and the SWITCH delta ----------------------------------------------------------
 
-    def precopy(self, command: proto.PrecopyKv) -> None:
+    def precopy(self, command: ev.CopyStageKv) -> None:
         if self.active is None or command.layer not in self.active.executor.kv_pools:
             raise PipelineError(f"worker {self.worker_id} holds no KV of layer {command.layer}")
         pool = self.active.executor.kv_pools[command.layer]
@@ -250,7 +255,7 @@ class StageEpochs:
                 job.outbox.send(header, [part, data])
             except FlexPipeError as exc:
                 self.jobs.popleft()
-                self.reply(proto.WorkerError(f"KV transfer {job.transfer_id} failed: {exc}", job.epoch))
+                self.listener.failed(job.epoch, f"KV transfer {job.transfer_id} failed: {exc}")
                 continue
             job.position += len(part)
             if job.bytes_per_s > 0:
@@ -272,18 +277,19 @@ class StageEpochs:
             return
         pool.index_copy_(1, slots.to(pool.device), data.to(pool.device))
         pending.received_slots[header.transfer_id] = pending.received_slots.get(header.transfer_id, 0) + len(slots)
-        self.reply(proto.KvReceived(header.epoch, header.transfer_id, len(slots), data.numel() * data.element_size()))
+        self.listener.kv_received(header.epoch, header.transfer_id, len(slots), data.numel() * data.element_size())
         self._activate_if_ready()
 
     # ---- SWITCH, COMMIT, ABORT ---------------------------------------------------------------
 
-    def activate(self, command: proto.ActivateEpoch) -> None:
-        """Switch to the prepared stage now, or as soon as the KV it waits for has landed."""
+    def activate(self, epoch: int, expect_slots: dict[int, int], after_seal: int = -1) -> None:
+        """Switch to the prepared stage of ``epoch`` once the KV transfers in ``expect_slots`` (id → slot
+        count) have landed and, on a worker serving now, the seal ``after_seal`` (when >= 0) has passed."""
         pending = self.pending
-        if pending is None or pending.server is None or pending.command.epoch != command.epoch:
-            raise PipelineError(f"worker {self.worker_id} has no stage prepared for epoch {command.epoch}")
-        pending.activate_when = dict(command.expect_slots)
-        pending.activate_after_seal = command.after_seal
+        if pending is None or pending.server is None or pending.command.epoch != epoch:
+            raise PipelineError(f"worker {self.worker_id} has no stage prepared for epoch {epoch}")
+        pending.activate_when = dict(expect_slots)
+        pending.activate_after_seal = after_seal
         self._activate_if_ready()
 
     def _activate_if_ready(self) -> None:
@@ -295,7 +301,7 @@ class StageEpochs:
         if self.active is not None and pending.activate_after_seal > self.sealed_through:
             return
         self.retiring, self.active, self.pending = self.active, pending.server, None
-        self.reply(proto.EpochActivated(pending.command.epoch))
+        self.listener.activated(pending.command.epoch)
 
     def commit(self, epoch: int) -> list[str]:
         old = self.retiring

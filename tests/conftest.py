@@ -44,7 +44,7 @@ def stage_worker_children() -> list[psutil.Process]:
     result = []
     for child in children:
         try:
-            if "dataplane.worker" in " ".join(child.cmdline()):
+            if "dataplane.cluster_worker" in " ".join(child.cmdline()):
                 result.append(child)
         except psutil.Error:
             pass

@@ -61,6 +61,7 @@ class EngineCore:
         self.fatal_error: PipelineError | None = None
         self._next_batch_id = 0
         self._stop = threading.Event()
+        self._stop_reason = "the pipeline was closed"
         self._pause = threading.Event()
         self._parked = threading.Event()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -175,10 +176,12 @@ class EngineCore:
                 box.append(exc)
             done.set()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 10.0, reason: str = "the pipeline was closed") -> None:
+        """Stop the loop; every request still pending fails with ``PipelineError(reason)``."""
+        self._stop_reason = reason
         self._stop.set()
         self._wakeup.set()
-        if self.thread.is_alive():
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout_s)
 
     def _run(self) -> None:
@@ -204,7 +207,7 @@ class EngineCore:
             log.exception("engine loop crashed")
             self._fail_everything(PipelineError(f"engine loop crashed: {type(exc).__name__}: {exc}"))
         else:
-            self._fail_everything(PipelineError("the pipeline was closed"))
+            self._fail_everything(PipelineError(self._stop_reason))
 
     def _stop_launching(self) -> None:
         request, self._pause_request = self._pause_request, None
