@@ -22,12 +22,12 @@ from common.logging import configure_logging, emit, get_logger
 from common.runtime import freeze_heap, notify_systemd
 from common.wire import MAX_MESSAGE_BYTES
 from controlplane.allocator import Allocator
-from controlplane.cluster_refactor import ClusterRefactorPlanner
-from controlplane.cluster_refactor_executor import ClusterRefactorExecutor
-from controlplane.coordinator import DeployCoordinator
+from controlplane.refactor.planner import RefactorPlanner
+from controlplane.refactor.executor import RefactorExecutor
+from controlplane.deploy.coordinator import DeployCoordinator
 from controlplane.monitor import Monitor
-from controlplane.planner import plan_pipeline
-from controlplane.refactor_machine import RefactorCoordinator
+from controlplane.deploy.plan import plan_pipeline
+from controlplane.refactor.coordinator import RefactorCoordinator
 from controlplane.shell import ActorShell
 
 
@@ -37,7 +37,7 @@ def build_actors(config: FlexPipeConfig, inventory=None, refactor_timeouts_s: di
     controller = config.controller
     monitor = Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats)
     coordinator = DeployCoordinator(plan_pipeline)
-    executor = ClusterRefactorExecutor(ClusterRefactorPlanner(coordinator, monitor))
+    executor = RefactorExecutor(RefactorPlanner(coordinator, monitor))
     actors = [monitor, coordinator, executor, RefactorCoordinator(executor.plan, refactor_timeouts_s)]
     if not controller.allocator:
         actors.append(Allocator(inventory) if inventory is not None else Allocator())

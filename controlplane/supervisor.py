@@ -31,7 +31,7 @@ from controlplane.client import BusClient, BusError, Heartbeater
 STATE_FILE = "cluster.json"
 STOP_TIMEOUT_S = 10.0
 RESTART_DELAY_S = 2.0
-WORKER_MODULE = "dataplane.cluster_worker"
+WORKER_MODULE = "dataplane.worker"
 # Activations and gathered KV are a few hundred KiB to a few MiB per micro-batch. Above
 # glibc's default mmap threshold every such tensor is a fresh mmap whose pages fault in
 # on first touch, which costs more than the attention itself on small models; keeping
@@ -265,7 +265,7 @@ class LocalCluster:
         wait_until(lambda: self._dead_check("controller") or cluster_status(self.config) is not None, timeout, "controller")
         for worker_id in self.worker_ids:
             self.supervisor.start(worker_id, self.worker_argv(worker_id))
-        self.supervisor.start("engine-0", [python, "-m", "dataplane.engine_host", "--host-id", "engine-0", *self.common])
+        self.supervisor.start("engine-0", [python, "-m", "dataplane.engine.host", "--host-id", "engine-0", *self.common])
         wait_until(self._all_registered, timeout, "workers and engine host")
         security = self.config.security
         bus = BusClient(self.config.controller.ipc_endpoint, sender="supervisor", key_dir=security.key_path,

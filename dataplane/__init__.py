@@ -1,11 +1,11 @@
 """FlexPipe data plane: model units, stages, KV cache, engine and transports."""
 
-from dataplane.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from dataplane.engine.sampling_params import CompletionOutput, RequestOutput, SamplingParams
 
 
 def __getattr__(name):
     if name == "LLM":
-        from dataplane.llm import LLM
+        from dataplane.llm.llm import LLM
         return LLM
     raise AttributeError(name)
 

@@ -20,14 +20,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from dataplane.tiny_model import ensure_tiny_model
+    from dataplane.models.tiny import ensure_tiny_model
     return ensure_tiny_model()
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """``checkpoint(kind, **overrides)``: a tiny random HF checkpoint written once per session."""
-    from dataplane.checkpoints_for_tests import write_checkpoint
+    from checkpoints import write_checkpoint
     written: dict[tuple, Path] = {}
 
     def make(kind: str, **overrides) -> Path:
@@ -44,7 +44,7 @@ def stage_worker_children() -> list[psutil.Process]:
     result = []
     for child in children:
         try:
-            if "dataplane.cluster_worker" in " ".join(child.cmdline()):
+            if "dataplane.worker" in " ".join(child.cmdline()):
                 result.append(child)
         except psutil.Error:
             pass

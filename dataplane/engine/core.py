@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import msgspec
 
 from common.errors import PipelineError
-from dataplane import messages
+from dataplane.transport import messages
 from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.sequence import Sequence
 from dataplane.transport import Inbox, Outbox

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 
 from dataplane.engine.sequence import Sequence
-from dataplane.kv_cache import BlockAllocator
-from dataplane.messages import SeqWork
+from dataplane.engine.kv_blocks import BlockAllocator
+from dataplane.transport.messages import SeqWork
 
 
 class Scheduler:

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dataplane.messages import SamplingOptions, SeqWork
-from dataplane.sampling_params import SamplingParams
+from dataplane.transport.messages import SamplingOptions, SeqWork
+from dataplane.engine.sampling_params import SamplingParams
 
 
 @dataclass(eq=False)

@@ -1,6 +1,6 @@
 """Architecture adapters: which checkpoint tensors each unit needs and how it runs."""
 
-from dataplane.models.spec import SUPPORTED_ARCHITECTURES, ModelSpec
+from common.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 
 
 def adapter_for(spec: ModelSpec, available: set[str]):

@@ -14,22 +14,6 @@ from common.errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def read_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise CheckpointError(f"model directory {str(path)!r} does not exist or is not a directory")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{str(path)!r} has no config.json; expected a Hugging Face checkpoint directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file} must hold a JSON object")
-    return config
-
-
 class CheckpointReader:
     """Maps tensor names to safetensors files and reads only the tensors asked for.
 

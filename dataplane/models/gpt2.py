@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from dataplane.attention import paged_attention
-from dataplane.batch import BatchInput
+from dataplane.models.attention import paged_attention
+from dataplane.models.batch import BatchInput
 from dataplane.models.layers import activation, layer_norm, linear
-from dataplane.models.spec import ModelSpec
-from dataplane.units import unit_layer
+from common.model.spec import ModelSpec
+from common.model.units import unit_layer
 
 
 class Gpt2Adapter:

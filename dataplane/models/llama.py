@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from dataplane.attention import paged_attention
-from dataplane.batch import BatchInput
+from dataplane.models.attention import paged_attention
+from dataplane.models.batch import BatchInput
 from dataplane.models.layers import activation, linear, rms_norm
 from dataplane.models.rope import RopeSpec, apply_rotary_interleaved, interleave_rotary_rows, rotation
-from dataplane.models.spec import ModelSpec
-from dataplane.units import unit_layer
+from common.model.spec import ModelSpec
+from common.model.units import unit_layer
 
 EMBED = "model.embed_tokens.weight"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import zmq
 
-from dataplane.transport.base import TRANSPORTS, Inbox, Message, Outbox, check_transport
+from dataplane.transport.base import TRANSPORTS, Message, Outbox, check_transport
+from dataplane.transport.inbox import Inbox
 
 
 def inbox_address(kind: str, session_dir: str, name: str, host: str = "127.0.0.1") -> str:

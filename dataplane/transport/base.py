@@ -21,8 +21,8 @@ from common.errors import TransportError
 
 TRANSPORTS = ("shm", "tcp", "cuda_ipc", "nccl", "gloo")
 
-_meta_encoder = msgspec.msgpack.Encoder()
-_meta_decoder = msgspec.msgpack.Decoder(list)
+meta_encoder = msgspec.msgpack.Encoder()
+meta_decoder = msgspec.msgpack.Decoder(list)
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",
                torch.int32: "i32", torch.uint8: "u8", torch.float64: "f64"}
@@ -72,7 +72,7 @@ class Outbox:
             frames = [header]
         else:
             meta, payload, after_send = self._place(list(tensors))
-            frames = [header, _meta_encoder.encode(meta), *payload]
+            frames = [header, meta_encoder.encode(meta), *payload]
         try:
             self.socket.send_multipart(frames, copy=False)
         except zmq.Again as exc:
@@ -93,57 +93,6 @@ class Outbox:
         self.socket.close(linger=0)
 
 
-class Inbox:
-    """The one receiving endpoint of a stage or engine. Reads tensors of every transport kind.
-
-    Invariant: returned tensors are valid until the message is released; inline frames
-    are zero-copy views of the received ZeroMQ frames."""
-
-    def __init__(self, context: zmq.Context, bind_address: str, device: str = "cpu") -> None:
-        self.socket = context.socket(zmq.PULL)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.device = torch.device(device)
-        if bind_address.endswith(":0"):
-            port = self.socket.bind_to_random_port(bind_address.rsplit(":", 1)[0])
-            bind_address = f"{bind_address.rsplit(':', 1)[0]}:{port}"
-        else:
-            self.socket.bind(bind_address)
-        self.address = bind_address
-        self._readers: dict[str, object] = {}
-
-    def recv(self, timeout_ms: int | None = None) -> Message | None:
-        if timeout_ms is not None and not self.socket.poll(timeout_ms):
-            return None
-        frames = self.socket.recv_multipart(copy=False)
-        header = frames[0].bytes
-        if len(frames) == 1:
-            return Message(header, [])
-        message = Message(header, [])
-        try:
-            for dtype, shape, where in _meta_decoder.decode(frames[1].buffer):
-                tensor, release = self._reader(where[0]).read(DTYPES_BY_NAME[dtype], shape, where, frames[2:])
-                message.tensors.append(tensor)
-                if release is not None:
-                    message._releases.append(release)
-        except TransportError:
-            message.release()
-            raise
-        except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-            message.release()
-            raise TransportError(f"unreadable message on {self.address} (malformed tensor metadata?): {exc!r}") from exc
-        return message
-
-    def _reader(self, kind: str):
-        if kind not in self._readers:
-            self._readers[kind] = _make_reader(kind, self.device)
-        return self._readers[kind]
-
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self.socket.close(linger=0)
-
-
 class FrameReader:
     """Reads tensors carried inline as ZeroMQ frames (zero-copy views of the frame)."""
 
@@ -159,18 +108,3 @@ class FrameReader:
 
     def close(self) -> None:
         pass
-
-
-def _make_reader(kind: str, device: torch.device):
-    if kind == "frame":
-        return FrameReader(device)
-    if kind == "shm":
-        from dataplane.transport.shm import ShmReader
-        return ShmReader(device)
-    if kind == "cuda":
-        from dataplane.transport.cuda_ipc import CudaIpcReader
-        return CudaIpcReader(device)
-    if kind == "dist":
-        from dataplane.transport.torch_dist import DistReader
-        return DistReader(device)
-    raise TransportError(f"a message carries tensors of unknown kind {kind!r}")

@@ -53,7 +53,7 @@ class Clients:
     """``count`` closed-loop clients, each sending one request at a time; keeps every result's metrics."""
 
     def __init__(self, llm, count: int, seed: int) -> None:
-        from dataplane.sampling_params import SamplingParams
+        from dataplane.engine.sampling_params import SamplingParams
         self.llm, self.done = llm, []
         self.stop = threading.Event()
         rng = random.Random(seed)
@@ -233,7 +233,7 @@ def _shifted(llm) -> list[str]:
 def measure_restart(args, kind: str) -> dict:
     """Stop, relaunch with the target layout, re-prefill what was in flight; the gap in-flight requests see."""
     from dataplane.llm import LLM
-    from dataplane.sampling_params import SamplingParams
+    from dataplane.engine.sampling_params import SamplingParams
     llm = LLM(args.model, num_stages=2)
     clients = Clients(llm, args.clients, args.seed)
     clients.start()
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     from common.logging import configure_logging
     configure_logging("bench", level="warning", stream=sys.stderr)
     if args.model is None:
-        from dataplane.tiny_model import ensure_tiny_model
+        from dataplane.models.tiny import ensure_tiny_model
         args.model = str(ensure_tiny_model())
     kinds = [k for k in args.refactors.split(",") if k]
     inflight = measure_inflight(args, kinds)

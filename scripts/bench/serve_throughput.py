@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from dataplane.tiny_model import ensure_tiny_model
+        from dataplane.models.tiny import ensure_tiny_model
         args.model = ensure_tiny_model()
     stage_counts = [int(s) for s in args.stages.split(",") if s.strip()]
     prompts, out_lens = make_workload(args.trace, args.requests, args.seed, args.max_prompt, args.max_output)

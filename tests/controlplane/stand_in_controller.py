@@ -105,7 +105,7 @@ class StandInController:
 
 
 class ClusterProcesses:
-    """``dataplane.cluster_worker`` processes and one ``dataplane.engine_host``, pointed at ``controller``."""
+    """``dataplane.worker`` processes and one ``dataplane.engine.host``, pointed at ``controller``."""
 
     def __init__(self, runtime: Path, tmp_path: Path, controller: StandInController, num_workers: int) -> None:
         (tmp_path / "none.toml").write_text("")
@@ -116,8 +116,8 @@ class ClusterProcesses:
         self.processes: dict[str, subprocess.Popen] = {}
         common = ["--controller", controller.endpoint]
         for i in range(num_workers):
-            self._start(f"worker-{i}", ["dataplane.cluster_worker", "--worker-id", f"worker-{i}", "--memory", "1GiB", *common], env)
-        self._start("engine-0", ["dataplane.engine_host", "--host-id", "engine-0", "--request-endpoint",
+            self._start(f"worker-{i}", ["dataplane.worker", "--worker-id", f"worker-{i}", "--memory", "1GiB", *common], env)
+        self._start("engine-0", ["dataplane.engine.host", "--host-id", "engine-0", "--request-endpoint",
                                  self.request_endpoint, *common], env)
 
     def _start(self, name: str, args: list[str], env: dict) -> None:

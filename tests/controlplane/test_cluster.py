@@ -35,7 +35,7 @@ def cluster_env(tmp_path):
 
 
 def fpctl(env, *args, check=True, timeout=180):
-    result = subprocess.run([sys.executable, "-m", "controlplane.fpctl", *args], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", *args], env=env, capture_output=True,
                             text=True, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"fpctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -18,7 +18,7 @@ import pytest
 
 from common import events as ev
 from controlplane.client import BusClient, BusError
-from controlplane.planner import plan_pipeline
+from controlplane.deploy.plan import plan_pipeline
 from stand_in_controller import ClusterProcesses, StandInController
 
 PROMPT = [5, 17, 42, 9, 101, 33, 7]

@@ -7,11 +7,12 @@ import pytest
 from common import events as ev
 from controlplane.actor import Send, Tell
 from controlplane.allocator import Allocator
-from controlplane.cluster_refactor import ClusterRefactorPlanner
-from controlplane.cluster_refactor_executor import ClusterRefactorExecutor
-from controlplane.coordinator import Coordinator
-from controlplane.planner import plan_pipeline
-from controlplane.refactor_machine import RefactorCoordinator
+from controlplane.refactor.planner import RefactorPlanner
+from controlplane.refactor.executor import RefactorExecutor
+from controlplane.deploy.coordinator import DeployCoordinator
+from controlplane.deploy.plan import plan_pipeline
+from controlplane.monitor import Monitor
+from controlplane.refactor.coordinator import RefactorCoordinator
 from test_coordinator import run_to_ready
 
 
@@ -19,19 +20,27 @@ class Harness:
     """A READY 2-stage pipeline p1 on w0, w1 (w2 idle), the executor and the refactor coordinator wired
     as the controller wires them; ``step`` feeds an event and routes the actors' Tells between them."""
 
-    def __init__(self, model_dir: str, free_memory=lambda worker: None) -> None:
-        self.coordinator = Coordinator(plan_pipeline, phase_timeout_s=30.0)
+    def __init__(self, model_dir: str, memory: dict[str, int] | None = None) -> None:
+        self.coordinator = DeployCoordinator(plan_pipeline, phase_timeout_s=30.0)
         self.coordinator.handle(ev.RegisterEngineHost(sender="e0", cmd_id=1, host_id="e0", host="h", pid=1,
                                                       request_address="ipc://r"), 0.0)
         run_to_ready(self.coordinator, model_dir, workers=("w0", "w1"))
-        self.executor = ClusterRefactorExecutor(ClusterRefactorPlanner(self.coordinator, lambda: ["w0", "w1", "w2"],
-                                                                         free_memory))
+        self.monitor = Monitor()
+        for worker in ("w0", "w1", "w2"):
+            self.register(worker, (memory or {}).get(worker, 1 << 40))
+        self.executor = RefactorExecutor(RefactorPlanner(self.coordinator, self.monitor))
         self.machine = RefactorCoordinator(self.executor.plan)
         self.allocator = Allocator()
         self.allocator.reservations["p1"] = {"w0": 1, "w1": 1}
         self.actors = {"refactor": self.machine, "refactor_executor": self.executor, "coordinator": self.coordinator,
                        "allocator": self.allocator}
         self.sent: list[Send] = []
+
+    def register(self, worker: str, memory: int = 1 << 40, pid: int = 1) -> None:
+        device = ev.DeviceInfo(device_id=worker, kind="cpu", name="virtual", memory_total=memory, memory_free=memory,
+                               host="h")
+        self.monitor.handle(ev.RegisterWorker(sender=worker, cmd_id=pid, worker_id=worker, host="h", pid=pid,
+                                              device=device), 0.0)
 
     def step(self, event, now: float = 10.0) -> list[Send]:
         """Hand ``event`` to whoever accepts it; returns the Sends to peers it led to."""
@@ -111,20 +120,27 @@ def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_mo
         sends += h.step(ev.StageEpochActivated(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1))
     (resume,) = of(sends, ev.ResumeEngine)
     assert resume.event.first_stage_address == "ipc://w0-new" and resume.event.epoch == 1
-    sends = h.step(ev.Ack(sender="e0", reply_to=resume.event.cmd_id))
+    sends = h.step(ev.EngineResumed(sender="e0", reply_to=resume.event.cmd_id, pipeline_id="p1", epoch=1,
+                                    switch=ev.SwitchTiming(stall_s=0.001, switch_s=0.003, requests_carried=1)))
     pipeline = h.coordinator.pipelines["p1"]
     assert pipeline.workers == ["w0", "w2"] and pipeline.epoch == 1 and pipeline.former_workers == {"w1"}
     assert set(h.allocator.reservations["p1"]) == {"w0", "w2"} and min(h.allocator.reservations["p1"].values()) > 1
     assert "p1" not in h.allocator.holds
-    commits = of(sends, ev.CommitStageEpoch)
+    (refill,) = of(sends, ev.AwaitRefill)
+    assert refill.peer == "e0" and not of(sends, ev.CommitStageEpoch), "old stages retire once the new ones refilled"
+    commits = of(h.step(ev.Ack(sender="e0", reply_to=refill.event.cmd_id)), ev.CommitStageEpoch)
     assert sorted(s.peer for s in commits) == ["w0", "w1", "w2"]
     sends = []
     for s in commits:
         sends += h.step(ev.StageEpochSettled(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1,
-                                             outcome="committed"))
+                                             outcome="committed", cached_units=["L1.mlp"] if s.peer == "w1" else []))
     (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
     assert outcome.outcome == "committed" and outcome.epoch == 1 and outcome.kind == "migrate"
-    assert outcome.weight_bytes == 200 and outcome.kv_bytes > 0
+    assert outcome.weight_bytes == 200 and outcome.weight_bytes_by_source == {"peer": 200}
+    assert outcome.kv_bytes == outcome.kv_bytes_precopy + outcome.kv_bytes_delta
+    assert outcome.precopy_rounds == 1 and outcome.workers == ["w0", "w2"]
+    assert (outcome.stall_s, outcome.switch_s, outcome.requests_carried) == (0.001, 0.003, 1)
+    assert h.executor.cached_units == {"w1": {"L1.mlp"}}
     assert not h.executor.runs and not h.machine.busy("p1")
 
 
@@ -163,7 +179,7 @@ def test_refusals_move_nothing(tiny_model, request_fields, reason):
 
 
 def test_a_stage_that_does_not_fit_its_workers_free_memory_is_refused(tiny_model):
-    h = Harness(str(tiny_model), free_memory=lambda worker: 1000 if worker == "w2" else None)
+    h = Harness(str(tiny_model), memory={"w2": 1000})
     sends = h.step(ev.RefactorPipeline(sender="op", cmd_id=1, pipeline_id="p1", num_stages=3))
     (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
     assert outcome.outcome == "refused" and "on w2, which has 1000 free" in outcome.reason

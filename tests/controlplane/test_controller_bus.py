@@ -112,7 +112,7 @@ def test_curve_tcp_answers_authorised_peers_only(tmp_path):
             time.sleep(0.1)
         with BusClient(endpoint, key_dir=key_dir, timeout_s=10) as bus:
             assert isinstance(bus.request(ev.StatusRequest), ev.StatusReply), "authorised peers still get answers"
-        fpctl = subprocess.run([sys.executable, "-m", "controlplane.fpctl", "--endpoint", endpoint, "status", "--json"],
+        fpctl = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", "--endpoint", endpoint, "status", "--json"],
                                env=dict(os.environ, FLEXPIPE_SECURITY_KEY_DIR=str(key_dir), PYTHONPATH=str(REPO)),
                                capture_output=True, text=True, timeout=60, cwd=REPO)
         assert fpctl.returncode == 0, fpctl.stderr

@@ -4,18 +4,18 @@ import pytest
 
 from common import events as ev
 from controlplane.actor import Log, Send, Tell, Tick
-from controlplane.coordinator import Coordinator
-from controlplane.planner import plan_pipeline
+from controlplane.deploy.coordinator import DeployCoordinator
+from controlplane.deploy.plan import plan_pipeline
 
 
 @pytest.fixture
 def coordinator():
-    c = Coordinator(plan_pipeline, phase_timeout_s=30.0)
+    c = DeployCoordinator(plan_pipeline, phase_timeout_s=30.0)
     c.handle(ev.RegisterEngineHost(sender="e0", cmd_id=1, host_id="e0", host="h", pid=1, request_address="ipc://r"), 0.0)
     return c
 
 
-def deploy(c: Coordinator, model_dir: str, stages: int = 3, pipeline_id: str = "p1", cmd_id: int = 5, **extra):
+def deploy(c: DeployCoordinator, model_dir: str, stages: int = 3, pipeline_id: str = "p1", cmd_id: int = 5, **extra):
     return c.handle(ev.DeployPipeline(sender="op", cmd_id=cmd_id, pipeline_id=pipeline_id, model_dir=model_dir,
                                       num_stages=stages, **extra), 0.0)
 
@@ -32,7 +32,7 @@ def states(actions) -> list[str]:
     return [a.event.pipeline.state for a in told(actions, ev.PipelineUpdated)]
 
 
-def run_to_ready(c: Coordinator, model_dir: str, workers=("w0", "w1", "w2")):
+def run_to_ready(c: DeployCoordinator, model_dir: str, workers=("w0", "w1", "w2")):
     actions = deploy(c, model_dir, stages=len(workers))
     (place,) = told(actions, ev.PlaceStages)
     actions = c.handle(ev.PlacementDecided(sender="allocator", reply_to=place.event.cmd_id, pipeline_id="p1",
@@ -63,7 +63,7 @@ def test_deploy_walks_every_phase_to_ready(coordinator, tiny_model):
     assert len(place.event.stage_memory) == 3 and min(place.event.stage_memory) > 0
     assert states(actions) == ["PLACING"]
 
-    c = Coordinator(plan_pipeline)
+    c = DeployCoordinator(plan_pipeline)
     c.handle(ev.RegisterEngineHost(sender="e0", cmd_id=1, host_id="e0", host="h", pid=1, request_address="r"), 0.0)
     loads, connects, start, actions = run_to_ready(c, str(tiny_model))
     assert [(l.peer, l.event.stage) for l in loads] == [("w0", 0), ("w1", 1), ("w2", 2)]
@@ -94,7 +94,7 @@ def test_bad_requests_are_refused_before_anything_moves(coordinator, tiny_model,
     deploy(coordinator, str(tiny_model))
     again = sent(deploy(coordinator, str(tiny_model), cmd_id=6), ev.ErrorReply)
     assert "already exists" in again[0].event.message
-    no_hosts = Coordinator(plan_pipeline)
+    no_hosts = DeployCoordinator(plan_pipeline)
     assert "no engine host" in sent(deploy(no_hosts, str(tiny_model)), ev.ErrorReply)[0].event.message
 
 
@@ -125,7 +125,7 @@ def test_a_phase_that_gets_no_answer_times_out(coordinator, tiny_model):
 
 
 def test_losing_a_worker_degrades_a_ready_pipeline_and_tells_the_engine(tiny_model):
-    c = Coordinator(plan_pipeline)
+    c = DeployCoordinator(plan_pipeline)
     c.handle(ev.RegisterEngineHost(sender="e0", cmd_id=1, host_id="e0", host="h", pid=1, request_address="r"), 0.0)
     run_to_ready(c, str(tiny_model))
     actions = c.handle(ev.WorkerLost(sender="monitor", worker_id="w1", silent_for_s=3.2), 9.0)
@@ -142,7 +142,7 @@ def test_losing_a_worker_degrades_a_ready_pipeline_and_tells_the_engine(tiny_mod
 
 
 def test_undeploy_unloads_stops_and_removes(tiny_model):
-    c = Coordinator(plan_pipeline)
+    c = DeployCoordinator(plan_pipeline)
     c.handle(ev.RegisterEngineHost(sender="e0", cmd_id=1, host_id="e0", host="h", pid=1, request_address="r"), 0.0)
     run_to_ready(c, str(tiny_model))
     actions = c.handle(ev.UndeployPipeline(sender="op", cmd_id=9, pipeline_id="p1"), 10.0)

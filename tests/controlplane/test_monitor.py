@@ -23,7 +23,7 @@ def test_registration_is_acknowledged_and_shared_with_the_allocator_and_coordina
     actions = register(monitor, "w1", now=0.0, cmd_id=7)
     replies = [a for a in actions if isinstance(a, Send)]
     assert replies == [Send("w1", ev.WorkerRegistered(sender="monitor", reply_to=7, heartbeat_interval_s=0.5))]
-    assert [a.actor for a in actions if isinstance(a, Tell)] == ["allocator", "coordinator"]
+    assert [a.actor for a in actions if isinstance(a, Tell)] == ["allocator", "coordinator", "refactor_executor"]
     assert log_names(actions) == ["worker.registered"]
     status = monitor.status(reply_to=3, now=0.2)
     assert [(w.worker_id, w.state, w.last_heartbeat_age_s) for w in status.workers] == [("w1", "alive", 0.2)]
@@ -58,7 +58,7 @@ def test_a_restarted_worker_reregisters_cleanly():
     register(monitor, "w1", now=0.0, pid=100)
     actions = register(monitor, "w1", now=0.5, pid=200, cmd_id=2)
     assert log_names(actions) == ["worker.reregistered", "worker.lost", "worker.registered"]
-    assert [type(a.event) for a in actions if isinstance(a, Tell)] == [ev.WorkerLost] * 3 + [ev.RegisterWorker] * 2
+    assert [type(a.event) for a in actions if isinstance(a, Tell)] == [ev.WorkerLost] * 3 + [ev.RegisterWorker] * 3
     (worker,) = monitor.status(0, 0.6).workers
     assert (worker.pid, worker.state) == (200, "alive")
 

@@ -1,19 +1,28 @@
 """The refactor coordinator as a pure state machine: phases, aborts, timeouts, queueing, refusals."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from common import events as ev
 from controlplane.actor import Log, Send, Tell, Tick
 from common.errors import RefactorRefused
-from controlplane.refactor_machine import EXECUTOR, RefactorCoordinator
+from controlplane.refactor.coordinator import EXECUTOR, RefactorCoordinator
 
 
 @dataclass
 class Summary:
     kind: str
     target: list
+    source: list = field(default_factory=list)
+    workers: list = field(default_factory=list)
+    moves: list = field(default_factory=list)
+    kv_layers_moved: list = field(default_factory=list)
+    stage_memory: list = field(default_factory=list)
+    weight_bytes_by_source: dict = field(default_factory=dict)
+    kv_bytes_estimate: int = 0
+    stall_estimate_s: float = 0.0
+    from_epoch: int | None = None
 
 
 def planner(request, refactor_id):

@@ -14,7 +14,7 @@ import pytest
 
 from common.logging import configure_logging, emit, get_logger
 from controlplane import fpctl
-from controlplane.timeline import build_timelines, read_refactor_events
+from controlplane.cli.timeline import build_timelines, read_refactor_events
 
 REPO = Path(__file__).resolve().parents[2]
 PHASES = {"PLAN": (0.002, 0, 0), "PREPARE": (0.250, 1 << 20, 0), "PRECOPY": (0.120, 0, 4096),
@@ -68,7 +68,7 @@ def _abort_p2(p2) -> None:
 
 
 def run_fpctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controlplane.fpctl", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", *args], input=stdin, capture_output=True,
                           text=True, timeout=30, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dataplane.batch import BatchInput
+from dataplane.models.batch import BatchInput
 from dataplane.models.rope import RopeSpec, rotation
 
 

@@ -8,13 +8,13 @@ import time
 import pytest
 
 from common.errors import PipelineError
-from dataplane import messages
+from dataplane.transport import messages
 from dataplane.engine.core import EngineCore
 from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.sequence import Sequence
-from dataplane.kv_cache import BlockAllocator
-from dataplane.messages import SamplingOptions
-from dataplane.sampling_params import SamplingParams
+from dataplane.engine.kv_blocks import BlockAllocator
+from dataplane.transport.messages import SamplingOptions
+from dataplane.engine.sampling_params import SamplingParams
 from dataplane.transport import Inbox, inbox_address, open_outbox
 
 RECV_MS = 50

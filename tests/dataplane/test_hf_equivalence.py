@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dataplane import LLM, SamplingParams
-from dataplane.batch import BatchInput
-from dataplane.stage import StageExecutor, StageSpec
-from dataplane.units import Layout, unit_names
+from dataplane.models.batch import BatchInput
+from dataplane.stage.executor import StageExecutor, StageSpec
+from common.model.units import Layout, unit_names
 
 NEW_TOKENS = 48
 KINDS = {

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from common.errors import PartitionError
-from dataplane.partitioner import CostModel, UnitCost, partition, stage_cost, stage_memory, unit_costs
-from dataplane.units import Layout, is_layer_boundary, unit_names
+from common.model.partition import CostModel, UnitCost, partition, stage_cost, stage_memory, unit_costs
+from common.model.units import Layout, is_layer_boundary, unit_names
 
 
 def llama_like(num_layers: int, **overrides) -> SimpleNamespace:

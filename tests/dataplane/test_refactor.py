@@ -17,7 +17,7 @@ import pytest
 from common.errors import RefactorAborted, RefactorRefused
 from common.logging import configure_logging
 from dataplane.llm import LLM
-from dataplane.sampling_params import SamplingParams
+from dataplane.engine.sampling_params import SamplingParams
 
 REBALANCE = ["embed..L0.attn", "L0.mlp..L1.attn", "L1.mlp..head"]
 
@@ -216,7 +216,7 @@ def test_the_timeline_is_rebuilt_from_the_log(tiny_model, tmp_path):
             llm.refactor(num_stages=3)
             with pytest.raises(RefactorRefused):
                 llm.refactor(num_stages=3)
-    result = subprocess.run([sys.executable, "-m", "controlplane.fpctl", "timeline", "--log", str(log_file), "--json"],
+    result = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", "timeline", "--log", str(log_file), "--json"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     committed, refused = json.loads(result.stdout)

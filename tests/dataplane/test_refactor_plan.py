@@ -3,8 +3,8 @@
 import pytest
 
 from common.errors import RefactorRefused
-from dataplane.refactor_plan import SPAWN, ModelSizes, WorkerHoldings, plan_refactor
-from dataplane.units import Layout, unit_names
+from controlplane.refactor.plan import SPAWN, ModelSizes, WorkerHoldings, plan_refactor
+from common.model.units import Layout, unit_names
 
 NAMES = unit_names(4)  # embed, L0.attn, L0.mlp, ..., L3.mlp, head: 10 units
 SIZES = ModelSizes({name: 100 for name in NAMES}, kv_pool_bytes_per_layer=50, kv_bytes_per_token_layer=2)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.sequence import Sequence
-from dataplane.kv_cache import BlockAllocator
-from dataplane.messages import SamplingOptions
-from dataplane.sampling_params import SamplingParams
+from dataplane.engine.kv_blocks import BlockAllocator
+from dataplane.transport.messages import SamplingOptions
+from dataplane.engine.sampling_params import SamplingParams
 
 
 def seq(seq_id: int, prompt_len: int = 8, max_tokens: int = 8) -> Sequence:

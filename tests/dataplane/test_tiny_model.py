@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dataplane.checkpoints_for_tests import KINDS, write_checkpoint
-from dataplane.tiny_model import BOS_ID, EOS_ID, MODEL_NAME, PAD_ID, VOCAB_SIZE, ensure_tiny_model
+from checkpoints import KINDS, write_checkpoint
+from dataplane.models.tiny import BOS_ID, EOS_ID, MODEL_NAME, PAD_ID, VOCAB_SIZE, ensure_tiny_model
 
 TEXTS = ["Hello, world!", "  two leading spaces\n\ttab", "héllo wörld — 世界 🚀", "", "a . b , c 's \x00\x7f"]
 

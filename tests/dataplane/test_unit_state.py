@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from common.errors import TransportError
-from dataplane.batch import BatchInput
-from dataplane.kv_cache import new_kv_pool
+from dataplane.models.batch import BatchInput
+from dataplane.models.attention import new_kv_pool
 from dataplane.models import adapter_for
-from dataplane.models.checkpoint import CheckpointReader, read_config
-from dataplane.models.spec import ModelSpec
-from dataplane.param_cache import ParamCache
-from dataplane.unit_state import fill, skeleton, unit_bytes, unit_tensors, with_pool
+from dataplane.models.checkpoint import CheckpointReader
+from common.model.spec import read_config
+from common.model.spec import ModelSpec
+from dataplane.stage.param_cache import ParamCache
+from dataplane.stage.unit_state import fill, skeleton, unit_bytes, unit_tensors, with_pool
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 
 from common.errors import PartitionError
-from dataplane.units import Layout, is_layer_boundary, unit_layer, unit_names
+from common.model.units import Layout, is_layer_boundary, unit_layer, unit_names
 
 
 def test_unit_names_and_layers():

@@ -1,0 +1,179 @@
+"""The cluster of ``fpctl up`` inside one process: the controller and an engine host on threads, a
+supervisor starting the same worker processes. The offline ``LLM`` is its client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from common import events as ev
+from common.config import ControllerConfig, FlexPipeConfig
+from common.errors import FlexPipeError, PipelineError
+from common.logging import get_logger
+from controlplane.client import BusClient
+from controlplane.controller import Controller
+from controlplane.supervisor import WORKER_MODULE, ProcessSupervisor, SupervisorAgent, child_environment
+from dataplane.engine.host import EngineHost, HostedEngine
+
+ENGINE_HOST_ID = "engine-0"
+SUPERVISOR_ID = "supervisor"
+AGENT_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """How each worker process is started: its torch device (by worker index), the memory its virtual
+    CPU device declares, torch threads and the host parameter cache's bytes (None: the default)."""
+
+    devices: tuple[str, ...]
+    default_device: str
+    memory: int
+    threads: int
+    param_cache_bytes: int | None = None
+
+    def device(self, index: int) -> str:
+        if index < len(self.devices):
+            return self.devices[index]
+        return f"cuda:{index}" if self.default_device == "cuda" else self.default_device
+
+
+class LocalCluster:
+    """A controller, an engine host and ``num_workers`` worker processes, all owned by this object.
+
+    Invariants: after construction every worker and the engine host are registered and alive, or
+    everything started is stopped again and ``PipelineError`` says why; ``close()`` (also run by
+    the owner's finaliser) stops every thread and process it started and removes ``session_dir``;
+    every wait is bounded.
+    """
+
+    def __init__(self, session_dir: Path, num_workers: int, options: WorkerOptions, spawn_capacity: int,
+                 start_timeout_s: float, refactor_timeouts_s: dict[str, float] | None = None) -> None:
+        self.session_dir, self.options = session_dir, options
+        self.endpoint = f"ipc://{session_dir}/controller.sock"
+        self.log = get_logger(process="llm")
+        self.context = zmq.Context()
+        self.controller: Controller | None = None
+        self.engine_host: EngineHost | None = None
+        self.agent: SupervisorAgent | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._client_ids = iter(range(1, 1 << 62))
+        extra = {} if "FLEXPIPE_LOG_LEVEL" in os.environ else {"FLEXPIPE_LOG_LEVEL": "warning"}
+        self.supervisor = ProcessSupervisor(0, child_environment(extra), self.log)
+        try:
+            self._start(num_workers, spawn_capacity, start_timeout_s, refactor_timeouts_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, num_workers: int, spawn_capacity: int, start_timeout_s: float,
+               refactor_timeouts_s: dict[str, float] | None) -> None:
+        session_dir = self.session_dir
+        config = FlexPipeConfig(controller=ControllerConfig(ipc=self.endpoint))
+        self.controller = Controller(config, refactor_timeouts_s=refactor_timeouts_s).start_thread()
+        self.engine_host = EngineHost(BusClient(self.endpoint, sender=ENGINE_HOST_ID, context=self.context),
+                                      ENGINE_HOST_ID, f"ipc://{session_dir}/requests.sock")
+        self._start_thread("flexpipe-engine-host", lambda: self.engine_host.run(notify=False))
+        for index in range(num_workers):
+            self.supervisor.start(f"worker-{index}", self.worker_argv(f"worker-{index}"))
+        self.agent = SupervisorAgent(self.supervisor, BusClient(self.endpoint, sender=SUPERVISOR_ID, context=self.context),
+                                     SUPERVISOR_ID, self.worker_argv, spawn_capacity, num_workers)
+        self.agent.register(start_timeout_s)
+        self._start_thread("flexpipe-supervisor", self._supervise)
+        self._wait_registered([f"worker-{i}" for i in range(num_workers)], start_timeout_s)
+
+    def worker_argv(self, worker_id: str) -> list[str]:
+        index = int(worker_id.rsplit("-", 1)[1])
+        argv = [sys.executable, "-m", WORKER_MODULE, "--controller", self.endpoint, "--worker-id", worker_id,
+                "--device", self.options.device(index), "--memory", str(self.options.memory),
+                "--threads", str(self.options.threads)]
+        if self.options.param_cache_bytes is not None:
+            argv += ["--param-cache", str(self.options.param_cache_bytes)]
+        return argv
+
+    def _start_thread(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.agent.step(AGENT_POLL_S)
+            except FlexPipeError as exc:  # the controller is gone: nothing left to report to
+                self.log.warning("supervisor agent stopped", error=str(exc))
+                return
+
+    def _wait_registered(self, worker_ids: list[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._raise_if_a_worker_exited()
+            status = self.request(ev.StatusRequest, timeout_s=5.0)
+            alive = {w.worker_id for w in status.workers if w.state == "alive"}
+            hosts = {h.host_id for h in status.engine_hosts if h.state == "alive"}
+            if set(worker_ids) <= alive and ENGINE_HOST_ID in hosts:
+                return
+            if time.monotonic() > deadline:
+                raise PipelineError(f"stage workers {sorted(set(worker_ids) - alive)} did not start within {timeout_s:.0f}s")
+            time.sleep(0.05)
+
+    def _raise_if_a_worker_exited(self) -> None:
+        for name, child in list(self.supervisor.children.items()):
+            if name.startswith("worker-") and child.process is not None and child.process.poll() is not None:
+                raise PipelineError(f"stage worker {name} (pid {child.process.pid}) exited with code "
+                                    f"{child.process.returncode}")
+
+    def request(self, cls: type[ev.Command], timeout_s: float, **fields) -> ev.Event:
+        """Send a command to the controller on a socket of its own (any thread may call) and return the reply.
+        Raises ``BusError`` on an error reply or no reply within ``timeout_s``."""
+        with BusClient(self.endpoint, sender=f"llm-{next(self._client_ids)}", context=self.context) as bus:
+            return bus.request(cls, timeout_s=timeout_s, **fields)
+
+    def pipeline_view(self, pipeline_id: str) -> ev.PipelineView | None:
+        status = self.request(ev.StatusRequest, timeout_s=10.0)
+        return next((p for p in status.pipelines if p.pipeline_id == pipeline_id), None)
+
+    def deploy(self, timeout_s: float, **fields) -> HostedEngine:
+        """Deploy a pipeline and wait until it serves; returns its engine. Raises ``PipelineError`` with the reason."""
+        self.request(ev.DeployPipeline, timeout_s=10.0, **fields)
+        pipeline_id = fields["pipeline_id"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            view = self.pipeline_view(pipeline_id)
+            if view is not None and view.state == "READY":
+                return self.engine_host.engines[pipeline_id]
+            if view is not None and view.state == "FAILED":
+                raise PipelineError(f"pipeline {pipeline_id} failed to deploy: {view.reason}")
+            self._raise_if_a_worker_exited()
+            if time.monotonic() > deadline:
+                raise PipelineError(f"pipeline {pipeline_id} did not start within {timeout_s:.0f}s "
+                                    f"(state {view.state if view else 'unknown'})")
+            time.sleep(0.02)
+
+    def worker_pids(self) -> list[int]:
+        return self.supervisor.pids("worker-")
+
+    def member_pid(self, worker_id: str) -> int | None:
+        member = self.controller.actor("monitor").members.get(worker_id)
+        return member.pid if member is not None else None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.engine_host is not None:
+            self.engine_host.stop()
+        for thread in self._threads:
+            thread.join(15.0)
+        if self.agent is not None:
+            self.agent.close()
+        self.supervisor.stop_all()
+        if self.controller is not None:
+            self.controller.stop_thread()
+        self.context.destroy(linger=0)
+        shutil.rmtree(self.session_dir, ignore_errors=True)
