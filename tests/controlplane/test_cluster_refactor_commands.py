@@ -46,10 +46,12 @@ class Deployed:
 
     def __init__(self, controller: StandInController, processes: ClusterProcesses, model_dir: str) -> None:
         self.controller, self.processes, self.model_dir = controller, processes, model_dir
-        self.plan = plan_pipeline(model_dir, 2, [], "float32", 16, 8)
+        self.plan = plan_pipeline(ev.DeployPipeline(cmd_id=1, pipeline_id="p1", model_dir=model_dir, num_stages=2,
+                                                    max_num_seqs=8))
         engine = controller.request("engine-0", ev.PrepareEngine, pipeline_id="p1", epoch=0, model_dir=model_dir,
                                     num_stages=2, num_kv_blocks=self.plan.num_kv_blocks, block_size=16,
-                                    max_num_seqs=8, transport="shm")
+                                    max_num_seqs=8, transport="shm", max_model_len=self.plan.max_model_len,
+                                    max_num_batched_tokens=self.plan.max_num_batched_tokens)
         self.engine_inbox = engine.inbox_address
         self.inboxes = []
         for stage, worker in enumerate(["worker-0", "worker-1"]):

@@ -68,11 +68,13 @@ def test_phases_run_in_order_and_commit_advances_the_epoch():
         tell = last_tell(actions)
         assert tell.epoch == 4 and all(a.actor == EXECUTOR for a in actions if isinstance(a, Tell))
         seen.append(tell.phase)
-        actions = machine.handle(done(tell, duration_s=0.5, kv_bytes=10, stall_s=0.01 if tell.phase == "SWITCH" else 0), 1.0 + step)
+        switch = ev.SwitchTiming(stall_s=0.01, switch_s=0.02) if tell.phase == "SWITCH" else None
+        actions = machine.handle(done(tell, duration_s=0.5, kv_bytes=10, switch=switch), 1.0 + step)
     assert seen == ["PREPARE", "PRECOPY", "SWITCH", "COMMIT"]
     [outcome] = outcomes(actions)
     assert outcome.outcome == "committed" and outcome.epoch == 4 and outcome.reply_to == 1
-    assert outcome.kv_bytes == 40 and outcome.stall_s == 0.01
+    assert (outcome.kv_bytes, outcome.kv_bytes_precopy, outcome.kv_bytes_delta) == (20, 10, 10), "KV moves in PRECOPY and SWITCH"
+    assert (outcome.stall_s, outcome.switch_s) == (0.01, 0.02)
     assert set(outcome.phase_seconds) == {"PLAN", "PREPARE", "PRECOPY", "SWITCH", "COMMIT"}
     assert "refactor.committed" in logs(actions)
     assert not machine.busy("p") and machine.pipelines["p"].epoch == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.logging import configure_logging, emit, get_logger
-from controlplane import fpctl
+from controlplane.cli import fpctl
 from controlplane.cli.timeline import build_timelines, read_refactor_events
 
 REPO = Path(__file__).resolve().parents[2]
