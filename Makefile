@@ -1,12 +1,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-gpu demo bench clean
+.PHONY: install lint test test-gpu demo bench clean
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
 
-test:
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 test-gpu:

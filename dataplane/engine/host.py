@@ -274,7 +274,7 @@ class EngineHost:
         hosted = self._hosted(command.pipeline_id)
         timing = hosted.resume(command.epoch, command.first_stage_address, command.num_stages)
         emit(self.log, "engine.resumed", pipeline_id=command.pipeline_id, epoch=hosted.epoch,
-             stall_s=round(timing.stall_s, 6), switch_s=round(timing.switch_s, 6))
+             stall_s=timing.stall_s, switch_s=timing.switch_s)
         return ev.EngineResumed(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
                                 epoch=hosted.epoch, switch=timing)
 

@@ -56,6 +56,8 @@ class Worker:
         self.heartbeat_interval_s = 1.0
         self.log = get_logger(worker_id=worker_id)
         self.heartbeater: Heartbeater | None = None
+        self._polled: tuple = ()
+        self._cached_poller = zmq.Poller()
         self._running = True
 
     def stop(self, *_args) -> None:
@@ -103,12 +105,17 @@ class Worker:
                 wait_ms = min(wait_ms, int(due * 1000))
         return wait_ms
 
+    def _poller(self) -> zmq.Poller:
+        """A poller over the bus and every stage inbox, rebuilt only when the stages changed."""
+        sockets = (self.bus.socket, *(hosted.inbox.socket for hosted in self.stages.values()))
+        if sockets != self._polled:
+            self._polled, self._cached_poller = sockets, zmq.Poller()
+            for socket in sockets:
+                self._cached_poller.register(socket, zmq.POLLIN)
+        return self._cached_poller
+
     def _poll(self, timeout_ms: int) -> None:
-        poller = zmq.Poller()
-        poller.register(self.bus.socket, zmq.POLLIN)
-        for hosted in self.stages.values():
-            poller.register(hosted.inbox.socket, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_ms))
+        ready = dict(self._poller().poll(timeout_ms))
         for hosted in list(self.stages.values()):
             if hosted.inbox.socket in ready:
                 hosted.receive()

@@ -143,3 +143,19 @@ def test_a_running_refactor_holds_its_new_workers_until_it_commits_or_aborts():
                                          stage_memory=[8 * GIB, 6 * GIB]), 0.0)
     assert "p1" not in allocator.holds and allocator.reservations["p1"] == {"w0": 8 * GIB, "w2": 6 * GIB}
     assert decision(request(allocator, "p2", [5], cmd_id=5)).devices == ["w1"], "the committed refactor freed w1"
+
+
+def test_pinned_stages_are_checked_and_reserved_not_chosen():
+    allocator = Allocator()
+    for worker, memory in (("w0", 8 * GIB), ("w1", 2 * GIB)):
+        allocator.handle(ev.RegisterWorker(sender=worker, cmd_id=1, worker_id=worker, host="h", pid=1, device=ev.DeviceInfo(
+            device_id=worker, kind="cpu", name="virtual", memory_total=memory, memory_free=memory, host="h")), 0.0)
+    (reply,) = allocator.handle(ev.PlaceStages(sender="c", cmd_id=2, pipeline_id="p1", stage_memory=[GIB, GIB],
+                                               workers=["w1", "w0"]), 0.0)[:1]
+    assert reply.event.devices == ["w1", "w0"] and allocator.reservations["p1"] == {"w1": GIB, "w0": GIB}
+    (refused,) = allocator.handle(ev.PlaceStages(sender="c", cmd_id=3, pipeline_id="p2", stage_memory=[2 * GIB],
+                                                 workers=["w1"]), 0.0)[:1]
+    assert refused.event.devices == [] and "w1 has 1.0 GiB free" in refused.event.reason
+    (unknown,) = allocator.handle(ev.PlaceStages(sender="c", cmd_id=4, pipeline_id="p3", stage_memory=[1],
+                                                 workers=["w9"]), 0.0)[:1]
+    assert "not an alive device" in unknown.event.reason and set(allocator.reservations) == {"p1"}

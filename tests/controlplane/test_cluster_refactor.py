@@ -133,3 +133,27 @@ def test_a_new_worker_that_stops_answering_aborts_the_refactor_and_the_old_layou
     split = json.loads(fpctl(env, "refactor", "p1", "--stages", "3", "--json").stdout)
     assert split["outcome"] == "committed" and split["epoch"] >= 1, split
     assert all(stream.result() == expected for stream in streams)
+
+
+def test_a_split_that_needs_a_new_worker_starts_one_and_a_merge_takes_weights_from_the_cache(cluster_env, tiny_model):
+    env = cluster_env
+    serve_two_stages(env, tiny_model, workers=2)
+    expected = offline_tokens(tiny_model, TOKENS)
+    streams = [Streaming(env, TOKENS) for _ in range(STREAMS)]
+
+    deadline = time.monotonic() + 30
+    while (plan := json.loads(fpctl(env, "plan", "p1", "--stages", "3", "--json").stdout))["kv_bytes"] == 0:
+        assert time.monotonic() < deadline, "the plan never saw the KV the running requests hold"
+        time.sleep(0.2)
+    assert plan["workers"].count("new") == 1 and plan["stall_estimate_s"] > 0, plan
+
+    split = json.loads(fpctl(env, "refactor", "p1", "--stages", "3", "--json").stdout)
+    assert split["outcome"] == "committed" and split["epoch"] == 1, split
+    assert "worker-2" in split["workers"], "the supervisor started a worker for the new stage"
+    merge = json.loads(fpctl(env, "refactor", "p1", "--stages", "2", "--json").stdout)
+    assert merge["outcome"] == "committed" and merge["kind"] == "merge" and merge["epoch"] == 2, merge
+    assert set(merge["weight_bytes_by_source"]) == {"cache"}, "the units dropped at the split come back from the cache"
+    assert merge["weight_bytes"] == merge["weight_bytes_by_source"]["cache"] > 0
+    assert all(stream.result() == expected for stream in streams)
+    workers = {w["worker_id"]: w["state"] for w in status(env)["workers"]}
+    assert workers == {"worker-0": "alive", "worker-1": "alive", "worker-2": "alive"}

@@ -96,6 +96,26 @@ def test_bad_requests_are_refused_before_anything_moves(coordinator, tiny_model,
     assert "already exists" in again[0].event.message
     no_hosts = DeployCoordinator(plan_pipeline)
     assert "no engine host" in sent(deploy(no_hosts, str(tiny_model)), ev.ErrorReply)[0].event.message
+    for transport in ("nccl", "gloo"):
+        refused = sent(deploy(coordinator, str(tiny_model), pipeline_id=transport, transport=transport), ev.ErrorReply)
+        assert f"the {transport} transport" in refused[0].event.message and "use shm, tcp or cuda_ipc" in \
+            refused[0].event.message
+    pinned = sent(deploy(coordinator, str(tiny_model), pipeline_id="p2", stages=2, workers=["w0"]), ev.ErrorReply)
+    assert "1 workers named for 2 stages" in pinned[0].event.message
+    assert set(coordinator.pipelines) == {"p1"}
+
+
+def test_a_pinned_deploy_asks_the_allocator_for_those_workers_and_sizes_the_engine_as_asked(coordinator, tiny_model):
+    actions = deploy(coordinator, str(tiny_model), stages=2, workers=["w1", "w0"], num_kv_blocks=12,
+                     max_model_len=64, max_num_batched_tokens=96, step_timeout_s=7.0)
+    (place,) = told(actions, ev.PlaceStages)
+    assert place.event.workers == ["w1", "w0"]
+    actions = coordinator.handle(ev.PlacementDecided(sender="allocator", reply_to=place.event.cmd_id, pipeline_id="p1",
+                                                     devices=["w1", "w0"]), 1.0)
+    (prepare,) = sent(actions, ev.PrepareEngine)
+    assert prepare.peer == "e0"
+    assert (prepare.event.num_kv_blocks, prepare.event.max_model_len, prepare.event.max_num_batched_tokens,
+            prepare.event.step_timeout_s) == (12, 64, 96, 7.0)
 
 
 def test_a_worker_error_during_load_tears_everything_down(coordinator, tiny_model):

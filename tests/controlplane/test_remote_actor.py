@@ -50,3 +50,38 @@ def test_deploy_places_stages_through_an_allocator_in_another_process(tmp_path, 
             os.unlink(os.path.join(runtime, name))
         os.rmdir(runtime)
     assert allocator.returncode is not None
+
+
+def test_a_standalone_allocator_accepts_every_event_the_controller_tells_it(tmp_path):
+    import msgspec
+
+    from common.config import FlexPipeConfig, with_overrides
+    from controlplane.allocator import Allocator
+    from controlplane.controller import build_actors
+    from wire_samples import sample_struct
+
+    told = {ev.RegisterWorker, ev.WorkerLost, ev.PlaceStages, ev.ReleasePlacement, ev.PipelineReshaped,
+            ev.RefactorHold}
+    assert told == set(Allocator.accepts), "the events the monitor, deploy coordinator and refactor executor tell it"
+    alone = with_overrides(FlexPipeConfig(), controller={"allocator": "ipc://elsewhere"})
+    assert "allocator" not in {a.name for a in build_actors(alone)}
+    runtime = f"/tmp/fpb-{os.getpid()}"
+    os.makedirs(runtime, mode=0o700, exist_ok=True)
+    endpoint = f"ipc://{runtime}/allocator.sock"
+    env = dict(os.environ, PYTHONPATH=str(REPO), FLEXPIPE_LOG_FORMAT="json")
+    allocator = subprocess.Popen([sys.executable, "-m", "controlplane.actor_host", "--actor", "allocator",
+                                  "--endpoint", endpoint], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=open(tmp_path / "allocator.log", "wb"))
+    try:
+        with BusClient(endpoint, sender="controller", timeout_s=20) as bus:
+            for kind in sorted(told - {ev.PlaceStages}, key=lambda k: k.__name__):
+                bus.send(msgspec.structs.replace(sample_struct(kind), sender="controller"))
+            placed = bus.request(ev.PlaceStages, pipeline_id="p9", stage_memory=[1])
+        assert isinstance(placed, ev.PlacementDecided) and placed.pipeline_id == "p9"
+        assert not [e for e in bus.unsolicited if isinstance(e, ev.ErrorReply)], bus.unsolicited
+    finally:
+        allocator.terminate()
+        allocator.wait(10)
+        for name in os.listdir(runtime):
+            os.unlink(os.path.join(runtime, name))
+        os.rmdir(runtime)

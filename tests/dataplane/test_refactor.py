@@ -224,3 +224,36 @@ def test_the_timeline_is_rebuilt_from_the_log(tiny_model, tmp_path):
     assert [p["phase"] for p in committed["phases"]] == ["PLAN", "PREPARE", "PRECOPY", "SWITCH", "COMMIT"]
     assert all(p["duration_s"] is not None for p in committed["phases"])
     assert refused["outcome"] == "refused" and "already serves" in refused["reason"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_stall_is_one_quantity_in_the_report_the_outcome_and_the_timeline(tiny_model, tmp_path, monkeypatch):
+    from common import events as ev
+    from dataplane.llm.local_cluster import LocalCluster
+
+    outcomes = []
+    request = LocalCluster.request
+
+    def recording(self, cls, timeout_s, **fields):
+        reply = request(self, cls, timeout_s, **fields)
+        if isinstance(reply, ev.RefactorOutcome):
+            outcomes.append(reply)
+        return reply
+
+    monkeypatch.setattr(LocalCluster, "request", recording)
+    log_file = tmp_path / "flexpipe.log"
+    prompts, params = workload(count=16)
+    with open(log_file, "w") as stream:
+        configure_logging("offline", json=True, stream=stream)
+        with LLM(tiny_model, num_stages=2, spare_workers=1) as llm, Traffic(llm, prompts, params) as traffic:
+            traffic.wait_running()
+            report = llm.refactor(num_stages=3)
+    (outcome,) = outcomes
+    result = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", "timeline", "--log", str(log_file), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    (timeline,) = json.loads(result.stdout)
+    resumed = [json.loads(line) for line in log_file.read_text().splitlines() if '"engine.resumed"' in line]
+    assert report.stall_s == outcome.stall_s == timeline["stall_s"] == resumed[-1]["stall_s"] > 0
+    assert outcome.switch.stall_s == report.stall_s, "measured on the engine: drained pipeline to resume"
+    assert 0 < report.stall_s <= report.switch_s == outcome.switch_s, "SWITCH adds the drain to the stall"
+    assert report.switch_window[1] - report.switch_window[0] == pytest.approx(report.switch_s)
