@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+import tomllib
 
 from common.errors import FlexPipeError
 from common.runtime import runtime_dir
@@ -38,8 +39,18 @@ class ConfigError(FlexPipeError):
     """The configuration file or an override is invalid."""
 
 
-_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
 
 
 def parse_bytes(value: int | str) -> int:
@@ -99,8 +110,13 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "worker_memory", parse_bytes(self.worker_memory))
-        if self.workers < 1 or self.worker_memory <= 0 or self.restart_limit < 0 or self.ready_timeout_s <= 0 \
-                or self.spawn_limit < 0:
+        if (
+            self.workers < 1
+            or self.worker_memory <= 0
+            or self.restart_limit < 0
+            or self.ready_timeout_s <= 0
+            or self.spawn_limit < 0
+        ):
             raise ConfigError(f"invalid [cluster] settings: {self}")
 
 
@@ -124,7 +140,9 @@ def default_config_path() -> Path:
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> FlexPipeConfig:
     """Read the configuration file (if any) and apply ``FLEXPIPE_<SECTION>_<FIELD>`` overrides."""
     environ = os.environ if environ is None else environ
-    chosen = path or environ.get("FLEXPIPE_CONFIG") or (default_config_path() if default_config_path().exists() else None)
+    chosen = (
+        path or environ.get("FLEXPIPE_CONFIG") or (default_config_path() if default_config_path().exists() else None)
+    )
     raw: dict = {}
     if chosen:
         try:
@@ -142,7 +160,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         known = {f.name: f for f in fields(cls)}
         if set(values) - set(known):
             raise ConfigError(f"unknown keys in [{name}]: {sorted(set(values) - set(known))}")
-        for key, spec in known.items():
+        for key in known:
             override = environ.get(f"FLEXPIPE_{name.upper()}_{key.upper()}")
             if override is not None:
                 values[key] = _coerce(override, type(getattr(cls(), key)), f"FLEXPIPE_{name.upper()}_{key.upper()}")
@@ -159,7 +177,11 @@ def _coerce(text: str, kind: type, name: str):
             if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(text)
             return text.lower() in ("1", "true", "yes")
-        return kind(text) if kind in (int, float) and not (kind is int and not text.strip().lstrip("-").isdigit()) else text
+        return (
+            kind(text)
+            if kind in (int, float) and not (kind is int and not text.strip().lstrip("-").isdigit())
+            else text
+        )
     except ValueError:
         raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
 

@@ -35,6 +35,7 @@ class Reply(Event, kw_only=True):
 
 # ---- generic replies -------------------------------------------------------------------
 
+
 class Ack(Reply, tag="ack"):
     pass
 
@@ -47,6 +48,7 @@ class ErrorReply(Reply, tag="error"):
 
 
 # ---- workers ---------------------------------------------------------------------------
+
 
 class DeviceInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One device a worker serves: a GPU seen through NVML, or a declared virtual CPU device."""
@@ -137,6 +139,7 @@ class UnloadStage(Command, tag="unload_stage"):
 
 # ---- engine hosts ----------------------------------------------------------------------
 
+
 class RegisterEngineHost(Command, tag="register_engine_host"):
     host_id: str
     host: str
@@ -195,6 +198,7 @@ class EngineMetrics(Event, tag="engine_metrics"):
 
 
 # ---- operators ---------------------------------------------------------------------------
+
 
 class StatusRequest(Command, tag="status"):
     pass
@@ -282,6 +286,7 @@ class ShutdownRequest(Command, tag="shutdown"):
 
 # ---- notifications (controller -> subscribers, and the log) ------------------------------
 
+
 class WorkerLost(Event, tag="worker_lost"):
     """A member is gone: silent for ``silent_for_s``, or its process exited (``reason`` says how)."""
 
@@ -291,6 +296,7 @@ class WorkerLost(Event, tag="worker_lost"):
 
 
 # ---- supervisors (start worker processes on demand and report their exits) ---------------------
+
 
 class RegisterSupervisor(Command, tag="register_supervisor"):
     """A process supervisor on ``host`` that can start up to ``spawn_capacity`` more workers."""
@@ -328,6 +334,7 @@ class PipelineStateChanged(Event, tag="pipeline_state"):
 
 # ---- the engine host's request endpoint (used by fpctl generate and the gateway) -----------
 
+
 class GenerateRequest(Command, tag="generate"):
     pipeline_id: str
     prompt: str = ""
@@ -351,6 +358,7 @@ class TokenChunk(Reply, tag="tokens"):
 
 
 # ---- between actors (co-hosted in the controller, or over the bus when an actor runs alone) ----
+
 
 class PlaceStages(Command, tag="place_stages"):
     """Ask the allocator for one device per stage; ``stage_memory[k]`` bytes must fit on stage k's device.
@@ -509,6 +517,7 @@ class RefactorHold(Event, tag="refactor_hold"):
 # ---- inflight refactoring: a cluster worker's stages across epochs -------------------------
 # Commands the coordinator sends a worker while it re-shapes a pipeline. Weights and KV move
 # on the data plane between workers; only these small events travel on the bus.
+
 
 class OpenStageInbox(Command, tag="open_stage_inbox"):
     """Bind (or name, when it exists) this worker's data inbox for ``pipeline_id``, so peers can
@@ -706,18 +715,68 @@ class AwaitRefill(Command, tag="await_refill"):
     timeout_s: float
 
 
-ANY_EVENT = Union[
-    Ack, ErrorReply, RegisterWorker, WorkerRegistered, Heartbeat, WorkerMetrics, LoadStage, StageLoaded,
-    ConnectStage, UnloadStage, RegisterEngineHost, PrepareEngine, EnginePrepared, StartEngine, StopEngine,
-    EngineMetrics, StatusRequest, StatusReply, DeployPipeline, DeployAccepted, UndeployPipeline,
-    ShutdownRequest, WorkerLost, PipelineStateChanged, GenerateRequest, TokenChunk, PlaceStages,
-    PlacementDecided, ReleasePlacement, PipelineUpdated, MessageRejected, RefactorPipeline, RefactorPhase,
-    RefactorPhaseDone, RefactorOutcome, OpenStageInbox, StageInboxOpened, PrepareStageEpoch, StageEpochPrepared,
-    SendStageUnits, CopyStageKv, StageKvCopied, ActivateStageEpoch, StageEpochActivated, CommitStageEpoch,
-    AbortStageEpoch, StageEpochSettled, StageEpochFailed, PauseEngine, EnginePaused, ResumeEngine, PipelineReshaped,
-    SnapshotKv, KvSnapshot, RefactorHold, EngineResumed, AwaitRefill, RegisterSupervisor, SpawnWorkers, WorkersSpawned,
+ANY_EVENT = Union[  # noqa: UP007 (a runtime union of every event: msgspec decodes by its tag)
+    Ack,
+    ErrorReply,
+    RegisterWorker,
+    WorkerRegistered,
+    Heartbeat,
+    WorkerMetrics,
+    LoadStage,
+    StageLoaded,
+    ConnectStage,
+    UnloadStage,
+    RegisterEngineHost,
+    PrepareEngine,
+    EnginePrepared,
+    StartEngine,
+    StopEngine,
+    EngineMetrics,
+    StatusRequest,
+    StatusReply,
+    DeployPipeline,
+    DeployAccepted,
+    UndeployPipeline,
+    ShutdownRequest,
+    WorkerLost,
+    PipelineStateChanged,
+    GenerateRequest,
+    TokenChunk,
+    PlaceStages,
+    PlacementDecided,
+    ReleasePlacement,
+    PipelineUpdated,
+    MessageRejected,
+    RefactorPipeline,
+    RefactorPhase,
+    RefactorPhaseDone,
+    RefactorOutcome,
+    OpenStageInbox,
+    StageInboxOpened,
+    PrepareStageEpoch,
+    StageEpochPrepared,
+    SendStageUnits,
+    CopyStageKv,
+    StageKvCopied,
+    ActivateStageEpoch,
+    StageEpochActivated,
+    CommitStageEpoch,
+    AbortStageEpoch,
+    StageEpochSettled,
+    StageEpochFailed,
+    PauseEngine,
+    EnginePaused,
+    ResumeEngine,
+    PipelineReshaped,
+    SnapshotKv,
+    KvSnapshot,
+    RefactorHold,
+    EngineResumed,
+    AwaitRefill,
+    RegisterSupervisor,
+    SpawnWorkers,
+    WorkersSpawned,
     MemberExited,
 ]
 
 CATALOGUE: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in ANY_EVENT.__args__}
-

@@ -86,8 +86,13 @@ LOG_EVENTS: dict[str, str] = {
     "keys.generated": "CURVE key pairs were written (`key_dir`)",
 }
 
-LEVELS: dict[str, int] = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-                          "error": logging.ERROR, "critical": logging.CRITICAL}
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 HEADER_KEYS = ("timestamp", "level", "event", "process", "pid")
 
@@ -103,8 +108,9 @@ _identity = _ProcessIdentity()
 _handler: logging.Handler | None = None
 
 
-def configure_logging(process: str, *, level: str = "info", json: bool | None = None,
-                      stream: TextIO | None = None) -> None:
+def configure_logging(
+    process: str, *, level: str = "info", json: bool | None = None, stream: TextIO | None = None
+) -> None:
     """Send structlog events, stdlib ``logging`` records and Python warnings, one line each, to ``stream``.
 
     ``stream`` defaults to ``sys.stderr``. Lines are JSON when ``json`` is True, or when it
@@ -119,10 +125,14 @@ def configure_logging(process: str, *, level: str = "info", json: bool | None = 
     as_json = _wants_json(json if env_json is None else env_json, stream)
     _identity.name = process
     structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, structlog.contextvars.merge_contextvars,
-                    _keep_colliding_fields, *_header_processors(),
-                    structlog.processors.StackInfoRenderer(),
-                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.contextvars.merge_contextvars,
+            _keep_colliding_fields,
+            *_header_processors(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         context_class=dict,

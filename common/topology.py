@@ -21,9 +21,10 @@ See ``scripts/inventory.example.toml``.
 from __future__ import annotations
 
 import csv
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from common.config import ConfigError, parse_bytes
 from common.errors import FlexPipeError
@@ -32,12 +33,25 @@ NVLINK_BYTES_PER_S = 300e9
 PCIE_BYTES_PER_S = 32e9
 RACK_NETWORK_BYTES_PER_S = 12.5e9
 CROSS_RACK_BYTES_PER_S = 6.25e9
-LINK_SPEEDS = {"nvlink": NVLINK_BYTES_PER_S, "pcie": PCIE_BYTES_PER_S, "network": RACK_NETWORK_BYTES_PER_S,
-               "cross_rack": CROSS_RACK_BYTES_PER_S}
+LINK_SPEEDS = {
+    "nvlink": NVLINK_BYTES_PER_S,
+    "pcie": PCIE_BYTES_PER_S,
+    "network": RACK_NETWORK_BYTES_PER_S,
+    "cross_rack": CROSS_RACK_BYTES_PER_S,
+}
 
 # GPU memory per model where the Alibaba trace gives only the model name (public data sheets).
-ALIBABA_GPU_MEMORY_GIB = {"P100": 16, "T4": 16, "V100": 16, "V100M16": 16, "V100M32": 32, "A10": 24, "G2": 24,
-                          "G3": 24, "A100": 80}
+ALIBABA_GPU_MEMORY_GIB = {
+    "P100": 16,
+    "T4": 16,
+    "V100": 16,
+    "V100M16": 16,
+    "V100M32": 32,
+    "A10": 24,
+    "G2": 24,
+    "G3": 24,
+    "A100": 80,
+}
 
 
 class TopologyError(FlexPipeError):
@@ -59,8 +73,10 @@ class Device:
 
     def __post_init__(self) -> None:
         if self.memory_total < 0 or not 0 <= self.memory_free <= self.memory_total:
-            raise TopologyError(f"device {self.device_id}: memory must satisfy 0 <= free <= total, "
-                                f"got free={self.memory_free} total={self.memory_total}")
+            raise TopologyError(
+                f"device {self.device_id}: memory must satisfy 0 <= free <= total, "
+                f"got free={self.memory_free} total={self.memory_total}"
+            )
         if self.kind not in ("gpu", "cpu"):
             raise TopologyError(f"device {self.device_id}: kind must be 'gpu' or 'cpu', not {self.kind!r}")
 
@@ -134,12 +150,24 @@ def load_inventory(path: str | Path) -> ResourceGraph:
                     free = parse_bytes(entry.get("free", total))
                 except ConfigError as exc:
                     raise TopologyError(f"device {device_id}: {exc}") from None
-                graph.add_device(Device(device_id, entry.get("kind", "gpu"), entry.get("name", ""), total, free,
-                                        server_name, rack_name, frozenset(entry.get("nvlink", []))))
+                graph.add_device(
+                    Device(
+                        device_id,
+                        entry.get("kind", "gpu"),
+                        entry.get("name", ""),
+                        total,
+                        free,
+                        server_name,
+                        rack_name,
+                        frozenset(entry.get("nvlink", [])),
+                    )
+                )
     for device in graph.devices.values():
         strangers = [p for p in device.nvlink if p not in graph.devices or graph.devices[p].server != device.server]
         if strangers:
-            raise TopologyError(f"device {device.device_id}: NVLink peers {strangers} are not devices on server {device.server}")
+            raise TopologyError(
+                f"device {device.device_id}: NVLink peers {strangers} are not devices on server {device.server}"
+            )
     return graph
 
 
@@ -167,6 +195,16 @@ def graph_from_alibaba_trace(node_csv: str | Path, racks_of: int = 32) -> Resour
             memory = ALIBABA_GPU_MEMORY_GIB.get(row["model"], 16) << 30
             ids = [f"{row['sn']}-gpu{g}" for g in range(gpus)]
             for device_id in ids:
-                graph.add_device(Device(device_id, "gpu", row["model"], memory, memory, row["sn"],
-                                        f"rack{index // racks_of}", frozenset(set(ids) - {device_id})))
+                graph.add_device(
+                    Device(
+                        device_id,
+                        "gpu",
+                        row["model"],
+                        memory,
+                        memory,
+                        row["sn"],
+                        f"rack{index // racks_of}",
+                        frozenset(set(ids) - {device_id}),
+                    )
+                )
     return graph

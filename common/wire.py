@@ -38,8 +38,11 @@ def decode(data: bytes | memoryview, max_bytes: int = MAX_MESSAGE_BYTES) -> Even
     except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. a str that is not UTF-8
         raise _diagnose(data, exc) from None
     if event.v != PROTOCOL_VERSION:
-        raise WireError("bad_version", f"protocol version {event.v} is not supported (this peer speaks {PROTOCOL_VERSION})",
-                        getattr(event, "cmd_id", -1))
+        raise WireError(
+            "bad_version",
+            f"protocol version {event.v} is not supported (this peer speaks {PROTOCOL_VERSION})",
+            getattr(event, "cmd_id", -1),
+        )
     return event
 
 
@@ -52,7 +55,11 @@ def _diagnose(data, error: Exception) -> WireError:
         return WireError("malformed", f"an event is a MessagePack map, got {type(raw).__name__}")
     cmd_id = raw.get("cmd_id") if isinstance(raw.get("cmd_id"), int) and not isinstance(raw.get("cmd_id"), bool) else -1
     if raw.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-        return WireError("bad_version", f"protocol version {raw.get('v')!r} is not supported (this peer speaks {PROTOCOL_VERSION})", cmd_id)
+        return WireError(
+            "bad_version",
+            f"protocol version {raw.get('v')!r} is not supported (this peer speaks {PROTOCOL_VERSION})",
+            cmd_id,
+        )
     if not isinstance(raw.get("type"), str) or raw["type"] not in CATALOGUE:
         return WireError("unknown_type", f"unknown event type {raw.get('type')!r}", cmd_id)
     return WireError("invalid", f"invalid {raw['type']} event: {error}", cmd_id)

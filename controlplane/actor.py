@@ -54,5 +54,4 @@ class Actor(Protocol):
     name: ClassVar[str]
     accepts: ClassVar[tuple[type, ...]]
 
-    def handle(self, event: Event | Tick, now: float) -> list[Action]:
-        ...
+    def handle(self, event: Event | Tick, now: float) -> list[Action]: ...

@@ -23,8 +23,10 @@ STANDALONE_ACTORS = ("allocator",)
 def make_actor(name: str, inventory: str | None = None):
     if name == "allocator":
         from controlplane.allocator import Allocator
+
         if inventory:
             from common.topology import load_inventory
+
             return Allocator(load_inventory(inventory))
         return Allocator()
     raise ValueError(f"actor {name!r} cannot run alone; choose one of {STANDALONE_ACTORS}")
@@ -41,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_MESSAGE_BYTES)
-    if args.endpoint.startswith("ipc://") and os.path.exists(args.endpoint[len("ipc://"):]):
-        os.unlink(args.endpoint[len("ipc://"):])
+    if args.endpoint.startswith("ipc://") and os.path.exists(args.endpoint[len("ipc://") :]):
+        os.unlink(args.endpoint[len("ipc://") :])
     router.bind(args.endpoint)
     shell = ActorShell([make_actor(args.actor, args.inventory)], [router], name=args.actor)
     emit(get_logger(), "bus.listening", endpoint=args.endpoint, actor=args.actor)

@@ -37,17 +37,26 @@ def gib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
-def place(graph: ResourceGraph, stage_memory: list[int], reserved: dict[str, int], *,
-          exclude: frozenset[str] | set[str] = frozenset(), shared: dict[str, int] | None = None,
-          cv: float = 0.0) -> list[str]:
+def place(
+    graph: ResourceGraph,
+    stage_memory: list[int],
+    reserved: dict[str, int],
+    *,
+    exclude: frozenset[str] | set[str] = frozenset(),
+    shared: dict[str, int] | None = None,
+    cv: float = 0.0,
+) -> list[str]:
     """Device ids for stages 0..K-1 (see the module docstring); raises PlacementError with the reason."""
     shared = shared or {}
-    free = {d.device_id: d.memory_free - reserved.get(d.device_id, 0)
-            for d in graph.devices.values() if d.device_id not in exclude}
+    free = {
+        d.device_id: d.memory_free - reserved.get(d.device_id, 0)
+        for d in graph.devices.values()
+        if d.device_id not in exclude
+    }
     _check_feasible(stage_memory, free)
     gamma = GAMMA0 * (1 + ALPHA * cv * cv)
     best: tuple[float, list[str]] | None = None
-    for server, members in graph.servers.items():
+    for members in graph.servers.values():
         choice = _fit_on(stage_memory, [m for m in members if m in free], free)
         if choice is not None:
             cost = _cost(graph, choice, shared, gamma)
@@ -61,12 +70,16 @@ def place(graph: ResourceGraph, stage_memory: list[int], reserved: dict[str, int
             return choice
     choice = _spread(graph, stage_memory, list(graph.servers), free)
     if choice is None:
-        raise PlacementError(f"no assignment of {len(stage_memory)} stages needing "
-                             f"{', '.join(gib(m) for m in stage_memory)} fits the free device memory")
+        raise PlacementError(
+            f"no assignment of {len(stage_memory)} stages needing "
+            f"{', '.join(gib(m) for m in stage_memory)} fits the free device memory"
+        )
     return choice
 
 
-def place_pinned(graph: ResourceGraph, stage_memory: list[int], workers: list[str], reserved: dict[str, int]) -> list[str]:
+def place_pinned(
+    graph: ResourceGraph, stage_memory: list[int], workers: list[str], reserved: dict[str, int]
+) -> list[str]:
     """Check that stage k fits on ``workers[k]`` (distinct, known, with the free memory); returns ``workers``.
     Raises PlacementError naming the first stage that does not fit."""
     if len(set(workers)) != len(workers):
@@ -83,8 +96,9 @@ def place_pinned(graph: ResourceGraph, stage_memory: list[int], workers: list[st
 
 def _check_feasible(stage_memory: list[int], free: dict[str, int]) -> None:
     if len(stage_memory) > len(free):
-        raise PlacementError(f"{len(stage_memory)} stages need {len(stage_memory)} distinct devices; "
-                             f"only {len(free)} are available")
+        raise PlacementError(
+            f"{len(stage_memory)} stages need {len(stage_memory)} distinct devices; only {len(free)} are available"
+        )
     largest = max(free.values(), default=0)
     for stage, need in enumerate(stage_memory):
         if need > largest:
@@ -106,7 +120,9 @@ def _fit_on(stage_memory: list[int], devices: list[str], free: dict[str, int]) -
     return choice  # type: ignore[return-value]
 
 
-def _spread(graph: ResourceGraph, stage_memory: list[int], servers: list[str], free: dict[str, int]) -> list[str] | None:
+def _spread(
+    graph: ResourceGraph, stage_memory: list[int], servers: list[str], free: dict[str, int]
+) -> list[str] | None:
     """Stages in order, filling the roomiest server first, then the next; None if they do not all fit."""
     order = sorted(servers, key=lambda s: -_capacity(graph, [s], free))
     choice: list[str] = []
@@ -144,8 +160,14 @@ class Allocator:
     """
 
     name: ClassVar[str] = "allocator"
-    accepts: ClassVar[tuple[type, ...]] = (ev.RegisterWorker, ev.WorkerLost, ev.PlaceStages, ev.ReleasePlacement,
-                                           ev.PipelineReshaped, ev.RefactorHold)
+    accepts: ClassVar[tuple[type, ...]] = (
+        ev.RegisterWorker,
+        ev.WorkerLost,
+        ev.PlaceStages,
+        ev.ReleasePlacement,
+        ev.PipelineReshaped,
+        ev.RefactorHold,
+    )
 
     def __init__(self, graph: ResourceGraph | None = None, cv: float = 0.0) -> None:
         self.graph = graph or ResourceGraph()
@@ -154,15 +176,30 @@ class Allocator:
         self.holds: dict[str, dict[str, int]] = {}
 
     def handle(self, event, now: float) -> list[Action]:
-        handlers = {ev.RegisterWorker: self._on_register_worker, ev.WorkerLost: self._on_worker_lost,
-                    ev.PlaceStages: self._on_place_stages, ev.ReleasePlacement: self._on_release_placement,
-                    ev.PipelineReshaped: self._on_pipeline_reshaped, ev.RefactorHold: self._on_refactor_hold}
+        handlers = {
+            ev.RegisterWorker: self._on_register_worker,
+            ev.WorkerLost: self._on_worker_lost,
+            ev.PlaceStages: self._on_place_stages,
+            ev.ReleasePlacement: self._on_release_placement,
+            ev.PipelineReshaped: self._on_pipeline_reshaped,
+            ev.RefactorHold: self._on_refactor_hold,
+        }
         return handlers[type(event)](event)
 
     def _on_register_worker(self, event: ev.RegisterWorker) -> list[Action]:
         info = event.device
-        self.graph.add_device(Device(info.device_id, info.kind, info.name, info.memory_total, info.memory_free,
-                                     info.host, info.rack, frozenset(info.nvlink_peers)))
+        self.graph.add_device(
+            Device(
+                info.device_id,
+                info.kind,
+                info.name,
+                info.memory_total,
+                info.memory_free,
+                info.host,
+                info.rack,
+                frozenset(info.nvlink_peers),
+            )
+        )
         return []
 
     def _on_worker_lost(self, event: ev.WorkerLost) -> list[Action]:
@@ -202,14 +239,32 @@ class Allocator:
         except PlacementError as error:
             if previous is not None:
                 self.reservations[event.pipeline_id] = previous
-            return [Send(event.sender, ev.PlacementDecided(sender=self.name, reply_to=event.cmd_id,
-                                                           pipeline_id=event.pipeline_id, devices=[], reason=str(error))),
-                    Log("allocator.refused", {"pipeline_id": event.pipeline_id, "reason": str(error)}, level="warning")]
+            return [
+                Send(
+                    event.sender,
+                    ev.PlacementDecided(
+                        sender=self.name,
+                        reply_to=event.cmd_id,
+                        pipeline_id=event.pipeline_id,
+                        devices=[],
+                        reason=str(error),
+                    ),
+                ),
+                Log("allocator.refused", {"pipeline_id": event.pipeline_id, "reason": str(error)}, level="warning"),
+            ]
         self.reservations[event.pipeline_id] = {d: m for d, m in zip(devices, event.stage_memory)}
-        return [Send(event.sender, ev.PlacementDecided(sender=self.name, reply_to=event.cmd_id,
-                                                       pipeline_id=event.pipeline_id, devices=devices)),
-                Log("allocator.placed", {"pipeline_id": event.pipeline_id, "devices": devices,
-                                         "stage_memory": list(event.stage_memory)})]
+        return [
+            Send(
+                event.sender,
+                ev.PlacementDecided(
+                    sender=self.name, reply_to=event.cmd_id, pipeline_id=event.pipeline_id, devices=devices
+                ),
+            ),
+            Log(
+                "allocator.placed",
+                {"pipeline_id": event.pipeline_id, "devices": devices, "stage_memory": list(event.stage_memory)},
+            ),
+        ]
 
     def _totals(self) -> tuple[dict[str, int], dict[str, int]]:
         """Bytes reserved or held per device, and how many pipelines use each device."""

@@ -30,8 +30,16 @@ class BusClient:
     ``insecure`` (which ``check_insecure_endpoint`` allows only on loopback).
     """
 
-    def __init__(self, endpoint: str, *, sender: str | None = None, key_dir=None, insecure: bool = False,
-                 context: zmq.Context | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        sender: str | None = None,
+        key_dir=None,
+        insecure: bool = False,
+        context: zmq.Context | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
         self.endpoint = endpoint
         self.sender = sender or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.timeout_s = timeout_s
@@ -41,6 +49,7 @@ class BusClient:
         self.socket.setsockopt(zmq.LINGER, 0)
         if is_tcp(endpoint):
             from controlplane import security
+
             if insecure:
                 security.check_insecure_endpoint(endpoint, insecure=True)
             else:
@@ -64,13 +73,28 @@ class BusClient:
         self.send(command)
         return self.await_reply(command.cmd_id, timeout_s)
 
+    def request_until_answered(
+        self, cls: type[ev.Command], timeout_s: float, keep_trying=lambda: True, **fields
+    ) -> ev.Event:
+        """``request`` again every 2 s until answered (the controller may still be starting), at most
+        ``timeout_s`` and while ``keep_trying()``; raises ``BusError`` then."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.request(cls, timeout_s=2.0, **fields)
+            except BusError:
+                if time.monotonic() > deadline or not keep_trying():
+                    raise
+
     def await_reply(self, cmd_id: int, timeout_s: float | None = None) -> ev.Event:
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
         while True:
             event = self.receive(deadline - time.monotonic())
             if event is None:
-                raise BusError(f"no answer from {self.endpoint} within {timeout_s or self.timeout_s:.0f}s "
-                               f"(is the controller running? is this peer authorised?)")
+                raise BusError(
+                    f"no answer from {self.endpoint} within {timeout_s or self.timeout_s:.0f}s "
+                    f"(is the controller running? is this peer authorised?)"
+                )
             if isinstance(event, ev.Reply) and event.reply_to == cmd_id:
                 if isinstance(event, ev.ErrorReply):
                     raise BusError(f"{event.code}: {event.message}")
@@ -94,7 +118,7 @@ class BusClient:
         if self._own_context:
             self.context.term()
 
-    def __enter__(self) -> "BusClient":
+    def __enter__(self) -> BusClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,18 +134,28 @@ class Heartbeater:
     controller says it does not know the member; ``stop()`` joins the thread.
     """
 
-    def __init__(self, endpoint: str, member_id: str, interval_s: float, *, key_dir=None, insecure: bool = False,
-                 context: zmq.Context | None = None, metrics=None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        member_id: str,
+        interval_s: float,
+        *,
+        key_dir=None,
+        insecure: bool = False,
+        context: zmq.Context | None = None,
+        metrics=None,
+    ) -> None:
         import threading
 
         self.member_id, self.interval_s, self.metrics = member_id, interval_s, metrics
-        self.client = BusClient(endpoint, sender=f"{member_id}.heartbeat", key_dir=key_dir, insecure=insecure,
-                                context=context)
+        self.client = BusClient(
+            endpoint, sender=f"{member_id}.heartbeat", key_dir=key_dir, insecure=insecure, context=context
+        )
         self.needs_registration = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"flexpipe-heartbeat-{member_id}", daemon=True)
 
-    def start(self) -> "Heartbeater":
+    def start(self) -> Heartbeater:
         self._thread.start()
         return self
 

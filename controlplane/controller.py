@@ -22,12 +22,12 @@ from common.logging import configure_logging, emit, get_logger
 from common.runtime import freeze_heap, notify_systemd
 from common.wire import MAX_MESSAGE_BYTES
 from controlplane.allocator import Allocator
-from controlplane.refactor.planner import RefactorPlanner
-from controlplane.refactor.executor import RefactorExecutor
 from controlplane.deploy.coordinator import DeployCoordinator
-from controlplane.monitor import Monitor
 from controlplane.deploy.plan import plan_pipeline
+from controlplane.monitor import Monitor
 from controlplane.refactor.coordinator import RefactorCoordinator
+from controlplane.refactor.executor import RefactorExecutor
+from controlplane.refactor.planner import RefactorPlanner
 from controlplane.shell import ActorShell
 
 
@@ -47,8 +47,13 @@ def build_actors(config: FlexPipeConfig, inventory=None, refactor_timeouts_s: di
 class Controller:
     """Owns the controller's sockets and authenticator. Invariant: ``close()`` releases all of them."""
 
-    def __init__(self, config: FlexPipeConfig, insecure: bool = False, inventory=None,
-                 refactor_timeouts_s: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        config: FlexPipeConfig,
+        insecure: bool = False,
+        inventory=None,
+        refactor_timeouts_s: dict[str, float] | None = None,
+    ) -> None:
         self.config = config
         self.context = zmq.Context()
         self.log = get_logger(process="controller")
@@ -62,8 +67,9 @@ class Controller:
             remote["allocator"].setsockopt(zmq.LINGER, 0)
             remote["allocator"].connect(config.controller.allocator)
         self.remote_sockets = list(remote.values())
-        self.shell = ActorShell(build_actors(config, inventory, refactor_timeouts_s), self.routers, name="controller",
-                                remote_actors=remote)
+        self.shell = ActorShell(
+            build_actors(config, inventory, refactor_timeouts_s), self.routers, name="controller", remote_actors=remote
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -72,23 +78,31 @@ class Controller:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_MESSAGE_BYTES)  # beyond this, libzmq drops the peer
-        if endpoint.startswith("ipc://") and os.path.exists(endpoint[len("ipc://"):]):
-            os.unlink(endpoint[len("ipc://"):])
+        if endpoint.startswith("ipc://") and os.path.exists(endpoint[len("ipc://") :]):
+            os.unlink(endpoint[len("ipc://") :])
         socket.bind(endpoint)
         emit(self.log, "bus.listening", endpoint=endpoint)
         return socket
 
     def _bind_tcp(self, endpoint: str, insecure: bool) -> zmq.Socket:
         from controlplane import security
+
         if insecure:
             security.check_insecure_endpoint(endpoint, insecure=True)
-            emit(self.log, "bus.insecure", level="warning", endpoint=endpoint,
-                 detail="plain TCP without CURVE: any local process can talk to the controller")
+            emit(
+                self.log,
+                "bus.insecure",
+                level="warning",
+                endpoint=endpoint,
+                detail="plain TCP without CURVE: any local process can talk to the controller",
+            )
             return self._bind(endpoint)
         keys = security.load_keys(self.config.security.key_path)
         self.authenticator = security.start_authenticator(
-            self.context, keys, lambda address, reason: emit(self.log, "bus.peer_denied", level="warning",
-                                                            address=address, reason=reason))
+            self.context,
+            keys,
+            lambda address, reason: emit(self.log, "bus.peer_denied", level="warning", address=address, reason=reason),
+        )
         socket = self.context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_MESSAGE_BYTES)  # beyond this, libzmq drops the peer
@@ -102,8 +116,9 @@ class Controller:
         loop = asyncio.new_event_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.shell.stop)
-        emit(self.log, "controller.started", endpoints=[self.config.controller.ipc_endpoint,
-                                                                         self.config.controller.tcp])
+        emit(
+            self.log, "controller.started", endpoints=[self.config.controller.ipc_endpoint, self.config.controller.tcp]
+        )
         freeze_heap()
         notify_systemd()
         try:
@@ -113,11 +128,12 @@ class Controller:
             self.close()
             emit(self.log, "controller.stopped")
 
-    def start_thread(self) -> "Controller":
+    def start_thread(self) -> Controller:
         """Serve on a thread of this process (the offline ``LLM``); ``stop_thread()`` ends it and closes."""
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self.shell.run(),),
-                                        name="flexpipe-controller", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(self.shell.run(),), name="flexpipe-controller", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -155,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         inventory = None
         if args.inventory:
             from common.topology import load_inventory
+
             inventory = load_inventory(args.inventory)
         Controller(config, args.insecure, inventory).run()
     except FlexPipeError as exc:

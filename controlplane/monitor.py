@@ -38,8 +38,17 @@ class Monitor:
 
     name: ClassVar[str] = "monitor"
     accepts: ClassVar[tuple[type, ...]] = (
-        ev.RegisterWorker, ev.RegisterEngineHost, ev.RegisterSupervisor, ev.Heartbeat, ev.WorkerMetrics,
-        ev.EngineMetrics, ev.StatusRequest, ev.PipelineUpdated, ev.MessageRejected, ev.MemberExited, Tick,
+        ev.RegisterWorker,
+        ev.RegisterEngineHost,
+        ev.RegisterSupervisor,
+        ev.Heartbeat,
+        ev.WorkerMetrics,
+        ev.EngineMetrics,
+        ev.StatusRequest,
+        ev.PipelineUpdated,
+        ev.MessageRejected,
+        ev.MemberExited,
+        Tick,
     )
 
     def __init__(self, heartbeat_interval_s: float = 1.0, lost_after_heartbeats: int = 3) -> None:
@@ -50,11 +59,17 @@ class Monitor:
         self.engine_metrics: dict[str, ev.EngineMetrics] = {}
         self.rejected_messages = 0
         self.handlers = {
-            ev.RegisterWorker: self._on_register_worker, ev.RegisterEngineHost: self._on_register_engine_host,
-            ev.RegisterSupervisor: self._on_register_supervisor, ev.Heartbeat: self._on_heartbeat,
-            ev.WorkerMetrics: self._on_worker_metrics, ev.EngineMetrics: self._on_engine_metrics,
-            ev.StatusRequest: self._on_status_request, ev.PipelineUpdated: self._on_pipeline_updated,
-            ev.MessageRejected: self._on_message_rejected, ev.MemberExited: self._on_member_exited, Tick: self._on_tick,
+            ev.RegisterWorker: self._on_register_worker,
+            ev.RegisterEngineHost: self._on_register_engine_host,
+            ev.RegisterSupervisor: self._on_register_supervisor,
+            ev.Heartbeat: self._on_heartbeat,
+            ev.WorkerMetrics: self._on_worker_metrics,
+            ev.EngineMetrics: self._on_engine_metrics,
+            ev.StatusRequest: self._on_status_request,
+            ev.PipelineUpdated: self._on_pipeline_updated,
+            ev.MessageRejected: self._on_message_rejected,
+            ev.MemberExited: self._on_member_exited,
+            Tick: self._on_tick,
         }
 
     def handle(self, event, now: float) -> list[Action]:
@@ -84,41 +99,62 @@ class Monitor:
 
     def _on_register_worker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
         actions = self._replace_member(event.worker_id, event.pid, now)
-        self.members[event.worker_id] = Member(event.worker_id, "worker", event.pid, event.host, now, device=event.device)
+        self.members[event.worker_id] = Member(
+            event.worker_id, "worker", event.pid, event.host, now, device=event.device
+        )
         actions += [
             Tell("allocator", event),
             Tell("coordinator", event),
             Tell("refactor_executor", event),
-            Send(event.sender, ev.WorkerRegistered(sender=self.name, reply_to=event.cmd_id,
-                                                   heartbeat_interval_s=self.heartbeat_interval_s)),
-            Log("worker.registered", {"worker_id": event.worker_id, "worker_pid": event.pid, "host": event.host,
-                                      "device": event.device.device_id, "memory_total": event.device.memory_total}),
+            Send(
+                event.sender,
+                ev.WorkerRegistered(
+                    sender=self.name, reply_to=event.cmd_id, heartbeat_interval_s=self.heartbeat_interval_s
+                ),
+            ),
+            Log(
+                "worker.registered",
+                {
+                    "worker_id": event.worker_id,
+                    "worker_pid": event.pid,
+                    "host": event.host,
+                    "device": event.device.device_id,
+                    "memory_total": event.device.memory_total,
+                },
+            ),
         ]
         return actions
 
     def _on_register_engine_host(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
         actions = self._replace_member(event.host_id, event.pid, now)
-        self.members[event.host_id] = Member(event.host_id, "engine_host", event.pid, event.host, now,
-                                             request_address=event.request_address)
+        self.members[event.host_id] = Member(
+            event.host_id, "engine_host", event.pid, event.host, now, request_address=event.request_address
+        )
         return actions + [
             Tell("coordinator", event),
             Send(event.sender, ev.Ack(sender=self.name, reply_to=event.cmd_id)),
-            Log("engine_host.registered", {"host_id": event.host_id, "host_pid": event.pid, "request_address": event.request_address}),
+            Log(
+                "engine_host.registered",
+                {"host_id": event.host_id, "host_pid": event.pid, "request_address": event.request_address},
+            ),
         ]
 
     def _replace_member(self, member_id: str, pid: int, now: float) -> list[Action]:
         old = self.members.get(member_id)
         if old is None:
             return []
-        actions: list[Action] = [Log("worker.reregistered", {"worker_id": member_id, "old_pid": old.pid, "new_pid": pid})]
+        actions: list[Action] = [
+            Log("worker.reregistered", {"worker_id": member_id, "old_pid": old.pid, "new_pid": pid})
+        ]
         if old.state == "alive" and old.pid != pid:
             actions += self._declare_lost(old, now)
         return actions
 
     def _on_register_supervisor(self, event: ev.RegisterSupervisor, now: float) -> list[Action]:
         actions = self._replace_member(event.supervisor_id, event.pid, now)
-        self.members[event.supervisor_id] = Member(event.supervisor_id, "supervisor", event.pid, event.host, now,
-                                                   spawn_capacity=event.spawn_capacity)
+        self.members[event.supervisor_id] = Member(
+            event.supervisor_id, "supervisor", event.pid, event.host, now, spawn_capacity=event.spawn_capacity
+        )
         return actions + [Send(event.sender, ev.Ack(sender=self.name, reply_to=event.cmd_id))]
 
     def _on_member_exited(self, event: ev.MemberExited, now: float) -> list[Action]:
@@ -130,15 +166,30 @@ class Monitor:
         if member is not None:
             return []  # an older process of a member that registered again since
         lost = ev.WorkerLost(sender=self.name, worker_id=event.member_id, silent_for_s=0.0, reason=reason)
-        return [Tell("coordinator", lost), Tell("refactor_executor", lost),
-                Log("worker.lost", {"worker_id": event.member_id, "kind": "unregistered", "member_pid": event.pid,
-                                    "reason": reason}, level="warning")]
+        return [
+            Tell("coordinator", lost),
+            Tell("refactor_executor", lost),
+            Log(
+                "worker.lost",
+                {"worker_id": event.member_id, "kind": "unregistered", "member_pid": event.pid, "reason": reason},
+                level="warning",
+            ),
+        ]
 
     def _on_heartbeat(self, event: ev.Heartbeat, now: float) -> list[Action]:
         member = self.members.get(event.worker_id)
         if member is None or member.state == "lost":
-            return [Send(event.sender, ev.ErrorReply(sender=self.name, reply_to=-1, code="not_registered",
-                                                     message=f"{event.worker_id} is not registered; register again"))]
+            return [
+                Send(
+                    event.sender,
+                    ev.ErrorReply(
+                        sender=self.name,
+                        reply_to=-1,
+                        code="not_registered",
+                        message=f"{event.worker_id} is not registered; register again",
+                    ),
+                )
+            ]
         member.last_seen = now
         return []
 
@@ -177,38 +228,82 @@ class Monitor:
 
     def _declare_lost(self, member: Member, now: float, reason: str = "") -> list[Action]:
         member.state = "lost"
-        lost = ev.WorkerLost(sender=self.name, worker_id=member.member_id, silent_for_s=round(now - member.last_seen, 3),
-                             reason=reason)
-        return [Tell("coordinator", lost), Tell("allocator", lost), Tell("refactor_executor", lost),
-                Log("worker.lost", {"worker_id": member.member_id, "kind": member.kind, "member_pid": member.pid,
-                                    "silent_for_s": lost.silent_for_s} | ({"reason": reason} if reason else {}),
-                    level="warning")]
+        lost = ev.WorkerLost(
+            sender=self.name, worker_id=member.member_id, silent_for_s=round(now - member.last_seen, 3), reason=reason
+        )
+        return [
+            Tell("coordinator", lost),
+            Tell("allocator", lost),
+            Tell("refactor_executor", lost),
+            Log(
+                "worker.lost",
+                {
+                    "worker_id": member.member_id,
+                    "kind": member.kind,
+                    "member_pid": member.pid,
+                    "silent_for_s": lost.silent_for_s,
+                }
+                | ({"reason": reason} if reason else {}),
+                level="warning",
+            ),
+        ]
 
     def _on_status_request(self, event: ev.StatusRequest, now: float) -> list[Action]:
         return [Send(event.sender, self.status(event.cmd_id, now))]
 
     def status(self, reply_to: int, now: float) -> ev.StatusReply:
-        workers = [ev.WorkerView(worker_id=m.member_id, state=m.state, host=m.host, pid=m.pid, device=m.device,
-                                 last_heartbeat_age_s=round(now - m.last_seen, 3), stages=m.stages)
-                   for m in self.members.values() if m.kind == "worker"]
-        hosts = [ev.EngineHostView(host_id=m.member_id, state=m.state, pid=m.pid, request_address=m.request_address)
-                 for m in self.members.values() if m.kind == "engine_host"]
-        return ev.StatusReply(sender=self.name, reply_to=reply_to, workers=workers, engine_hosts=hosts,
-                              pipelines=[self._with_metrics(p) for p in self.pipelines.values()],
-                              rejected_messages=self.rejected_messages)
+        workers = [
+            ev.WorkerView(
+                worker_id=m.member_id,
+                state=m.state,
+                host=m.host,
+                pid=m.pid,
+                device=m.device,
+                last_heartbeat_age_s=round(now - m.last_seen, 3),
+                stages=m.stages,
+            )
+            for m in self.members.values()
+            if m.kind == "worker"
+        ]
+        hosts = [
+            ev.EngineHostView(host_id=m.member_id, state=m.state, pid=m.pid, request_address=m.request_address)
+            for m in self.members.values()
+            if m.kind == "engine_host"
+        ]
+        return ev.StatusReply(
+            sender=self.name,
+            reply_to=reply_to,
+            workers=workers,
+            engine_hosts=hosts,
+            pipelines=[self._with_metrics(p) for p in self.pipelines.values()],
+            rejected_messages=self.rejected_messages,
+        )
 
     def _with_metrics(self, pipeline: ev.PipelineView) -> ev.PipelineView:
         engine = self.engine_metrics.get(pipeline.pipeline_id)
         stages = []
         for stage in pipeline.stages:
             member = self.members.get(stage.worker_id)
-            reported = next((s for s in (member.stages if member else []) if s.pipeline_id == pipeline.pipeline_id), None)
-            stages.append(ev.StageView(
-                stage=stage.stage, worker_id=stage.worker_id, units=stage.units,
-                queue_length=reported.queue_length if reported else 0,
-                busy_fraction=reported.busy_fraction if reported else 0.0,
-                kv_blocks_used=engine.kv_blocks_used if engine else 0,
-                kv_blocks_free=engine.kv_blocks_free if engine else 0))
-        return ev.PipelineView(pipeline_id=pipeline.pipeline_id, state=pipeline.state, epoch=pipeline.epoch,
-                               model_dir=pipeline.model_dir, engine_host=pipeline.engine_host, stages=stages,
-                               reason=pipeline.reason)
+            reported = next(
+                (s for s in (member.stages if member else []) if s.pipeline_id == pipeline.pipeline_id), None
+            )
+            stages.append(
+                ev.StageView(
+                    stage=stage.stage,
+                    worker_id=stage.worker_id,
+                    units=stage.units,
+                    queue_length=reported.queue_length if reported else 0,
+                    busy_fraction=reported.busy_fraction if reported else 0.0,
+                    kv_blocks_used=engine.kv_blocks_used if engine else 0,
+                    kv_blocks_free=engine.kv_blocks_free if engine else 0,
+                )
+            )
+        return ev.PipelineView(
+            pipeline_id=pipeline.pipeline_id,
+            state=pipeline.state,
+            epoch=pipeline.epoch,
+            model_dir=pipeline.model_dir,
+            engine_host=pipeline.engine_host,
+            stages=stages,
+            reason=pipeline.reason,
+        )

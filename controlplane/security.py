@@ -53,10 +53,14 @@ class KeyPaths:
     @classmethod
     def under(cls, key_dir: Path) -> KeyPaths:
         key_dir = Path(key_dir).expanduser()
-        return cls(key_dir=key_dir,
-                   server_public=key_dir / "server.key", server_secret=key_dir / "server.key_secret",
-                   client_public=key_dir / "client.key", client_secret=key_dir / "client.key_secret",
-                   authorized_dir=key_dir / "authorized")
+        return cls(
+            key_dir=key_dir,
+            server_public=key_dir / "server.key",
+            server_secret=key_dir / "server.key_secret",
+            client_public=key_dir / "client.key",
+            client_secret=key_dir / "client.key_secret",
+            authorized_dir=key_dir / "authorized",
+        )
 
     @property
     def pair_files(self) -> list[Path]:
@@ -81,14 +85,18 @@ def init_keys(key_dir: Path, *, force: bool = False) -> KeyPaths:
     keys = KeyPaths.under(key_dir)
     existing = [path.name for path in keys.key_files if path.exists()]
     if existing and not force:
-        raise SecurityError(f"CURVE keys already exist in {keys.key_dir} ({', '.join(existing)}); they were left "
-                            "untouched. Replace them with --force (peers holding the old public keys will be refused).")
+        raise SecurityError(
+            f"CURVE keys already exist in {keys.key_dir} ({', '.join(existing)}); they were left "
+            "untouched. Replace them with --force (peers holding the old public keys will be refused)."
+        )
     try:
         for directory in (keys.key_dir, keys.authorized_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             directory.chmod(0o700)
-        for name, public, secret in (("server", keys.server_public, keys.server_secret),
-                                     ("client", keys.client_public, keys.client_secret)):
+        for name, public, secret in (
+            ("server", keys.server_public, keys.server_secret),
+            ("client", keys.client_public, keys.client_secret),
+        ):
             zmq.auth.create_certificates(keys.key_dir, name)
             secret.chmod(0o600)
             public.chmod(0o644)
@@ -105,8 +113,10 @@ def load_keys(key_dir: Path) -> KeyPaths:
     missing = [str(path) for path in keys.pair_files if not path.is_file()]
     if missing or not keys.authorized_dir.is_dir():
         what = ", ".join(missing) if missing else str(keys.authorized_dir)
-        raise SecurityError(f"CURVE keys missing in {keys.key_dir} ({what}): run `fpctl keys init`, "
-                            "or copy the key directory of the controller's host")
+        raise SecurityError(
+            f"CURVE keys missing in {keys.key_dir} ({what}): run `fpctl keys init`, "
+            "or copy the key directory of the controller's host"
+        )
     for directory in (keys.key_dir, keys.authorized_dir):
         _refuse_if_open(directory, 0o022, "writable by other users")
     for secret in (keys.server_secret, keys.client_secret):
@@ -179,8 +189,9 @@ class CurveAuthenticator(ThreadAuthenticator):
         self._peer = (address.decode("utf-8", "replace"), mechanism.decode("ascii", "replace"))
         await super().handle_zap_message(msg)
 
-    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
-                        user_id: str = "anonymous") -> None:
+    def _send_zap_reply(
+        self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: str = "anonymous"
+    ) -> None:
         # The base class sends every verdict through here, malformed requests included.
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
         if status_code != b"200":
@@ -272,14 +283,17 @@ def check_insecure_endpoint(endpoint: str, insecure: bool) -> None:
     if transport != "tcp" or not address:
         raise SecurityError(f"{endpoint!r}: only tcp://, ipc:// and inproc:// endpoints are supported")
     if not insecure:
-        raise SecurityError(f"{endpoint}: TCP endpoints use CURVE; plain TCP needs the insecure option "
-                            "and a loopback address")
+        raise SecurityError(
+            f"{endpoint}: TCP endpoints use CURVE; plain TCP needs the insecure option and a loopback address"
+        )
     # zmq's "tcp://source;destination" form: both ends must be loopback.
     hosts = [_host_of(part, endpoint) for part in address.split(";")]
     outside = [host for host in hosts if not _is_loopback(host)]
     if outside:
-        raise SecurityError(f"{endpoint}: plain TCP without CURVE is allowed only on loopback "
-                            f"(127.0.0.0/8, ::1, localhost), not on {', '.join(outside)}")
+        raise SecurityError(
+            f"{endpoint}: plain TCP without CURVE is allowed only on loopback "
+            f"(127.0.0.0/8, ::1, localhost), not on {', '.join(outside)}"
+        )
 
 
 def _host_of(address: str, endpoint: str) -> str:

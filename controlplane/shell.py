@@ -44,9 +44,16 @@ class ActorShell:
     the shell keeps serving; time reaches actors only through ``Tick`` events.
     """
 
-    def __init__(self, actors: list, routers: list[zmq.Socket], *, name: str = "controller",
-                 remote_actors: dict[str, zmq.Socket] | None = None, tick_interval_s: float = 0.1,
-                 clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        actors: list,
+        routers: list[zmq.Socket],
+        *,
+        name: str = "controller",
+        remote_actors: dict[str, zmq.Socket] | None = None,
+        tick_interval_s: float = 0.1,
+        clock=time.monotonic,
+    ) -> None:
         self.name = name
         self.actors = {actor.name: actor for actor in actors}
         self.routers = routers
@@ -107,16 +114,26 @@ class ActorShell:
         if isinstance(event, ev.Command) and not self._in_order(route, event):
             return
         if not self._deliver(event, now):
-            self._reject(route, WireError("unexpected", f"no actor here handles {type(event).__struct_config__.tag!r} events",
-                                          getattr(event, "cmd_id", -1)), event.sender or peer)
+            self._reject(
+                route,
+                WireError(
+                    "unexpected",
+                    f"no actor here handles {type(event).__struct_config__.tag!r} events",
+                    getattr(event, "cmd_id", -1),
+                ),
+                event.sender or peer,
+            )
 
     def _in_order(self, route: Route, command: ev.Command) -> bool:
         key = (id(route.socket), route.identity, command.sender)
         last = self.last_cmd_id.get(key)
         if last is not None and command.cmd_id <= last:
             code = "duplicate_command" if command.cmd_id == last else "out_of_order_command"
-            self._reject(route, WireError(code, f"command id {command.cmd_id} after {last} from {command.sender!r}",
-                                          command.cmd_id), command.sender)
+            self._reject(
+                route,
+                WireError(code, f"command id {command.cmd_id} after {last} from {command.sender!r}", command.cmd_id),
+                command.sender,
+            )
             return False
         self.last_cmd_id[key] = command.cmd_id
         return True

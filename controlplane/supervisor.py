@@ -42,7 +42,9 @@ MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_thres
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a FlexPipe child process: importable sources, unbuffered output, heap tuning."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+    )
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
     return env
 
@@ -94,7 +96,9 @@ class ProcessSupervisor:
         return child
 
     def _spawn(self, child: Child) -> None:
-        child.process = subprocess.Popen(child.argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        child.process = subprocess.Popen(
+            child.argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         child.started_at = time.monotonic()
         emit(self.log, "process.started", child=child.name, child_pid=child.process.pid)
 
@@ -109,8 +113,14 @@ class ProcessSupervisor:
             if child.restart_at is None:
                 remove_rings_of(child.process.pid)
                 exited.append((child.name, child.process.pid, child.process.returncode))
-                emit(self.log, "process.exited", level="warning", child=child.name, child_pid=child.process.pid,
-                     exit_code=child.process.returncode)
+                emit(
+                    self.log,
+                    "process.exited",
+                    level="warning",
+                    child=child.name,
+                    child_pid=child.process.pid,
+                    exit_code=child.process.returncode,
+                )
                 if child.restarts >= self.restart_limit:
                     child.gave_up = True
                     emit(self.log, "process.restart_limit", level="error", child=child.name, restarts=child.restarts)
@@ -130,8 +140,11 @@ class ProcessSupervisor:
 
     def pids(self, prefix: str = "") -> list[int]:
         """Pids of the running children whose name starts with ``prefix``, in start order."""
-        return [c.process.pid for name, c in self.children.items()
-                if name.startswith(prefix) and c.process is not None and c.process.poll() is None]
+        return [
+            c.process.pid
+            for name, c in self.children.items()
+            if name.startswith(prefix) and c.process is not None and c.process.poll() is None
+        ]
 
     def stop_all(self, order: list[str] | None = None) -> None:
         names = [*(order or []), *(n for n in self.children if n not in (order or []))]
@@ -163,9 +176,17 @@ class SupervisorAgent:
     its bus socket.
     """
 
-    def __init__(self, supervisor: ProcessSupervisor, bus: BusClient, agent_id: str,
-                 worker_argv: Callable[[str], list[str]], spawn_capacity: int, first_worker_index: int,
-                 key_dir=None, insecure: bool = False) -> None:
+    def __init__(
+        self,
+        supervisor: ProcessSupervisor,
+        bus: BusClient,
+        agent_id: str,
+        worker_argv: Callable[[str], list[str]],
+        spawn_capacity: int,
+        first_worker_index: int,
+        key_dir=None,
+        insecure: bool = False,
+    ) -> None:
         self.supervisor, self.bus, self.agent_id = supervisor, bus, agent_id
         self.worker_argv, self.spawn_capacity = worker_argv, spawn_capacity
         self.next_index = first_worker_index
@@ -173,18 +194,23 @@ class SupervisorAgent:
         self.heartbeater: Heartbeater | None = None
 
     def register(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.bus.request(ev.RegisterSupervisor, timeout_s=2.0, supervisor_id=self.agent_id, host=socket.gethostname(),
-                                 pid=os.getpid(), spawn_capacity=self.spawn_capacity)
-                break
-            except BusError:
-                if time.monotonic() > deadline:
-                    raise
+        self.bus.request_until_answered(
+            ev.RegisterSupervisor,
+            timeout_s,
+            supervisor_id=self.agent_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            spawn_capacity=self.spawn_capacity,
+        )
         if self.heartbeater is None:
-            self.heartbeater = Heartbeater(self.bus.endpoint, self.agent_id, 1.0, key_dir=self.key_dir,
-                                           insecure=self.insecure, context=self.bus.context).start()
+            self.heartbeater = Heartbeater(
+                self.bus.endpoint,
+                self.agent_id,
+                1.0,
+                key_dir=self.key_dir,
+                insecure=self.insecure,
+                context=self.bus.context,
+            ).start()
 
     def start_worker(self) -> str:
         worker_id = f"worker-{self.next_index}"
@@ -207,9 +233,12 @@ class SupervisorAgent:
 
     def _spawn(self, command: ev.SpawnWorkers) -> ev.Event:
         if command.count > self.spawn_capacity:
-            return ev.ErrorReply(sender=self.agent_id, reply_to=command.cmd_id, code="spawn_refused",
-                                 message=f"asked for {command.count} workers; {self.agent_id} may start "
-                                         f"{self.spawn_capacity} more")
+            return ev.ErrorReply(
+                sender=self.agent_id,
+                reply_to=command.cmd_id,
+                code="spawn_refused",
+                message=f"asked for {command.count} workers; {self.agent_id} may start {self.spawn_capacity} more",
+            )
         self.spawn_capacity -= command.count
         worker_ids = [self.start_worker() for _ in range(command.count)]
         return ev.WorkersSpawned(sender=self.agent_id, reply_to=command.cmd_id, worker_ids=worker_ids)
@@ -255,24 +284,49 @@ class LocalCluster:
         self.stopping = False
 
     def worker_argv(self, worker_id: str) -> list[str]:
-        return [sys.executable, "-m", WORKER_MODULE, "--worker-id", worker_id,
-                "--memory", str(self.config.cluster.worker_memory), "--threads", str(self.threads), *self.common]
+        return [
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            "--worker-id",
+            worker_id,
+            "--memory",
+            str(self.config.cluster.worker_memory),
+            "--threads",
+            str(self.threads),
+            *self.common,
+        ]
 
     def up(self) -> None:
         timeout = self.config.cluster.ready_timeout_s
         python = sys.executable
         self.supervisor.start("controller", [python, "-m", "controlplane.controller", *self.common])
-        wait_until(lambda: self._dead_check("controller") or cluster_status(self.config) is not None, timeout, "controller")
+        wait_until(
+            lambda: self._dead_check("controller") or cluster_status(self.config) is not None, timeout, "controller"
+        )
         for worker_id in self.worker_ids:
             self.supervisor.start(worker_id, self.worker_argv(worker_id))
-        self.supervisor.start("engine-0", [python, "-m", "dataplane.engine.host", "--host-id", "engine-0", *self.common])
+        self.supervisor.start(
+            "engine-0", [python, "-m", "dataplane.engine.host", "--host-id", "engine-0", *self.common]
+        )
         wait_until(self._all_registered, timeout, "workers and engine host")
         security = self.config.security
-        bus = BusClient(self.config.controller.ipc_endpoint, sender="supervisor", key_dir=security.key_path,
-                        insecure=self.insecure or security.insecure)
-        self.agent = SupervisorAgent(self.supervisor, bus, "supervisor", self.worker_argv,
-                                     self.config.cluster.spawn_limit, len(self.worker_ids), security.key_path,
-                                     self.insecure or security.insecure)
+        bus = BusClient(
+            self.config.controller.ipc_endpoint,
+            sender="supervisor",
+            key_dir=security.key_path,
+            insecure=self.insecure or security.insecure,
+        )
+        self.agent = SupervisorAgent(
+            self.supervisor,
+            bus,
+            "supervisor",
+            self.worker_argv,
+            self.config.cluster.spawn_limit,
+            len(self.worker_ids),
+            security.key_path,
+            self.insecure or security.insecure,
+        )
         self.agent.register()
         emit(self.log, "process.ready", children=list(self.supervisor.children))
 
@@ -322,8 +376,15 @@ def main(argv: list[str] | None = None) -> None:
     state = cluster_state_path()
     try:
         cluster.up()
-        state.write_text(json.dumps({"pid": os.getpid(), "workers": cluster.worker_ids,
-                                     "children": {n: c.process.pid for n, c in cluster.supervisor.children.items()}}))
+        state.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "workers": cluster.worker_ids,
+                    "children": {n: c.process.pid for n, c in cluster.supervisor.children.items()},
+                }
+            )
+        )
         print("READY", flush=True)
         cluster.serve()
     except FlexPipeError as exc:

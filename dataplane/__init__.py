@@ -6,6 +6,7 @@ from dataplane.engine.sampling_params import CompletionOutput, RequestOutput, Sa
 def __getattr__(name):
     if name == "LLM":
         from dataplane.llm.llm import LLM
+
         return LLM
     raise AttributeError(name)
 

@@ -14,7 +14,9 @@ from dataplane import LLM, SamplingParams  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: embedded tiny model)")
+    parser.add_argument(
+        "--model", default=None, help="Hugging Face checkpoint directory (default: embedded tiny model)"
+    )
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--transport", default="shm")
     parser.add_argument("--max-tokens", type=int, default=24)
@@ -24,8 +26,17 @@ def main() -> None:
         print(f"layout: {llm.layout.describe(llm.unit_names)}", file=sys.stderr)
         outputs = llm.generate(args.prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
     for output in outputs:
-        print(json.dumps({"prompt": output.prompt, "text": output.text, "token_ids": output.token_ids,
-                          "finish_reason": output.finish_reason, "usage": output.usage}))
+        print(
+            json.dumps(
+                {
+                    "prompt": output.prompt,
+                    "text": output.text,
+                    "token_ids": output.token_ids,
+                    "finish_reason": output.finish_reason,
+                    "usage": output.usage,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

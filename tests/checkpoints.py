@@ -1,4 +1,5 @@
 """Tiny random checkpoints of several architectures, written through the real transformers classes."""
+
 from __future__ import annotations
 
 import os
@@ -53,7 +54,11 @@ def _reinit_(model, std: float = 0.05) -> None:
 
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 1 and ("norm" in name or name.split(".")[-2].startswith("ln")) and name.endswith("weight"):
+            if (
+                param.dim() == 1
+                and ("norm" in name or name.split(".")[-2].startswith("ln"))
+                and name.endswith("weight")
+            ):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, std)
@@ -72,7 +77,9 @@ def build_model(kind: str, *, seed: int = 0, **overrides):
     return model
 
 
-def write_checkpoint(kind: str, path: str | os.PathLike, *, seed: int = 0, max_shard_size: int | str | None = None, **overrides) -> pathlib.Path:
+def write_checkpoint(
+    kind: str, path: str | os.PathLike, *, seed: int = 0, max_shard_size: int | str | None = None, **overrides
+) -> pathlib.Path:
     """Write a tiny random `kind` checkpoint (config, safetensors weights, byte-level tokenizer) to `path`.
 
     `max_shard_size` (e.g. "20KB") produces a sharded checkpoint with `model.safetensors.index.json`;

@@ -21,6 +21,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     from dataplane.models.tiny import ensure_tiny_model
+
     return ensure_tiny_model()
 
 
@@ -28,6 +29,7 @@ def tiny_model() -> Path:
 def checkpoint(tmp_path_factory):
     """``checkpoint(kind, **overrides)``: a tiny random HF checkpoint written once per session."""
     from checkpoints import write_checkpoint
+
     written: dict[tuple, Path] = {}
 
     def make(kind: str, **overrides) -> Path:
@@ -67,6 +69,7 @@ def restore_logging(monkeypatch):
     import warnings
 
     import structlog
+
     monkeypatch.delenv("FLEXPIPE_LOG_FORMAT", raising=False)
     monkeypatch.delenv("FLEXPIPE_LOG_LEVEL", raising=False)
     structlog_config = structlog.get_config()

@@ -42,12 +42,34 @@ EVENTS = [sample_struct(cls) for cls in ev.CATALOGUE.values()]
 
 
 msgpack_ints = st.integers(-(2**63), 2**64 - 1)
-scalars = (st.none() | st.booleans() | msgpack_ints | st.floats() | st.text(max_size=12) | st.binary(max_size=12)
-           | st.lists(msgpack_ints, max_size=3) | st.dictionaries(st.text(max_size=4), msgpack_ints, max_size=2))
+scalars = (
+    st.none()
+    | st.booleans()
+    | msgpack_ints
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+    | st.lists(msgpack_ints, max_size=3)
+    | st.dictionaries(st.text(max_size=4), msgpack_ints, max_size=2)
+)
 event_like = st.fixed_dictionaries(
     {"type": st.sampled_from(sorted(ev.CATALOGUE)) | scalars},
-    optional={key: scalars for key in ("v", "sender", "cmd_id", "reply_to", "pipeline_id", "worker_id", "device",
-                                       "stages", "seq", "token_ids")})
+    optional={
+        key: scalars
+        for key in (
+            "v",
+            "sender",
+            "cmd_id",
+            "reply_to",
+            "pipeline_id",
+            "worker_id",
+            "device",
+            "stages",
+            "seq",
+            "token_ids",
+        )
+    },
+)
 VALID = [encode(event) for event in EVENTS]
 
 
@@ -66,6 +88,9 @@ def mutated(draw) -> bytes:
     return bytes(data)
 
 
-hostile = (st.binary(max_size=64) | mutated()
-           | scalars.map(lambda v: msgpack.packb(v, use_bin_type=True))
-           | event_like.map(lambda d: msgpack.packb(d, use_bin_type=True)))
+hostile = (
+    st.binary(max_size=64)
+    | mutated()
+    | scalars.map(lambda v: msgpack.packb(v, use_bin_type=True))
+    | event_like.map(lambda d: msgpack.packb(d, use_bin_type=True))
+)

@@ -60,8 +60,13 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.flops_per_second <= 0 or self.bandwidth_bytes_per_second <= 0:
             raise PartitionError("a cost model needs positive flops_per_second and bandwidth_bytes_per_second")
-        others = (self.activation_bytes_per_token, self.tokens_per_step, self.kv_tokens,
-                  self.layer_cut_penalty, self.memory_reserve_bytes)
+        others = (
+            self.activation_bytes_per_token,
+            self.tokens_per_step,
+            self.kv_tokens,
+            self.layer_cut_penalty,
+            self.memory_reserve_bytes,
+        )
         if min(others) < 0:
             raise PartitionError(f"cost model fields must be >= 0: {self}")
 
@@ -132,7 +137,9 @@ def partition(
     if num_stages < 1:
         raise PartitionError(f"a layout needs at least 1 stage, got {num_stages}")
     if num_stages > num_units:
-        raise PartitionError(f"a model of {num_units} units can be cut into at most {num_units} stages, got {num_stages}")
+        raise PartitionError(
+            f"a model of {num_units} units can be cut into at most {num_units} stages, got {num_stages}"
+        )
     if device_memory is not None:
         if len(device_memory) != num_stages:
             raise PartitionError(f"device_memory lists {len(device_memory)} devices for {num_stages} stages")
@@ -140,7 +147,9 @@ def partition(
         for unit in units:
             needed = stage_memory([unit], cost_model)
             if needed > largest_device:
-                raise PartitionError(f"unit {unit.name} needs {needed} bytes, more than the largest device ({largest_device})")
+                raise PartitionError(
+                    f"unit {unit.name} needs {needed} bytes, more than the largest device ({largest_device})"
+                )
 
     # prefix[j] sums units[:j]; matrices are indexed [start, end] for the stage units[start:end].
     def prefix(values) -> np.ndarray:
@@ -150,7 +159,9 @@ def partition(
     flops = prefix([float(u.flops_per_token) for u in units])
     transfer = np.array([0.0 if u.name == "embed" else cost_model.activation_transfer_seconds for u in units])
     cost = (flops[None, :] - flops[:-1, None]) * seconds_per_flop + transfer[:, None]
-    mean_cost = (flops[-1] * seconds_per_flop + transfer[0] + (num_stages - 1) * cost_model.activation_transfer_seconds) / num_stages
+    mean_cost = (
+        flops[-1] * seconds_per_flop + transfer[0] + (num_stages - 1) * cost_model.activation_transfer_seconds
+    ) / num_stages
     names = [u.name for u in units]
     cuts_inside_layer = np.array([start > 0 and not is_layer_boundary(names, start) for start in range(num_units)])
     stage_terms = np.abs(cost - mean_cost) + (cost_model.layer_cut_penalty * mean_cost) * cuts_inside_layer[:, None]
@@ -172,7 +183,9 @@ def partition(
         choices.append(candidates.argmin(axis=0))
         best = candidates.min(axis=0)
     if not np.isfinite(best[num_units]):
-        raise PartitionError(f"no layout of {num_units} units into {num_stages} stages fits device memory {list(device_memory or [])}")
+        raise PartitionError(
+            f"no layout of {num_units} units into {num_stages} stages fits device memory {list(device_memory or [])}"
+        )
 
     bounds, end = [], num_units
     for stage in reversed(range(num_stages)):

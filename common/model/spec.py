@@ -44,7 +44,7 @@ class ModelSpec:
     raw_config: dict
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelSpec":
+    def from_config(cls, config: dict) -> ModelSpec:
         architectures = config.get("architectures") or []
         architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
         if architecture is None:
@@ -69,7 +69,9 @@ class ModelSpec:
             **fields,
         )
         if spec.num_heads % spec.num_kv_heads:
-            raise CheckpointError(f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads {spec.num_kv_heads}")
+            raise CheckpointError(
+                f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads {spec.num_kv_heads}"
+            )
         return spec
 
 

@@ -75,7 +75,7 @@ class Layout:
         return [f"{names[s]}..{names[e - 1]}" for s, e in self.bounds]
 
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int], num_units: int) -> "Layout":
+    def from_sizes(cls, sizes: Sequence[int], num_units: int) -> Layout:
         bounds, start = [], 0
         for size in sizes:
             bounds.append((start, start + int(size)))
@@ -83,7 +83,7 @@ class Layout:
         return cls(tuple(bounds), num_units)
 
     @classmethod
-    def from_spec(cls, spec: Sequence, names: Sequence[str]) -> "Layout":
+    def from_spec(cls, spec: Sequence, names: Sequence[str]) -> Layout:
         """Build a layout from unit counts ``[3, 4, 3]`` or inclusive name ranges ``[("embed", "L0.mlp"), ...]``."""
         if all(isinstance(item, int) for item in spec):
             return cls.from_sizes(spec, len(names))
@@ -94,6 +94,8 @@ class Layout:
                 item = item.split("..") if ".." in item else (item, item)
             first, last = item
             if first not in index or last not in index:
-                raise PartitionError(f"unknown unit in layout range {first!r}..{last!r}; units are {names[0]}..{names[-1]}")
+                raise PartitionError(
+                    f"unknown unit in layout range {first!r}..{last!r}; units are {names[0]}..{names[-1]}"
+                )
             bounds.append((index[first], index[last] + 1))
         return cls(tuple(bounds), len(names))

@@ -1,13 +1,13 @@
 """fpctl: the operator's command line, a peer on the control bus like any other.
 
-    fpctl up [--workers N]          start a local cluster (controller, workers, engine host)
-    fpctl down                      stop it
-    fpctl status | workers | pipelines [--json]
-    fpctl deploy [--model DIR] (--stages N | --layout A..B,C..D) [--pipeline ID]
-    fpctl undeploy PIPELINE
-    fpctl generate --pipeline P --prompt TEXT --max-tokens N
-    fpctl keys init [--force]
-    fpctl timeline [--log FILE] [--pipeline ID] [--json]   refactors rebuilt from a JSON log; no cluster needed
+fpctl up [--workers N]          start a local cluster (controller, workers, engine host)
+fpctl down                      stop it
+fpctl status | workers | pipelines [--json]
+fpctl deploy [--model DIR] (--stages N | --layout A..B,C..D) [--pipeline ID]
+fpctl undeploy PIPELINE
+fpctl generate --pipeline P --prompt TEXT --max-tokens N
+fpctl keys init [--force]
+fpctl timeline [--log FILE] [--pipeline ID] [--json]   refactors rebuilt from a JSON log; no cluster needed
 """
 
 from __future__ import annotations
@@ -28,18 +28,23 @@ from common import events as ev
 from common.config import load_config
 from common.errors import FlexPipeError
 from common.runtime import runtime_dir
-from controlplane.client import BusClient, BusError
-from controlplane.cli.views import pipelines_table, print_refactor_outcome, print_status, to_json, workers_table
-from controlplane.supervisor import STOP_TIMEOUT_S, child_environment, cluster_state_path
 from controlplane.cli.timeline import build_timelines, read_refactor_events
 from controlplane.cli.timeline_views import print_timelines
+from controlplane.cli.views import pipelines_table, print_refactor_outcome, print_status, to_json, workers_table
+from controlplane.client import BusClient, BusError
+from controlplane.supervisor import STOP_TIMEOUT_S, child_environment, cluster_state_path
 
 
 def default_model_dir() -> str:
     """The embedded default model's directory, written on first use by the data plane's own command
     (run as a child process: the control plane never imports torch)."""
-    result = subprocess.run([sys.executable, "-m", "dataplane.models.tiny"], capture_output=True, text=True,
-                            timeout=300, env=child_environment())
+    result = subprocess.run(
+        [sys.executable, "-m", "dataplane.models.tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_environment(),
+    )
     if result.returncode != 0:
         raise FlexPipeError(f"could not write the default model: {result.stderr.strip()[-500:]}")
     return result.stdout.strip().splitlines()[-1]
@@ -56,8 +61,13 @@ class Fpctl:
         self.endpoint = args.endpoint or self.config.controller.ipc_endpoint
 
     def bus(self) -> BusClient:
-        return BusClient(self.endpoint, sender=f"fpctl-{os.getpid()}", key_dir=self.config.security.key_path,
-                         insecure=self.args.insecure or self.config.security.insecure, timeout_s=self.args.timeout)
+        return BusClient(
+            self.endpoint,
+            sender=f"fpctl-{os.getpid()}",
+            key_dir=self.config.security.key_path,
+            insecure=self.args.insecure or self.config.security.insecure,
+            timeout_s=self.args.timeout,
+        )
 
     def status(self) -> ev.StatusReply:
         with self.bus() as bus:
@@ -68,23 +78,29 @@ class Fpctl:
     def up(self) -> int:
         state = cluster_state_path()
         if state.exists() and _pid_alive(json.loads(state.read_text()).get("pid", -1)):
-            raise FlexPipeError(f"a cluster is already up (supervisor pid {json.loads(state.read_text())['pid']}); "
-                                "run `fpctl down` first")
+            raise FlexPipeError(
+                f"a cluster is already up (supervisor pid {json.loads(state.read_text())['pid']}); "
+                "run `fpctl down` first"
+            )
         log_path = runtime_dir() / "cluster.log"
         argv = [sys.executable, "-m", "controlplane.supervisor"]
         argv += ["--workers", str(self.args.workers)] if self.args.workers else []
         argv += ["--config", self.args.config] if self.args.config else []
         argv += ["--insecure"] if self.args.insecure else []
         env = dict(os.environ, FLEXPIPE_LOG_FORMAT=os.environ.get("FLEXPIPE_LOG_FORMAT", "json"))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+        )
         with open(log_path, "ab") as log:
-            supervisor = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                          start_new_session=True)
+            supervisor = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + self.config.cluster.ready_timeout_s + 30
         while time.monotonic() < deadline:
             if supervisor.poll() is not None:
-                raise FlexPipeError(f"the cluster failed to start (exit {supervisor.returncode}); "
-                                    f"last log lines:\n{_tail(log_path)}")
+                raise FlexPipeError(
+                    f"the cluster failed to start (exit {supervisor.returncode}); last log lines:\n{_tail(log_path)}"
+                )
             if state.exists() and json.loads(state.read_text() or "{}").get("pid") == supervisor.pid:
                 status = self.status()
                 if self.args.json:
@@ -132,8 +148,14 @@ class Fpctl:
         layout = [part.strip() for part in self.args.layout.split(",")] if self.args.layout else []
         pipeline_id = self.args.pipeline or f"p{int(time.time()) % 100000}"
         with self.bus() as bus:
-            bus.request(ev.DeployPipeline, pipeline_id=pipeline_id, model_dir=str(Path(model).resolve()),
-                        num_stages=self.args.stages or 0, layout=layout, transport=self.args.transport)
+            bus.request(
+                ev.DeployPipeline,
+                pipeline_id=pipeline_id,
+                model_dir=str(Path(model).resolve()),
+                num_stages=self.args.stages or 0,
+                layout=layout,
+                transport=self.args.transport,
+            )
         view = self._wait_for(pipeline_id, ("READY", "FAILED"), self.args.wait_timeout)
         if self.args.json:
             print(to_json(view))
@@ -148,7 +170,9 @@ class Fpctl:
             if view is not None and view.state in states:
                 return view
             if time.monotonic() > deadline:
-                raise FlexPipeError(f"pipeline {pipeline_id} is {view.state if view else 'unknown'} after {timeout_s:.0f}s")
+                raise FlexPipeError(
+                    f"pipeline {pipeline_id} is {view.state if view else 'unknown'} after {timeout_s:.0f}s"
+                )
             time.sleep(0.2)
 
     def undeploy(self) -> int:
@@ -161,16 +185,29 @@ class Fpctl:
         status = self.status()
         view = next((p for p in status.pipelines if p.pipeline_id == self.args.pipeline), None)
         if view is None:
-            raise FlexPipeError(f"no pipeline {self.args.pipeline!r}; deployed: {[p.pipeline_id for p in status.pipelines]}")
+            raise FlexPipeError(
+                f"no pipeline {self.args.pipeline!r}; deployed: {[p.pipeline_id for p in status.pipelines]}"
+            )
         host = next((h for h in status.engine_hosts if h.host_id == view.engine_host), None)
         if host is None:
             raise FlexPipeError(f"engine host {view.engine_host!r} of pipeline {view.pipeline_id} is not registered")
         token_ids: list[int] = []
-        with BusClient(host.request_address, sender=f"fpctl-{os.getpid()}", key_dir=self.config.security.key_path,
-                       insecure=self.args.insecure or self.config.security.insecure, timeout_s=self.args.timeout) as client:
-            request = client.command(ev.GenerateRequest, pipeline_id=view.pipeline_id, prompt=self.args.prompt,
-                                     max_tokens=self.args.max_tokens, temperature=self.args.temperature,
-                                     seed=self.args.seed, ignore_eos=self.args.ignore_eos)
+        with BusClient(
+            host.request_address,
+            sender=f"fpctl-{os.getpid()}",
+            key_dir=self.config.security.key_path,
+            insecure=self.args.insecure or self.config.security.insecure,
+            timeout_s=self.args.timeout,
+        ) as client:
+            request = client.command(
+                ev.GenerateRequest,
+                pipeline_id=view.pipeline_id,
+                prompt=self.args.prompt,
+                max_tokens=self.args.max_tokens,
+                temperature=self.args.temperature,
+                seed=self.args.seed,
+                ignore_eos=self.args.ignore_eos,
+            )
             client.send(request)
             while True:
                 chunk = client.await_reply(request.cmd_id, self.args.timeout)
@@ -179,14 +216,20 @@ class Fpctl:
                     print(" ".join(map(str, chunk.token_ids)), end=" ", flush=True)
                 if chunk.finish_reason:
                     break
-        result = {"pipeline": view.pipeline_id, "token_ids": token_ids, "text": chunk.text,
-                  "finish_reason": chunk.finish_reason,
-                  "usage": {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}}
+        result = {
+            "pipeline": view.pipeline_id,
+            "token_ids": token_ids,
+            "text": chunk.text,
+            "finish_reason": chunk.finish_reason,
+            "usage": {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens},
+        }
         if self.args.json:
             print(json.dumps(result))
         else:
             print(" ".join(map(str, chunk.token_ids)))
-            self.console.print(f"[bold]text[/bold]: {chunk.text!r}  ({chunk.finish_reason}, {chunk.completion_tokens} tokens)")
+            self.console.print(
+                f"[bold]text[/bold]: {chunk.text!r}  ({chunk.finish_reason}, {chunk.completion_tokens} tokens)"
+            )
         return 0
 
     def plan(self) -> int:
@@ -200,9 +243,16 @@ class Fpctl:
         layout = [part.strip() for part in self.args.layout.split(",")] if self.args.layout else None
         migrate = [int(s) for s in self.args.migrate.split(",")] if self.args.migrate else []
         with self.bus() as bus:
-            outcome = bus.request(ev.RefactorPipeline, timeout_s=self.args.wait_timeout,
-                                  pipeline_id=self.args.pipeline_id, num_stages=self.args.stages, layout=layout,
-                                  migrate=migrate, dry_run=dry_run, by="fpctl")
+            outcome = bus.request(
+                ev.RefactorPipeline,
+                timeout_s=self.args.wait_timeout,
+                pipeline_id=self.args.pipeline_id,
+                num_stages=self.args.stages,
+                layout=layout,
+                migrate=migrate,
+                dry_run=dry_run,
+                by="fpctl",
+            )
         if self.args.json:
             print(to_json(outcome))
         else:
@@ -211,12 +261,18 @@ class Fpctl:
 
     def keys_init(self) -> int:
         from controlplane import security
+
         key_dir = Path(self.args.dir) if self.args.dir else self.config.security.key_path
         paths = security.init_keys(key_dir, force=self.args.force)
         self.console.print(f"CURVE keys written to {key_dir}")
         if self.args.json:
-            print(to_json({"key_dir": str(key_dir), "paths": {k: str(v) for k, v in vars(paths).items()}}
-                          if hasattr(paths, "__dict__") else {"key_dir": str(key_dir)}))
+            print(
+                to_json(
+                    {"key_dir": str(key_dir), "paths": {k: str(v) for k, v in vars(paths).items()}}
+                    if hasattr(paths, "__dict__")
+                    else {"key_dir": str(key_dir)}
+                )
+            )
         return 0
 
 
@@ -282,7 +338,9 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fpctl", description="Operate a FlexPipe cluster.")
-    p.add_argument("--config", help="FlexPipe TOML configuration (default: $FLEXPIPE_CONFIG or ~/.config/flexpipe/flexpipe.toml)")
+    p.add_argument(
+        "--config", help="FlexPipe TOML configuration (default: $FLEXPIPE_CONFIG or ~/.config/flexpipe/flexpipe.toml)"
+    )
     p.add_argument("--endpoint", help="controller endpoint (default: the configuration's ipc endpoint)")
     p.add_argument("--insecure", action="store_true", help="plain TCP to a loopback endpoint, without CURVE")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default: %(default)s)")
@@ -308,8 +366,10 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--ignore-eos", action="store_true")
-    for name, help_text in (("plan", "show what a refactor would move, the bytes and the estimated stall"),
-                            ("refactor", "re-shape a serving pipeline in flight")):
+    for name, help_text in (
+        ("plan", "show what a refactor would move, the bytes and the estimated stall"),
+        ("refactor", "re-shape a serving pipeline in flight"),
+    ):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("pipeline_id")
         command.add_argument("--stages", type=int, help="target number of stages")
@@ -322,8 +382,9 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--dir", help="key directory (default: from the configuration)")
     init.add_argument("--force", action="store_true", help="replace existing keys")
     timeline_cmd = sub.add_parser("timeline", help="rebuild refactor timelines from a JSON log (no cluster needed)")
-    timeline_cmd.add_argument("--log", metavar="FILE",
-                              help="JSON log, e.g. <runtime dir>/cluster.log (default, or -: standard input)")
+    timeline_cmd.add_argument(
+        "--log", metavar="FILE", help="JSON log, e.g. <runtime dir>/cluster.log (default, or -: standard input)"
+    )
     timeline_cmd.add_argument("--pipeline", metavar="ID", help="only this pipeline's refactors")
     for command in sub.choices.values():
         command.add_argument("--json", action="store_true", help="machine-readable output")

@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from controlplane.cli.views import _bytes
 from controlplane.cli.timeline import IN_PROGRESS, RefactorTimeline
+from controlplane.cli.views import _bytes
 
 OUTCOME_STYLES = {"committed": "green", "aborted": "red", "refused": "yellow", "in progress": "cyan"}
 BAR_WIDTH = 16
@@ -17,10 +17,16 @@ def timeline_table(timeline: RefactorTimeline) -> Table:
     """A table of ``timeline``'s phases; title and caption carry the refactor as a whole."""
     t = timeline
     style = OUTCOME_STYLES[t.outcome]
-    heading = (f"{t.pipeline_id or '?'} refactor {_or_dash(t.refactor_id)}: {t.kind or '?'} "
-               f"epoch {_or_dash(t.from_epoch)} -> {_or_dash(t.to_epoch)}, ")
-    table = Table(title=f"{escape(heading)}[{style}]{escape(t.outcome)}[/{style}]", caption=escape(_caption(t)),
-                  title_justify="left", caption_justify="left")
+    heading = (
+        f"{t.pipeline_id or '?'} refactor {_or_dash(t.refactor_id)}: {t.kind or '?'} "
+        f"epoch {_or_dash(t.from_epoch)} -> {_or_dash(t.to_epoch)}, "
+    )
+    table = Table(
+        title=f"{escape(heading)}[{style}]{escape(t.outcome)}[/{style}]",
+        caption=escape(_caption(t)),
+        title_justify="left",
+        caption_justify="left",
+    )
     for column in ("phase", "start", "duration", "ok", "weights", "KV"):
         table.add_column(column, justify="right" if column in ("start", "duration", "weights", "KV") else "left")
     table.add_column("timeline", min_width=BAR_WIDTH, no_wrap=True)
@@ -29,8 +35,15 @@ def timeline_table(timeline: RefactorTimeline) -> Table:
         ok = "-" if p.ok is None else ("yes" if p.ok else "[red]no[/red]")
         unfinished = "[cyan]running[/cyan]" if t.outcome == IN_PROGRESS else "?"
         duration = unfinished if p.duration_s is None else _seconds(p.duration_s)
-        table.add_row(escape(p.phase), _seconds(p.offset_s, "+"), duration, ok, _size(p.weight_bytes),
-                      _size(p.kv_bytes), _bar(p.offset_s, p.duration_s, scale))
+        table.add_row(
+            escape(p.phase),
+            _seconds(p.offset_s, "+"),
+            duration,
+            ok,
+            _size(p.weight_bytes),
+            _size(p.kv_bytes),
+            _bar(p.offset_s, p.duration_s, scale),
+        )
     return table
 
 

@@ -31,9 +31,16 @@ def workers_table(status: ev.StatusReply) -> Table:
     for w in status.workers:
         stages = ", ".join(f"{s.pipeline_id}#{s.stage} q={s.queue_length} busy={s.busy_fraction:.0%}" for s in w.stages)
         state = w.state if w.state == "alive" else f"[red]{w.state}[/red]"
-        table.add_row(w.worker_id, state, str(w.pid), w.host, f"{w.device.kind}:{w.device.name}",
-                      f"{_bytes(w.device.memory_free)} / {_bytes(w.device.memory_total)}",
-                      f"{w.last_heartbeat_age_s:.1f}s", stages or "-")
+        table.add_row(
+            w.worker_id,
+            state,
+            str(w.pid),
+            w.host,
+            f"{w.device.kind}:{w.device.name}",
+            f"{_bytes(w.device.memory_free)} / {_bytes(w.device.memory_total)}",
+            f"{w.last_heartbeat_age_s:.1f}s",
+            stages or "-",
+        )
     for h in status.engine_hosts:
         table.add_row(h.host_id, h.state, str(h.pid), "", "engine host", "", "", h.request_address)
     return table
@@ -49,9 +56,17 @@ def pipelines_table(status: ev.StatusReply) -> Table:
             state += f" ({p.reason})"
         for i, s in enumerate(p.stages):
             units = f"{s.units[0]}..{s.units[-1]}" if s.units else ""
-            table.add_row(p.pipeline_id if i == 0 else "", state if i == 0 else "", str(p.epoch) if i == 0 else "",
-                          str(s.stage), s.worker_id, units, str(s.queue_length), f"{s.busy_fraction:.0%}",
-                          f"{s.kv_blocks_used}/{s.kv_blocks_free}")
+            table.add_row(
+                p.pipeline_id if i == 0 else "",
+                state if i == 0 else "",
+                str(p.epoch) if i == 0 else "",
+                str(s.stage),
+                s.worker_id,
+                units,
+                str(s.queue_length),
+                f"{s.busy_fraction:.0%}",
+                f"{s.kv_blocks_used}/{s.kv_blocks_free}",
+            )
         if not p.stages:
             table.add_row(p.pipeline_id, state, str(p.epoch), "", "", "", "", "", "")
     return table
@@ -71,15 +86,23 @@ def print_refactor_outcome(console: Console, outcome) -> None:
         head += f" {outcome.kind}"
     console.print(f"[bold]{head}[/bold] (epoch {outcome.epoch}){' - ' + outcome.reason if outcome.reason else ''}")
     if outcome.target:
-        console.print("target: " + ", ".join(f"{r} on {w}" if w else r
-                                             for r, w in itertools.zip_longest(outcome.target, outcome.workers or [])))
+        console.print(
+            "target: "
+            + ", ".join(
+                f"{r} on {w}" if w else r for r, w in itertools.zip_longest(outcome.target, outcome.workers or [])
+            )
+        )
     for move in outcome.moves:
         console.print(f"  {move}")
     if outcome.outcome == "planned":
         sources = ", ".join(f"{k} {_bytes(v)}" for k, v in outcome.weight_bytes_by_source.items()) or "none"
-        console.print(f"weights to move: {sources}; KV now: {_bytes(outcome.kv_bytes)}; "
-                      f"estimated stall {outcome.stall_estimate_s * 1e3:.1f} ms")
+        console.print(
+            f"weights to move: {sources}; KV now: {_bytes(outcome.kv_bytes)}; "
+            f"estimated stall {outcome.stall_estimate_s * 1e3:.1f} ms"
+        )
     elif outcome.phase_seconds:
         phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in outcome.phase_seconds.items())
-        console.print(f"phases: {phases}; weights {_bytes(outcome.weight_bytes)}, KV {_bytes(outcome.kv_bytes)}, "
-                      f"stall {outcome.stall_s * 1e3:.1f} ms")
+        console.print(
+            f"phases: {phases}; weights {_bytes(outcome.weight_bytes)}, KV {_bytes(outcome.kv_bytes)}, "
+            f"stall {outcome.stall_s * 1e3:.1f} ms"
+        )

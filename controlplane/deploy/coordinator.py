@@ -45,11 +45,19 @@ class Pipeline:
         return self.request.pipeline_id
 
     def view(self) -> ev.PipelineView:
-        stages = [ev.StageView(stage=k, worker_id=self.workers[k] if k < len(self.workers) else "", units=units)
-                  for k, units in enumerate(self.plan.stage_units)]
-        return ev.PipelineView(pipeline_id=self.pipeline_id, state=self.state, epoch=self.epoch,
-                               model_dir=self.request.model_dir, engine_host=self.engine_host, stages=stages,
-                               reason=self.reason)
+        stages = [
+            ev.StageView(stage=k, worker_id=self.workers[k] if k < len(self.workers) else "", units=units)
+            for k, units in enumerate(self.plan.stage_units)
+        ]
+        return ev.PipelineView(
+            pipeline_id=self.pipeline_id,
+            state=self.state,
+            epoch=self.epoch,
+            model_dir=self.request.model_dir,
+            engine_host=self.engine_host,
+            stages=stages,
+            reason=self.reason,
+        )
 
 
 class DeployCoordinator:
@@ -64,8 +72,18 @@ class DeployCoordinator:
 
     name: ClassVar[str] = "coordinator"
     accepts: ClassVar[tuple[type, ...]] = (
-        ev.DeployPipeline, ev.UndeployPipeline, ev.PlacementDecided, ev.EnginePrepared, ev.StageLoaded, ev.Ack,
-        ev.ErrorReply, ev.WorkerLost, ev.RegisterWorker, ev.RegisterEngineHost, ev.PipelineReshaped, Tick,
+        ev.DeployPipeline,
+        ev.UndeployPipeline,
+        ev.PlacementDecided,
+        ev.EnginePrepared,
+        ev.StageLoaded,
+        ev.Ack,
+        ev.ErrorReply,
+        ev.WorkerLost,
+        ev.RegisterWorker,
+        ev.RegisterEngineHost,
+        ev.PipelineReshaped,
+        Tick,
     )
 
     def __init__(self, planner: Callable[[ev.DeployPipeline], PipelinePlan], phase_timeout_s: float = 120.0) -> None:
@@ -77,11 +95,17 @@ class DeployCoordinator:
         self._cmd_ids = itertools.count(1)
         self._owner: dict[int, str] = {}
         self.handlers = {
-            ev.DeployPipeline: self._on_deploy, ev.UndeployPipeline: self._on_undeploy,
-            ev.PlacementDecided: self._on_placement_decided, ev.EnginePrepared: self._on_engine_prepared,
-            ev.StageLoaded: self._on_stage_loaded, ev.Ack: self._on_ack, ev.ErrorReply: self._on_error_reply,
-            ev.WorkerLost: self._on_worker_lost, ev.RegisterWorker: self._on_register_worker,
-            ev.RegisterEngineHost: self._on_register_engine_host, ev.PipelineReshaped: self._on_pipeline_reshaped,
+            ev.DeployPipeline: self._on_deploy,
+            ev.UndeployPipeline: self._on_undeploy,
+            ev.PlacementDecided: self._on_placement_decided,
+            ev.EnginePrepared: self._on_engine_prepared,
+            ev.StageLoaded: self._on_stage_loaded,
+            ev.Ack: self._on_ack,
+            ev.ErrorReply: self._on_error_reply,
+            ev.WorkerLost: self._on_worker_lost,
+            ev.RegisterWorker: self._on_register_worker,
+            ev.RegisterEngineHost: self._on_register_engine_host,
+            ev.PipelineReshaped: self._on_pipeline_reshaped,
             Tick: self._on_tick,
         }
 
@@ -91,10 +115,22 @@ class DeployCoordinator:
     # ---- operator commands -----------------------------------------------------------
 
     def _on_deploy(self, event: ev.DeployPipeline, now: float) -> list[Action]:
-        refuse = lambda reason: [Send(event.sender, ev.ErrorReply(sender=self.name, reply_to=event.cmd_id,  # noqa: E731
-                                                                 code="deploy_refused", message=reason)),
-                                 Log("pipeline.state", {"pipeline_id": event.pipeline_id, "state": "REFUSED", "reason": reason},
-                                     level="warning")]
+        refuse = lambda reason: [
+            Send(
+                event.sender,
+                ev.ErrorReply(
+                    sender=self.name,
+                    reply_to=event.cmd_id,  # noqa: E731
+                    code="deploy_refused",
+                    message=reason,
+                ),
+            ),
+            Log(
+                "pipeline.state",
+                {"pipeline_id": event.pipeline_id, "state": "REFUSED", "reason": reason},
+                level="warning",
+            ),
+        ]
         if event.pipeline_id in self.pipelines:
             return refuse(f"pipeline {event.pipeline_id!r} already exists")
         hosts = [h for h in self.engine_hosts if h not in self.lost]
@@ -103,8 +139,10 @@ class DeployCoordinator:
         if event.num_stages < 1 and not event.layout:
             return refuse("give a stage count >= 1 or an explicit layout")
         if event.transport in UNSUPPORTED_TRANSPORTS:
-            return refuse(f"the {event.transport} transport needs a torch.distributed process group fixed at "
-                          "start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp or cuda_ipc")
+            return refuse(
+                f"the {event.transport} transport needs a torch.distributed process group fixed at "
+                "start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp or cuda_ipc"
+            )
         try:
             plan = self.planner(event)
         except FlexPipeError as exc:
@@ -113,22 +151,50 @@ class DeployCoordinator:
             return refuse(f"{len(event.workers)} workers named for {len(plan.stage_units)} stages")
         pipeline = Pipeline(event, plan, hosts[0])
         self.pipelines[event.pipeline_id] = pipeline
-        place = ev.PlaceStages(sender=self.name, cmd_id=self._command(pipeline, "allocator"),
-                               pipeline_id=event.pipeline_id, stage_memory=plan.stage_memory,
-                               workers=list(event.workers))
-        return [Send(event.sender, ev.DeployAccepted(sender=self.name, reply_to=event.cmd_id, pipeline_id=event.pipeline_id)),
-                Log("pipeline.deploy_requested", {"pipeline_id": event.pipeline_id, "model_dir": event.model_dir,
-                                                  "stages": len(plan.stage_units), "stage_memory": plan.stage_memory}),
-                Tell("allocator", place), *self._enter(pipeline, "PLACING", now)]
+        place = ev.PlaceStages(
+            sender=self.name,
+            cmd_id=self._command(pipeline, "allocator"),
+            pipeline_id=event.pipeline_id,
+            stage_memory=plan.stage_memory,
+            workers=list(event.workers),
+        )
+        return [
+            Send(
+                event.sender, ev.DeployAccepted(sender=self.name, reply_to=event.cmd_id, pipeline_id=event.pipeline_id)
+            ),
+            Log(
+                "pipeline.deploy_requested",
+                {
+                    "pipeline_id": event.pipeline_id,
+                    "model_dir": event.model_dir,
+                    "stages": len(plan.stage_units),
+                    "stage_memory": plan.stage_memory,
+                },
+            ),
+            Tell("allocator", place),
+            *self._enter(pipeline, "PLACING", now),
+        ]
 
     def _on_undeploy(self, event: ev.UndeployPipeline, now: float) -> list[Action]:
         pipeline = self.pipelines.pop(event.pipeline_id, None)
         if pipeline is None:
-            return [Send(event.sender, ev.ErrorReply(sender=self.name, reply_to=event.cmd_id, code="unknown_pipeline",
-                                                     message=f"no pipeline {event.pipeline_id!r}"))]
-        return [*self._teardown(pipeline), Send(event.sender, ev.Ack(sender=self.name, reply_to=event.cmd_id)),
-                Tell("monitor", ev.PipelineUpdated(sender=self.name, pipeline=pipeline.view(), removed=True)),
-                Log("pipeline.undeployed", {"pipeline_id": pipeline.pipeline_id, "epoch": pipeline.epoch})]
+            return [
+                Send(
+                    event.sender,
+                    ev.ErrorReply(
+                        sender=self.name,
+                        reply_to=event.cmd_id,
+                        code="unknown_pipeline",
+                        message=f"no pipeline {event.pipeline_id!r}",
+                    ),
+                )
+            ]
+        return [
+            *self._teardown(pipeline),
+            Send(event.sender, ev.Ack(sender=self.name, reply_to=event.cmd_id)),
+            Tell("monitor", ev.PipelineUpdated(sender=self.name, pipeline=pipeline.view(), removed=True)),
+            Log("pipeline.undeployed", {"pipeline_id": pipeline.pipeline_id, "epoch": pipeline.epoch}),
+        ]
 
     # ---- replies -----------------------------------------------------------------------
 
@@ -140,13 +206,21 @@ class DeployCoordinator:
             return self._fail(pipeline, f"placement refused: {event.reason}", now)
         pipeline.workers = list(event.devices)
         request, plan = pipeline.request, pipeline.plan
-        prepare = ev.PrepareEngine(sender=self.name, cmd_id=self._command(pipeline, pipeline.engine_host),
-                                   pipeline_id=pipeline.pipeline_id, epoch=pipeline.epoch, model_dir=request.model_dir,
-                                   num_stages=len(plan.stage_units), num_kv_blocks=plan.num_kv_blocks,
-                                   block_size=request.block_size, max_num_seqs=request.max_num_seqs,
-                                   transport=request.transport, max_model_len=plan.max_model_len,
-                                   max_num_batched_tokens=plan.max_num_batched_tokens,
-                                   step_timeout_s=request.step_timeout_s)
+        prepare = ev.PrepareEngine(
+            sender=self.name,
+            cmd_id=self._command(pipeline, pipeline.engine_host),
+            pipeline_id=pipeline.pipeline_id,
+            epoch=pipeline.epoch,
+            model_dir=request.model_dir,
+            num_stages=len(plan.stage_units),
+            num_kv_blocks=plan.num_kv_blocks,
+            block_size=request.block_size,
+            max_num_seqs=request.max_num_seqs,
+            transport=request.transport,
+            max_model_len=plan.max_model_len,
+            max_num_batched_tokens=plan.max_num_batched_tokens,
+            step_timeout_s=request.step_timeout_s,
+        )
         return [Send(pipeline.engine_host, prepare), *self._enter(pipeline, "PREPARING", now)]
 
     def _on_engine_prepared(self, event: ev.EnginePrepared, now: float) -> list[Action]:
@@ -157,10 +231,20 @@ class DeployCoordinator:
         request, plan = pipeline.request, pipeline.plan
         actions: list[Action] = []
         for stage, (worker, units) in enumerate(zip(pipeline.workers, plan.stage_units)):
-            load = ev.LoadStage(sender=self.name, cmd_id=self._command(pipeline, worker), pipeline_id=pipeline.pipeline_id,
-                                epoch=pipeline.epoch, stage=stage, num_stages=len(plan.stage_units),
-                                model_dir=request.model_dir, units=units, num_kv_blocks=plan.num_kv_blocks,
-                                block_size=request.block_size, dtype=request.dtype, transport=request.transport)
+            load = ev.LoadStage(
+                sender=self.name,
+                cmd_id=self._command(pipeline, worker),
+                pipeline_id=pipeline.pipeline_id,
+                epoch=pipeline.epoch,
+                stage=stage,
+                num_stages=len(plan.stage_units),
+                model_dir=request.model_dir,
+                units=units,
+                num_kv_blocks=plan.num_kv_blocks,
+                block_size=request.block_size,
+                dtype=request.dtype,
+                transport=request.transport,
+            )
             actions.append(Send(worker, load))
         return actions + self._enter(pipeline, "LOADING", now)
 
@@ -170,16 +254,31 @@ class DeployCoordinator:
             return []
         pipeline.stage_inboxes[event.stage] = event.inbox_address
         pipeline.loaded[event.stage] = event
-        actions: list[Action] = [Log("stage.loaded", {"pipeline_id": pipeline.pipeline_id, "epoch": pipeline.epoch,
-                                                      "stage": event.stage, "param_bytes": event.param_bytes,
-                                                      "kv_bytes": event.kv_bytes, "seconds": round(event.load_seconds, 3)})]
+        actions: list[Action] = [
+            Log(
+                "stage.loaded",
+                {
+                    "pipeline_id": pipeline.pipeline_id,
+                    "epoch": pipeline.epoch,
+                    "stage": event.stage,
+                    "param_bytes": event.param_bytes,
+                    "kv_bytes": event.kv_bytes,
+                    "seconds": round(event.load_seconds, 3),
+                },
+            )
+        ]
         if pipeline.pending:
             return actions
         for stage, worker in enumerate(pipeline.workers):
-            connect = ev.ConnectStage(sender=self.name, cmd_id=self._command(pipeline, worker),
-                                      pipeline_id=pipeline.pipeline_id, epoch=pipeline.epoch,
-                                      next_address=pipeline.stage_inboxes.get(stage + 1, ""),
-                                      engine_address=pipeline.engine_inbox, slot_bytes=pipeline.plan.slot_bytes)
+            connect = ev.ConnectStage(
+                sender=self.name,
+                cmd_id=self._command(pipeline, worker),
+                pipeline_id=pipeline.pipeline_id,
+                epoch=pipeline.epoch,
+                next_address=pipeline.stage_inboxes.get(stage + 1, ""),
+                engine_address=pipeline.engine_inbox,
+                slot_bytes=pipeline.plan.slot_bytes,
+            )
             actions.append(Send(worker, connect))
         return actions + self._enter(pipeline, "CONNECTING", now)
 
@@ -188,9 +287,13 @@ class DeployCoordinator:
         if pipeline is None or pipeline.pending:
             return []
         if pipeline.state == "CONNECTING":
-            start = ev.StartEngine(sender=self.name, cmd_id=self._command(pipeline, pipeline.engine_host),
-                                   pipeline_id=pipeline.pipeline_id, epoch=pipeline.epoch,
-                                   first_stage_address=pipeline.stage_inboxes[0])
+            start = ev.StartEngine(
+                sender=self.name,
+                cmd_id=self._command(pipeline, pipeline.engine_host),
+                pipeline_id=pipeline.pipeline_id,
+                epoch=pipeline.epoch,
+                first_stage_address=pipeline.stage_inboxes[0],
+            )
             return [Send(pipeline.engine_host, start), *self._enter(pipeline, "STARTING", now)]
         return self._enter(pipeline, "READY", now)
 
@@ -208,8 +311,9 @@ class DeployCoordinator:
         pipeline.former_workers |= set(pipeline.workers) - set(event.workers)
         pipeline.former_workers -= set(event.workers)
         pipeline.workers, pipeline.epoch = list(event.workers), event.epoch
-        pipeline.plan = replace(pipeline.plan, stage_units=[list(u) for u in event.stage_units],
-                                stage_memory=list(event.stage_memory))
+        pipeline.plan = replace(
+            pipeline.plan, stage_units=[list(u) for u in event.stage_units], stage_memory=list(event.stage_memory)
+        )
         pipeline.stage_inboxes = dict(enumerate(event.stage_inboxes))
         return self._enter(pipeline, "READY", now)
 
@@ -239,9 +343,18 @@ class DeployCoordinator:
                 pipeline.reason = reason
                 actions += self._enter(pipeline, "DEGRADED", now)
                 if pipeline.engine_host not in self.lost:
-                    actions.append(Send(pipeline.engine_host, ev.PipelineStateChanged(
-                        sender=self.name, pipeline_id=pipeline.pipeline_id, epoch=pipeline.epoch,
-                        state="DEGRADED", reason=reason)))
+                    actions.append(
+                        Send(
+                            pipeline.engine_host,
+                            ev.PipelineStateChanged(
+                                sender=self.name,
+                                pipeline_id=pipeline.pipeline_id,
+                                epoch=pipeline.epoch,
+                                state="DEGRADED",
+                                reason=reason,
+                            ),
+                        )
+                    )
         return actions
 
     def _on_tick(self, event: Tick, now: float) -> list[Action]:
@@ -249,8 +362,11 @@ class DeployCoordinator:
         for pipeline in list(self.pipelines.values()):
             if pipeline.state in PHASES and now > pipeline.deadline:
                 waiting = sorted(set(pipeline.pending.values()))
-                actions += self._fail(pipeline, f"{pipeline.state} timed out after {self.phase_timeout_s:.0f}s "
-                                                f"waiting for {', '.join(waiting)}", now)
+                actions += self._fail(
+                    pipeline,
+                    f"{pipeline.state} timed out after {self.phase_timeout_s:.0f}s waiting for {', '.join(waiting)}",
+                    now,
+                )
         return actions
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -275,8 +391,10 @@ class DeployCoordinator:
         fields = {"pipeline_id": pipeline.pipeline_id, "epoch": pipeline.epoch, "state": state}
         if pipeline.reason:
             fields["reason"] = pipeline.reason
-        return [Tell("monitor", ev.PipelineUpdated(sender=self.name, pipeline=pipeline.view())),
-                Log("pipeline.state", fields, level="warning" if state in ("FAILED", "DEGRADED") else "info")]
+        return [
+            Tell("monitor", ev.PipelineUpdated(sender=self.name, pipeline=pipeline.view())),
+            Log("pipeline.state", fields, level="warning" if state in ("FAILED", "DEGRADED") else "info"),
+        ]
 
     def _fail(self, pipeline: Pipeline, reason: str, now: float) -> list[Action]:
         pipeline.reason = reason
@@ -286,12 +404,22 @@ class DeployCoordinator:
         for cmd_id in pipeline.pending:
             self._owner.pop(cmd_id, None)
         pipeline.pending.clear()
-        actions: list[Action] = [Tell("allocator", ev.ReleasePlacement(sender=self.name, pipeline_id=pipeline.pipeline_id))]
+        actions: list[Action] = [
+            Tell("allocator", ev.ReleasePlacement(sender=self.name, pipeline_id=pipeline.pipeline_id))
+        ]
         for worker in [*pipeline.workers, *sorted(pipeline.former_workers)]:
             if worker not in self.lost:
-                actions.append(Send(worker, ev.UnloadStage(sender=self.name, cmd_id=next(self._cmd_ids),
-                                                           pipeline_id=pipeline.pipeline_id)))
+                actions.append(
+                    Send(
+                        worker,
+                        ev.UnloadStage(sender=self.name, cmd_id=next(self._cmd_ids), pipeline_id=pipeline.pipeline_id),
+                    )
+                )
         if pipeline.engine_host not in self.lost and pipeline.state != "PLACING":
-            actions.append(Send(pipeline.engine_host, ev.StopEngine(sender=self.name, cmd_id=next(self._cmd_ids),
-                                                                    pipeline_id=pipeline.pipeline_id)))
+            actions.append(
+                Send(
+                    pipeline.engine_host,
+                    ev.StopEngine(sender=self.name, cmd_id=next(self._cmd_ids), pipeline_id=pipeline.pipeline_id),
+                )
+            )
         return actions

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import events as ev
-from common.model.sizes import dtype_bytes, kv_bytes_per_block
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
 from common.model.partition import partition_model, unit_costs
+from common.model.sizes import dtype_bytes, kv_bytes_per_block
+from common.model.spec import ModelSpec, read_config
 from common.model.units import Layout, unit_names
 
 ACTIVATION_RESERVE_BYTES = 64 << 20
@@ -41,8 +40,11 @@ def plan_pipeline(request: ev.DeployPipeline) -> PipelinePlan:
     limit = spec.max_position_embeddings
     max_model_len = min(request.max_model_len, limit) if request.max_model_len > 0 else limit
     costs = unit_costs(spec, context_tokens=max_model_len // 2)
-    cut = Layout.from_spec(request.layout, names) if request.layout else partition_model(spec, request.num_stages,
-                                                                                         max_model_len // 2)
+    cut = (
+        Layout.from_spec(request.layout, names)
+        if request.layout
+        else partition_model(spec, request.num_stages, max_model_len // 2)
+    )
     stage_units = [list(cut.stage_units(s, names)) for s in range(cut.num_stages)]
     per_block_layer = kv_bytes_per_block(request.block_size, spec.num_kv_heads, spec.head_dim, element_bytes)
     attn_layers = [sum(1 for u in units if u.endswith(".attn")) for units in stage_units]
@@ -54,10 +56,12 @@ def plan_pipeline(request: ev.DeployPipeline) -> PipelinePlan:
     by_name = {c.name: c for c in costs}
     stage_memory = [
         sum(by_name[u].param_bytes for u in units) * element_bytes // spec.dtype_bytes
-        + layers * num_kv_blocks * per_block_layer + ACTIVATION_RESERVE_BYTES
+        + layers * num_kv_blocks * per_block_layer
+        + ACTIVATION_RESERVE_BYTES
         for units, layers in zip(stage_units, attn_layers)
     ]
     batched = request.max_num_batched_tokens if request.max_num_batched_tokens > 0 else max(max_model_len, 2048)
     largest_step = batched * spec.hidden_size * 4  # the residual stream of the biggest micro-batch
-    return PipelinePlan(stage_units, stage_memory, num_kv_blocks, max_model_len, max(1 << 20, largest_step + 4096),
-                        batched)
+    return PipelinePlan(
+        stage_units, stage_memory, num_kv_blocks, max_model_len, max(1 << 20, largest_step + 4096), batched
+    )

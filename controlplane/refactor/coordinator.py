@@ -93,8 +93,12 @@ class RefactorCoordinator:
     name = "refactor"
     accepts = (ev.RefactorPipeline, ev.RefactorPhaseDone, Tick)
 
-    def __init__(self, planner: Callable[[ev.RefactorPipeline, int], PlanSummary],
-                 phase_timeouts_s: dict[str, float] | None = None, max_queued: int = 4) -> None:
+    def __init__(
+        self,
+        planner: Callable[[ev.RefactorPipeline, int], PlanSummary],
+        phase_timeouts_s: dict[str, float] | None = None,
+        max_queued: int = 4,
+    ) -> None:
         self.planner = planner
         self.timeouts = dict(DEFAULT_PHASE_TIMEOUTS, **(phase_timeouts_s or {}))
         self.max_queued = max_queued
@@ -126,12 +130,18 @@ class RefactorCoordinator:
             if request.dry_run:
                 return self._plan_only(request, state, now)
             if len(state.queued) >= self.max_queued:
-                reason = (f"refactor {state.active.refactor_id} of pipeline {request.pipeline_id} is in "
-                          f"{state.active.phase} and {len(state.queued)} more are queued")
+                reason = (
+                    f"refactor {state.active.refactor_id} of pipeline {request.pipeline_id} is in "
+                    f"{state.active.phase} and {len(state.queued)} more are queued"
+                )
                 return self._refuse(request, state, self._new_id(), reason)
             state.queued.append((request, now))
-            return [Log("refactor.queued", {"pipeline_id": request.pipeline_id, "epoch": state.epoch,
-                                            "position": len(state.queued)})]
+            return [
+                Log(
+                    "refactor.queued",
+                    {"pipeline_id": request.pipeline_id, "epoch": state.epoch, "position": len(state.queued)},
+                )
+            ]
         return self._start(request, state, now)
 
     def _new_id(self) -> int:
@@ -144,14 +154,29 @@ class RefactorCoordinator:
             summary = self.planner(request, refactor_id)
         except RefactorRefused as exc:
             return self._refuse(request, state, refactor_id, str(exc))
-        return [Send(request.sender, ev.RefactorOutcome(
-            reply_to=request.cmd_id, pipeline_id=request.pipeline_id, refactor_id=refactor_id,
-            epoch=state.epoch if summary.from_epoch is None else summary.from_epoch,
-            from_epoch=state.epoch if summary.from_epoch is None else summary.from_epoch, outcome="planned", kind=summary.kind,
-            old_layout=list(summary.source), target=list(summary.target), workers=list(summary.workers),
-            moves=list(summary.moves), kv_layers_moved=list(summary.kv_layers_moved),
-            stage_memory=list(summary.stage_memory), weight_bytes_by_source=dict(summary.weight_bytes_by_source),
-            kv_bytes=summary.kv_bytes_estimate, stall_estimate_s=summary.stall_estimate_s))]
+        return [
+            Send(
+                request.sender,
+                ev.RefactorOutcome(
+                    reply_to=request.cmd_id,
+                    pipeline_id=request.pipeline_id,
+                    refactor_id=refactor_id,
+                    epoch=state.epoch if summary.from_epoch is None else summary.from_epoch,
+                    from_epoch=state.epoch if summary.from_epoch is None else summary.from_epoch,
+                    outcome="planned",
+                    kind=summary.kind,
+                    old_layout=list(summary.source),
+                    target=list(summary.target),
+                    workers=list(summary.workers),
+                    moves=list(summary.moves),
+                    kv_layers_moved=list(summary.kv_layers_moved),
+                    stage_memory=list(summary.stage_memory),
+                    weight_bytes_by_source=dict(summary.weight_bytes_by_source),
+                    kv_bytes=summary.kv_bytes_estimate,
+                    stall_estimate_s=summary.stall_estimate_s,
+                ),
+            )
+        ]
 
     def _start(self, request: ev.RefactorPipeline, state: PipelineRefactors, now: float) -> list:
         if request.dry_run:
@@ -166,25 +191,61 @@ class RefactorCoordinator:
         if summary.from_epoch is not None:
             state.epoch = summary.from_epoch
         fields["epoch"] = state.epoch + 1
-        run = RefactorRun(refactor_id, request, request.sender, state.epoch + 1, summary.kind, list(summary.target), now,
-                          summary=summary, workers=list(summary.workers))
+        run = RefactorRun(
+            refactor_id,
+            request,
+            request.sender,
+            state.epoch + 1,
+            summary.kind,
+            list(summary.target),
+            now,
+            summary=summary,
+            workers=list(summary.workers),
+        )
         run.phase_seconds["PLAN"] = 0.0
         state.active = run
         actions += [
-            Log("refactor.requested", {"pipeline_id": request.pipeline_id, "epoch": state.epoch, "refactor_id": refactor_id,
-                                       "kind": run.kind, "by": request.by, "target": run.target}),
-            Log("refactor.phase_finished", fields | {"phase": "PLAN", "duration_s": 0.0, "ok": True,
-                                                     "weight_bytes": 0, "kv_bytes": 0}),
+            Log(
+                "refactor.requested",
+                {
+                    "pipeline_id": request.pipeline_id,
+                    "epoch": state.epoch,
+                    "refactor_id": refactor_id,
+                    "kind": run.kind,
+                    "by": request.by,
+                    "target": run.target,
+                },
+            ),
+            Log(
+                "refactor.phase_finished",
+                fields | {"phase": "PLAN", "duration_s": 0.0, "ok": True, "weight_bytes": 0, "kv_bytes": 0},
+            ),
         ]
         return actions + self._enter(run, "PREPARE", now)
 
     def _refuse(self, request: ev.RefactorPipeline, state: PipelineRefactors, refactor_id: int, reason: str) -> list:
         return [
-            Log("refactor.refused", {"pipeline_id": request.pipeline_id, "epoch": state.epoch,
-                                     "refactor_id": refactor_id, "reason": reason}, "warning"),
-            Send(request.sender, ev.RefactorOutcome(reply_to=request.cmd_id, pipeline_id=request.pipeline_id,
-                                                    refactor_id=refactor_id, epoch=state.epoch, outcome="refused",
-                                                    reason=reason)),
+            Log(
+                "refactor.refused",
+                {
+                    "pipeline_id": request.pipeline_id,
+                    "epoch": state.epoch,
+                    "refactor_id": refactor_id,
+                    "reason": reason,
+                },
+                "warning",
+            ),
+            Send(
+                request.sender,
+                ev.RefactorOutcome(
+                    reply_to=request.cmd_id,
+                    pipeline_id=request.pipeline_id,
+                    refactor_id=refactor_id,
+                    epoch=state.epoch,
+                    outcome="refused",
+                    reason=reason,
+                ),
+            ),
         ]
 
     # ---- phases ----------------------------------------------------------------------
@@ -193,10 +254,14 @@ class RefactorCoordinator:
         run.phase, run.phase_started, run.deadline = phase, now, now + self.timeouts[phase]
         pipeline_id = run.request.pipeline_id
         return [
-            Log("refactor.phase_started", {"pipeline_id": pipeline_id, "epoch": run.epoch,
-                                           "refactor_id": run.refactor_id, "phase": phase}),
-            Tell(EXECUTOR, ev.RefactorPhase(pipeline_id=pipeline_id, refactor_id=run.refactor_id,
-                                            epoch=run.epoch, phase=phase)),
+            Log(
+                "refactor.phase_started",
+                {"pipeline_id": pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id, "phase": phase},
+            ),
+            Tell(
+                EXECUTOR,
+                ev.RefactorPhase(pipeline_id=pipeline_id, refactor_id=run.refactor_id, epoch=run.epoch, phase=phase),
+            ),
         ]
 
     def _phase_done(self, done: ev.RefactorPhaseDone, now: float) -> list:
@@ -218,11 +283,23 @@ class RefactorCoordinator:
             run.kv_bytes_delta += done.kv_bytes
             if done.ok:
                 run.switch = done.switch
-        actions = [Log("refactor.phase_finished", {
-            "pipeline_id": done.pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id, "phase": run.phase,
-            "duration_s": done.duration_s, "ok": done.ok, "weight_bytes": done.weight_bytes,
-            "kv_bytes": done.kv_bytes} | ({"reason": done.reason} if done.reason else {}),
-            "info" if done.ok else "warning")]
+        actions = [
+            Log(
+                "refactor.phase_finished",
+                {
+                    "pipeline_id": done.pipeline_id,
+                    "epoch": run.epoch,
+                    "refactor_id": run.refactor_id,
+                    "phase": run.phase,
+                    "duration_s": done.duration_s,
+                    "ok": done.ok,
+                    "weight_bytes": done.weight_bytes,
+                    "kv_bytes": done.kv_bytes,
+                }
+                | ({"reason": done.reason} if done.reason else {}),
+                "info" if done.ok else "warning",
+            )
+        ]
         return actions + self._advance(state, run, done.ok, done.reason, now)
 
     def _advance(self, state: PipelineRefactors, run: RefactorRun, ok: bool, reason: str, now: float) -> list:
@@ -241,26 +318,60 @@ class RefactorCoordinator:
         state.active = None
         duration = now - run.started
         if outcome == "committed":
-            log = Log("refactor.committed", {"pipeline_id": pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id,
-                                             "duration_s": duration, "stall_s": run.stall_s,
-                                             "switch_s": run.switch.switch_s if run.switch else 0.0,
-                                             "weight_bytes": run.weight_bytes, "kv_bytes": run.kv_bytes})
+            log = Log(
+                "refactor.committed",
+                {
+                    "pipeline_id": pipeline_id,
+                    "epoch": run.epoch,
+                    "refactor_id": run.refactor_id,
+                    "duration_s": duration,
+                    "stall_s": run.stall_s,
+                    "switch_s": run.switch.switch_s if run.switch else 0.0,
+                    "weight_bytes": run.weight_bytes,
+                    "kv_bytes": run.kv_bytes,
+                },
+            )
         else:
-            log = Log("refactor.aborted", {"pipeline_id": pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id,
-                                           "phase": run.failure.split(" ", 1)[0], "reason": reason}, "warning")
+            log = Log(
+                "refactor.aborted",
+                {
+                    "pipeline_id": pipeline_id,
+                    "epoch": run.epoch,
+                    "refactor_id": run.refactor_id,
+                    "phase": run.failure.split(" ", 1)[0],
+                    "reason": reason,
+                },
+                "warning",
+            )
         summary = run.summary
         switch = run.switch or ev.SwitchTiming()
         reply = ev.RefactorOutcome(
-            reply_to=run.request.cmd_id, pipeline_id=pipeline_id, refactor_id=run.refactor_id, epoch=state.epoch,
-            outcome=outcome, reason=reason, kind=run.kind, from_epoch=run.epoch - 1,
-            old_layout=list(summary.source) if summary else [], target=run.target,
-            phase_seconds=dict(run.phase_seconds), weight_bytes=run.weight_bytes,
-            weight_bytes_by_source=dict(run.weight_bytes_by_source), unit_sources=dict(run.unit_sources),
-            kv_layers_moved=list(summary.kv_layers_moved) if summary else [], kv_bytes=run.kv_bytes,
-            kv_bytes_precopy=run.kv_bytes_precopy, kv_bytes_delta=run.kv_bytes_delta,
-            precopy_rounds=run.precopy_rounds, stall_s=switch.stall_s, switch_s=switch.switch_s,
-            requests_carried=switch.requests_carried, switch=run.switch, workers=list(run.workers),
-            stage_memory=list(summary.stage_memory) if summary else [])
+            reply_to=run.request.cmd_id,
+            pipeline_id=pipeline_id,
+            refactor_id=run.refactor_id,
+            epoch=state.epoch,
+            outcome=outcome,
+            reason=reason,
+            kind=run.kind,
+            from_epoch=run.epoch - 1,
+            old_layout=list(summary.source) if summary else [],
+            target=run.target,
+            phase_seconds=dict(run.phase_seconds),
+            weight_bytes=run.weight_bytes,
+            weight_bytes_by_source=dict(run.weight_bytes_by_source),
+            unit_sources=dict(run.unit_sources),
+            kv_layers_moved=list(summary.kv_layers_moved) if summary else [],
+            kv_bytes=run.kv_bytes,
+            kv_bytes_precopy=run.kv_bytes_precopy,
+            kv_bytes_delta=run.kv_bytes_delta,
+            precopy_rounds=run.precopy_rounds,
+            stall_s=switch.stall_s,
+            switch_s=switch.switch_s,
+            requests_carried=switch.requests_carried,
+            switch=run.switch,
+            workers=list(run.workers),
+            stage_memory=list(summary.stage_memory) if summary else [],
+        )
         actions = [log, Send(run.requester, reply)]
         if state.queued:
             request, _ = state.queued.popleft()
@@ -275,10 +386,23 @@ class RefactorCoordinator:
                 continue
             reason = f"{run.phase} did not finish within {self.timeouts[run.phase]:.0f}s"
             run.phase_seconds[run.phase] = now - run.phase_started
-            actions.append(Log("refactor.phase_finished", {
-                "pipeline_id": run.request.pipeline_id, "epoch": run.epoch, "refactor_id": run.refactor_id,
-                "phase": run.phase, "duration_s": now - run.phase_started, "ok": False, "weight_bytes": 0,
-                "kv_bytes": 0, "reason": reason}, "warning"))
+            actions.append(
+                Log(
+                    "refactor.phase_finished",
+                    {
+                        "pipeline_id": run.request.pipeline_id,
+                        "epoch": run.epoch,
+                        "refactor_id": run.refactor_id,
+                        "phase": run.phase,
+                        "duration_s": now - run.phase_started,
+                        "ok": False,
+                        "weight_bytes": 0,
+                        "kv_bytes": 0,
+                        "reason": reason,
+                    },
+                    "warning",
+                )
+            )
             if run.phase == "ABORT":
                 actions += self._finish(state, run, "aborted", f"{run.failure}; ABORT timed out", now)
             else:

@@ -22,8 +22,8 @@ from typing import ClassVar
 
 from common import events as ev
 from controlplane.actor import Action, Send, Tell, Tick
-from controlplane.refactor.planner import ClusterPlan, RefactorPlanner
 from controlplane.refactor.plan import SPAWN
+from controlplane.refactor.planner import ClusterPlan, RefactorPlanner
 from controlplane.refactor.precopy import PRECOPY_ROUNDS, PRECOPY_SMALL_SLOTS, Watermark, slots_since
 
 REFACTOR = "refactor"
@@ -72,8 +72,12 @@ class ClusterRun:
         return [self.cluster_plan.worker(w) for w in self.plan.old_workers]
 
     def involves(self, worker_id: str) -> bool:
-        return (worker_id in self.pending.values() or worker_id in self.spawning
-                or worker_id in self.old_workers() or worker_id in self.new_workers())
+        return (
+            worker_id in self.pending.values()
+            or worker_id in self.spawning
+            or worker_id in self.old_workers()
+            or worker_id in self.new_workers()
+        )
 
 
 class RefactorExecutor:
@@ -90,9 +94,22 @@ class RefactorExecutor:
 
     name: ClassVar[str] = "refactor_executor"
     accepts: ClassVar[tuple[type, ...]] = (
-        ev.RefactorPhase, ev.StageInboxOpened, ev.StageEpochPrepared, ev.Ack, ev.ErrorReply, ev.StageKvCopied,
-        ev.StageEpochActivated, ev.StageEpochSettled, ev.StageEpochFailed, ev.EnginePaused, ev.KvSnapshot,
-        ev.EngineResumed, ev.WorkersSpawned, ev.RegisterWorker, ev.WorkerLost, Tick,
+        ev.RefactorPhase,
+        ev.StageInboxOpened,
+        ev.StageEpochPrepared,
+        ev.Ack,
+        ev.ErrorReply,
+        ev.StageKvCopied,
+        ev.StageEpochActivated,
+        ev.StageEpochSettled,
+        ev.StageEpochFailed,
+        ev.EnginePaused,
+        ev.KvSnapshot,
+        ev.EngineResumed,
+        ev.WorkersSpawned,
+        ev.RegisterWorker,
+        ev.WorkerLost,
+        Tick,
     )
 
     def __init__(self, planner: RefactorPlanner) -> None:
@@ -102,9 +119,12 @@ class RefactorExecutor:
         self._cmd_ids = itertools.count(1_000_000_000)
         self._owner: dict[int, int] = {}
         self.handlers = {
-            ev.RefactorPhase: self._start_phase, ev.WorkerLost: self._on_worker_lost,
-            ev.RegisterWorker: self._on_register_worker, ev.StageEpochFailed: self._on_stage_epoch_failed,
-            ev.StageKvCopied: self._on_kv_copied, Tick: lambda event, now: [],
+            ev.RefactorPhase: self._start_phase,
+            ev.WorkerLost: self._on_worker_lost,
+            ev.RegisterWorker: self._on_register_worker,
+            ev.StageEpochFailed: self._on_stage_epoch_failed,
+            ev.StageKvCopied: self._on_kv_copied,
+            Tick: lambda event, now: [],
         }
 
     # ---- PLAN (called by the refactor coordinator) ---------------------------------------
@@ -112,8 +132,9 @@ class RefactorExecutor:
     def plan(self, request: ev.RefactorPipeline, refactor_id: int):
         cluster_plan = self.planner(request, self.cached_units)
         if not request.dry_run:
-            self.runs[refactor_id] = ClusterRun(refactor_id, request.pipeline_id, cluster_plan,
-                                                bytes_per_s=max(0.0, request.precopy_bytes_per_s))
+            self.runs[refactor_id] = ClusterRun(
+                refactor_id, request.pipeline_id, cluster_plan, bytes_per_s=max(0.0, request.precopy_bytes_per_s)
+            )
         return cluster_plan.summary
 
     # ---- events --------------------------------------------------------------------------
@@ -127,7 +148,9 @@ class RefactorExecutor:
     def _on_worker_lost(self, event: ev.WorkerLost, now: float) -> list[Action]:
         self.cached_units.pop(event.worker_id, None)
         reason = f"worker {event.worker_id} was lost" + (f": {event.reason}" if event.reason else "")
-        return [a for run in list(self.runs.values()) if run.involves(event.worker_id) for a in self._fail(run, reason, now)]
+        return [
+            a for run in list(self.runs.values()) if run.involves(event.worker_id) for a in self._fail(run, reason, now)
+        ]
 
     def _on_register_worker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
         self.cached_units.pop(event.worker_id, None)
@@ -193,26 +216,40 @@ class RefactorExecutor:
     def steps(self) -> dict:
         """What follows once every answer of a phase's step is in: (phase, step) -> next step."""
         return {
-            ("PREPARE", "spawn"): self._after_prepare_spawn, ("PREPARE", "register"): self._after_prepare_register,
-            ("PREPARE", "inboxes"): self._after_prepare_inboxes, ("PREPARE", "stages"): self._after_prepare_stages,
-            ("PRECOPY", "snapshot"): self._after_precopy_snapshot, ("PRECOPY", "copy"): self._after_precopy_copy,
-            ("SWITCH", "pause"): self._after_switch_pause, ("SWITCH", "activate"): self._after_switch_activate,
-            ("SWITCH", "resume"): self._after_switch_resume, ("COMMIT", "refill"): self._after_commit_refill,
-            ("COMMIT", "settle"): self._after_commit_settle, ("ABORT", "settle"): self._after_abort_settle,
+            ("PREPARE", "spawn"): self._after_prepare_spawn,
+            ("PREPARE", "register"): self._after_prepare_register,
+            ("PREPARE", "inboxes"): self._after_prepare_inboxes,
+            ("PREPARE", "stages"): self._after_prepare_stages,
+            ("PRECOPY", "snapshot"): self._after_precopy_snapshot,
+            ("PRECOPY", "copy"): self._after_precopy_copy,
+            ("SWITCH", "pause"): self._after_switch_pause,
+            ("SWITCH", "activate"): self._after_switch_activate,
+            ("SWITCH", "resume"): self._after_switch_resume,
+            ("COMMIT", "refill"): self._after_commit_refill,
+            ("COMMIT", "settle"): self._after_commit_settle,
+            ("ABORT", "settle"): self._after_abort_settle,
         }
 
     def _start_phase(self, phase: ev.RefactorPhase, now: float) -> list[Action]:
         run = self.runs.get(phase.refactor_id)
         if run is None:
-            return [self._done_event(phase.pipeline_id, phase.refactor_id, phase.epoch, phase.phase, False,
-                                     "no plan for this refactor")]
+            return [
+                self._done_event(
+                    phase.pipeline_id, phase.refactor_id, phase.epoch, phase.phase, False, "no plan for this refactor"
+                )
+            ]
         run.epoch, run.phase, run.started = phase.epoch, phase.phase, now
         for cmd_id in run.pending:
             self._owner.pop(cmd_id, None)
         run.pending.clear()
         run.expected, run.landed = {}, {}
-        begin = {"PREPARE": self._begin_prepare, "PRECOPY": self._begin_precopy, "SWITCH": self._begin_switch,
-                 "COMMIT": self._begin_commit, "ABORT": self._begin_abort}[phase.phase]
+        begin = {
+            "PREPARE": self._begin_prepare,
+            "PRECOPY": self._begin_precopy,
+            "SWITCH": self._begin_switch,
+            "COMMIT": self._begin_commit,
+            "ABORT": self._begin_abort,
+        }[phase.phase]
         return begin(run, now)
 
     def _begin_prepare(self, run: ClusterRun, now: float) -> list[Action]:
@@ -232,11 +269,18 @@ class RefactorExecutor:
     def _open_inboxes(self, run: ClusterRun) -> list[Action]:
         run.step = "inboxes"
         transport = self.planner.coordinator.pipelines[run.pipeline_id].request.transport
-        hold = ev.RefactorHold(sender=self.name, pipeline_id=run.pipeline_id, workers=run.new_workers(),
-                               stage_memory=list(run.plan.stage_memory))
+        hold = ev.RefactorHold(
+            sender=self.name,
+            pipeline_id=run.pipeline_id,
+            workers=run.new_workers(),
+            stage_memory=list(run.plan.stage_memory),
+        )
         return [Tell("allocator", hold)] + [
-            self._command(run, worker, ev.OpenStageInbox, pipeline_id=run.pipeline_id, epoch=run.epoch,
-                          transport=transport) for worker in dict.fromkeys(run.new_workers())]
+            self._command(
+                run, worker, ev.OpenStageInbox, pipeline_id=run.pipeline_id, epoch=run.epoch, transport=transport
+            )
+            for worker in dict.fromkeys(run.new_workers())
+        ]
 
     def _after_prepare_inboxes(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "stages"
@@ -245,26 +289,56 @@ class RefactorExecutor:
         workers = run.new_workers()
         actions = []
         for j, worker in enumerate(workers):
-            actions.append(self._command(
-                run, worker, ev.PrepareStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch, stage=j,
-                num_stages=len(workers), model_dir=deploy.model_dir, units=plan.new_layout.stage_units(j, names),
-                sources=plan.sources[j], num_kv_blocks=pipeline.plan.num_kv_blocks, block_size=deploy.block_size,
-                dtype=deploy.dtype, next_address=run.inboxes[workers[j + 1]] if j + 1 < len(workers) else "",
-                engine_address=pipeline.engine_inbox, slot_bytes=pipeline.plan.slot_bytes))
+            actions.append(
+                self._command(
+                    run,
+                    worker,
+                    ev.PrepareStageEpoch,
+                    pipeline_id=run.pipeline_id,
+                    epoch=run.epoch,
+                    stage=j,
+                    num_stages=len(workers),
+                    model_dir=deploy.model_dir,
+                    units=plan.new_layout.stage_units(j, names),
+                    sources=plan.sources[j],
+                    num_kv_blocks=pipeline.plan.num_kv_blocks,
+                    block_size=deploy.block_size,
+                    dtype=deploy.dtype,
+                    next_address=run.inboxes[workers[j + 1]] if j + 1 < len(workers) else "",
+                    engine_address=pipeline.engine_inbox,
+                    slot_bytes=pipeline.plan.slot_bytes,
+                )
+            )
         wanted: dict[tuple[str, str], list[str]] = {}
         for j, chosen in enumerate(plan.sources):
             for unit, source in chosen.items():
                 if source == "peer":
                     wanted.setdefault((run.cluster_plan.worker(plan.peers[unit]), workers[j]), []).append(unit)
         for (peer, dest), units in wanted.items():
-            actions.append(self._command(run, peer, ev.SendStageUnits, pipeline_id=run.pipeline_id, epoch=run.epoch,
-                                         units=units, dest_address=run.inboxes[dest]))
+            actions.append(
+                self._command(
+                    run,
+                    peer,
+                    ev.SendStageUnits,
+                    pipeline_id=run.pipeline_id,
+                    epoch=run.epoch,
+                    units=units,
+                    dest_address=run.inboxes[dest],
+                )
+            )
         return actions
 
     def _after_prepare_stages(self, run: ClusterRun, now: float) -> list[Action]:
-        return [self._done(run, now, weight_bytes=sum(run.weight_bytes_by_source.values()),
-                           weight_bytes_by_source=dict(run.weight_bytes_by_source),
-                           unit_sources=dict(run.unit_sources), workers=run.new_workers())]
+        return [
+            self._done(
+                run,
+                now,
+                weight_bytes=sum(run.weight_bytes_by_source.values()),
+                weight_bytes_by_source=dict(run.weight_bytes_by_source),
+                unit_sources=dict(run.unit_sources),
+                workers=run.new_workers(),
+            )
+        ]
 
     def _begin_precopy(self, run: ClusterRun, now: float) -> list[Action]:
         if not run.plan.kv_moves:
@@ -277,7 +351,9 @@ class RefactorExecutor:
         remainder is left to SWITCH."""
         run.step = "copy"
         first = run.precopy_rounds == 0
-        actions = self._copy_kv(run, run.bytes_per_s if first else 0.0, at_least=1 if first else PRECOPY_SMALL_SLOTS + 1)
+        actions = self._copy_kv(
+            run, run.bytes_per_s if first else 0.0, at_least=1 if first else PRECOPY_SMALL_SLOTS + 1
+        )
         if not actions:
             return [self._done(run, now, kv_bytes=run.kv_bytes, precopy_rounds=run.precopy_rounds)]
         run.precopy_rounds += 1
@@ -293,8 +369,11 @@ class RefactorExecutor:
     def _begin_switch(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "pause"
         pipeline = self.planner.coordinator.pipelines[run.pipeline_id]
-        return [self._command(run, pipeline.engine_host, ev.PauseEngine, pipeline_id=run.pipeline_id, timeout_s=10.0,
-                              seal=True)]
+        return [
+            self._command(
+                run, pipeline.engine_host, ev.PauseEngine, pipeline_id=run.pipeline_id, timeout_s=10.0, seal=True
+            )
+        ]
 
     def _after_switch_pause(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "activate"
@@ -307,26 +386,52 @@ class RefactorExecutor:
             if transfer in transfers:
                 by_stage.setdefault(stage, []).append(ev.KvTransfer(transfer_id=transfer, num_slots=slots))
         for j, worker in enumerate(run.new_workers()):
-            actions.append(self._command(run, worker, ev.ActivateStageEpoch, pipeline_id=run.pipeline_id,
-                                         epoch=run.epoch, expect=by_stage.get(j, []), after_seal=run.launched))
+            actions.append(
+                self._command(
+                    run,
+                    worker,
+                    ev.ActivateStageEpoch,
+                    pipeline_id=run.pipeline_id,
+                    epoch=run.epoch,
+                    expect=by_stage.get(j, []),
+                    after_seal=run.launched,
+                )
+            )
         return actions
 
     def _after_switch_activate(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "resume"
         pipeline = self.planner.coordinator.pipelines[run.pipeline_id]
         workers = run.new_workers()
-        return [self._command(run, pipeline.engine_host, ev.ResumeEngine, pipeline_id=run.pipeline_id,
-                              epoch=run.epoch, first_stage_address=run.inboxes[workers[0]], num_stages=len(workers))]
+        return [
+            self._command(
+                run,
+                pipeline.engine_host,
+                ev.ResumeEngine,
+                pipeline_id=run.pipeline_id,
+                epoch=run.epoch,
+                first_stage_address=run.inboxes[workers[0]],
+                num_stages=len(workers),
+            )
+        ]
 
     def _after_switch_resume(self, run: ClusterRun, now: float) -> list[Action]:
         run.paused = False
         workers, names = run.new_workers(), run.cluster_plan.unit_names
         reshaped = ev.PipelineReshaped(
-            sender=self.name, pipeline_id=run.pipeline_id, epoch=run.epoch, workers=workers,
+            sender=self.name,
+            pipeline_id=run.pipeline_id,
+            epoch=run.epoch,
+            workers=workers,
             stage_units=[run.plan.new_layout.stage_units(j, names) for j in range(len(workers))],
-            stage_inboxes=[run.inboxes[w] for w in workers], stage_memory=list(run.plan.stage_memory))
-        return [Tell("coordinator", reshaped), Tell("allocator", reshaped),
-                self._done(run, now, kv_bytes=run.kv_bytes, switch=run.switch)]
+            stage_inboxes=[run.inboxes[w] for w in workers],
+            stage_memory=list(run.plan.stage_memory),
+        )
+        return [
+            Tell("coordinator", reshaped),
+            Tell("allocator", reshaped),
+            self._done(run, now, kv_bytes=run.kv_bytes, switch=run.switch),
+        ]
 
     def _begin_commit(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "refill"
@@ -335,9 +440,11 @@ class RefactorExecutor:
 
     def _after_commit_refill(self, run: ClusterRun, now: float) -> list[Action]:
         run.step = "settle"
-        return [self._command(run, worker, ev.CommitStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch)
-                for worker in dict.fromkeys(run.old_workers() + run.new_workers())
-                if worker not in self.planner.coordinator.lost]
+        return [
+            self._command(run, worker, ev.CommitStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch)
+            for worker in dict.fromkeys(run.old_workers() + run.new_workers())
+            if worker not in self.planner.coordinator.lost
+        ]
 
     def _after_commit_settle(self, run: ClusterRun, now: float) -> list[Action]:
         self.runs.pop(run.refactor_id, None)
@@ -348,11 +455,16 @@ class RefactorExecutor:
         pipeline = self.planner.coordinator.pipelines.get(run.pipeline_id)
         actions = []
         if run.paused and pipeline is not None:
-            actions.append(self._command(run, pipeline.engine_host, ev.ResumeEngine, pipeline_id=run.pipeline_id,
-                                         epoch=pipeline.epoch))
-        actions += [self._command(run, worker, ev.AbortStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch)
-                    for worker in dict.fromkeys(run.old_workers() + run.new_workers())
-                    if worker not in self.planner.coordinator.lost]
+            actions.append(
+                self._command(
+                    run, pipeline.engine_host, ev.ResumeEngine, pipeline_id=run.pipeline_id, epoch=pipeline.epoch
+                )
+            )
+        actions += [
+            self._command(run, worker, ev.AbortStageEpoch, pipeline_id=run.pipeline_id, epoch=run.epoch)
+            for worker in dict.fromkeys(run.old_workers() + run.new_workers())
+            if worker not in self.planner.coordinator.lost
+        ]
         return actions
 
     def _after_abort_settle(self, run: ClusterRun, now: float) -> list[Action]:
@@ -375,10 +487,21 @@ class RefactorExecutor:
             transfer = next(run.next_transfer)
             run.expected[transfer] = len(slots)
             run.transfer_stage[transfer] = (move.dest_stage, len(slots))
-            actions.append(self._command(run, run.cluster_plan.worker(move.source), ev.CopyStageKv,
-                                         pipeline_id=run.pipeline_id, epoch=run.epoch, transfer_id=transfer,
-                                         layer=move.layer, dest_address=run.inboxes[workers[move.dest_stage]],
-                                         slots=slots.tobytes(), bytes_per_s=bytes_per_s, after_seal=after_seal))
+            actions.append(
+                self._command(
+                    run,
+                    run.cluster_plan.worker(move.source),
+                    ev.CopyStageKv,
+                    pipeline_id=run.pipeline_id,
+                    epoch=run.epoch,
+                    transfer_id=transfer,
+                    layer=move.layer,
+                    dest_address=run.inboxes[workers[move.dest_stage]],
+                    slots=slots.tobytes(),
+                    bytes_per_s=bytes_per_s,
+                    after_seal=after_seal,
+                )
+            )
         return actions
 
     def _command(self, run: ClusterRun, peer: str, kind: type, **fields) -> Send:
@@ -395,17 +518,36 @@ class RefactorExecutor:
         run.pending.clear()
         run.expected = {}
         phase, run.phase = run.phase, ""
-        return [self._done_event(run.pipeline_id, run.refactor_id, run.epoch, phase, False, reason,
-                                 now - run.started)]
+        return [self._done_event(run.pipeline_id, run.refactor_id, run.epoch, phase, False, reason, now - run.started)]
 
     def _done(self, run: ClusterRun, now: float, **fields) -> Tell:
-        return Tell(REFACTOR, ev.RefactorPhaseDone(sender=self.name, pipeline_id=run.pipeline_id,
-                                                   refactor_id=run.refactor_id, epoch=run.epoch, phase=run.phase,
-                                                   ok=True, duration_s=now - run.started, **fields))
+        return Tell(
+            REFACTOR,
+            ev.RefactorPhaseDone(
+                sender=self.name,
+                pipeline_id=run.pipeline_id,
+                refactor_id=run.refactor_id,
+                epoch=run.epoch,
+                phase=run.phase,
+                ok=True,
+                duration_s=now - run.started,
+                **fields,
+            ),
+        )
 
-    def _done_event(self, pipeline_id: str, refactor_id: int, epoch: int, phase: str, ok: bool, reason: str,
-                    duration_s: float = 0.0) -> Tell:
-        return Tell(REFACTOR, ev.RefactorPhaseDone(sender=self.name, pipeline_id=pipeline_id, refactor_id=refactor_id,
-                                                   epoch=epoch, phase=phase, ok=ok, reason=reason,
-                                                   duration_s=duration_s))
-
+    def _done_event(
+        self, pipeline_id: str, refactor_id: int, epoch: int, phase: str, ok: bool, reason: str, duration_s: float = 0.0
+    ) -> Tell:
+        return Tell(
+            REFACTOR,
+            ev.RefactorPhaseDone(
+                sender=self.name,
+                pipeline_id=pipeline_id,
+                refactor_id=refactor_id,
+                epoch=epoch,
+                phase=phase,
+                ok=ok,
+                reason=reason,
+                duration_s=duration_s,
+            ),
+        )

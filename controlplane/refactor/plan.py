@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from common.errors import RefactorRefused
-from common.model.sizes import dtype_bytes, kv_bytes_per_block
 from common.model.partition import unit_costs
+from common.model.sizes import dtype_bytes, kv_bytes_per_block
 from common.model.units import Layout, unit_layer
 
 SPAWN = -1
@@ -34,7 +34,7 @@ class ModelSizes:
     kv_bytes_per_token_layer: int
 
     @classmethod
-    def of(cls, spec, dtype: str, block_size: int, num_kv_blocks: int) -> "ModelSizes":
+    def of(cls, spec, dtype: str, block_size: int, num_kv_blocks: int) -> ModelSizes:
         """The sizes of model ``spec`` served in ``dtype`` with ``num_kv_blocks`` KV blocks of ``block_size``."""
         itemsize = dtype_bytes(dtype)
         per_block = kv_bytes_per_block(block_size, spec.num_kv_heads, spec.head_dim, itemsize)
@@ -99,14 +99,25 @@ def refactor_kind(old: Layout, new: Layout, migrate: Sequence[int]) -> str:
         return "rebalance"
     if migrate:
         return "migrate"
-    raise RefactorRefused(f"the pipeline already serves this layout ({old.num_stages} stages) and nothing is to migrate")
+    raise RefactorRefused(
+        f"the pipeline already serves this layout ({old.num_stages} stages) and nothing is to migrate"
+    )
 
 
-def plan_refactor(names: Sequence[str], sizes: ModelSizes, old: Layout, old_workers: Sequence[int],
-                  holdings: dict[int, WorkerHoldings], new: Layout, migrate: Sequence[int] = (),
-                  worker_memory: int | None = None, max_workers: int | None = None,
-                  kv_tokens_in_use: int = 0, drain_estimate_s: float = 0.0,
-                  copy_bytes_per_s: float = 2e9) -> RefactorPlan:
+def plan_refactor(
+    names: Sequence[str],
+    sizes: ModelSizes,
+    old: Layout,
+    old_workers: Sequence[int],
+    holdings: dict[int, WorkerHoldings],
+    new: Layout,
+    migrate: Sequence[int] = (),
+    worker_memory: int | None = None,
+    max_workers: int | None = None,
+    kv_tokens_in_use: int = 0,
+    drain_estimate_s: float = 0.0,
+    copy_bytes_per_s: float = 2e9,
+) -> RefactorPlan:
     """Choose a worker per new stage (most KV and weights already in place first), the source of
     every unit it gains and the KV layers that move. Raises ``RefactorRefused`` if it cannot fit."""
     kind = refactor_kind(old, new, migrate)
@@ -147,7 +158,8 @@ def plan_refactor(names: Sequence[str], sizes: ModelSizes, old: Layout, old_work
                 where = "a new worker" if w == SPAWN else f"worker {w}"
                 raise RefactorRefused(
                     f"stage {j} ({names[new.bounds[j][0]]}..{names[new.bounds[j][1] - 1]}) needs {peak} bytes on "
-                    f"{where} while both layouts are held, more than its {worker_memory} bytes")
+                    f"{where} while both layouts are held, more than its {worker_memory} bytes"
+                )
     owner_old = {unit_layer(u): holder[u] for u in names if u.endswith(".attn") and u in holder}
     moves = []
     for j, units in enumerate(stage_units):
@@ -155,8 +167,9 @@ def plan_refactor(names: Sequence[str], sizes: ModelSizes, old: Layout, old_work
             if unit.endswith(".attn") and owner_old.get(unit_layer(unit)) != workers[j]:
                 moves.append(KvMove(unit_layer(unit), owner_old[unit_layer(unit)], j))
     kv_estimate = kv_tokens_in_use * sizes.kv_bytes_per_token_layer * len(moves)
-    plan = RefactorPlan(kind, old, new, list(old_workers), workers, sources, peers, moves, stage_memory,
-                        weight_bytes, kv_estimate)
+    plan = RefactorPlan(
+        kind, old, new, list(old_workers), workers, sources, peers, moves, stage_memory, weight_bytes, kv_estimate
+    )
     plan.stall_estimate_s = drain_estimate_s + _delta_bytes_estimate(plan, sizes, kv_tokens_in_use) / copy_bytes_per_s
     return plan
 

@@ -13,11 +13,10 @@ from typing import Protocol
 
 from common import events as ev
 from common.errors import FlexPipeError, RefactorRefused
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
 from common.model.partition import partition_model
-from controlplane.refactor.plan import SPAWN, ModelSizes, RefactorPlan, WorkerHoldings, plan_refactor
+from common.model.spec import ModelSpec, read_config
 from common.model.units import Layout, unit_names
+from controlplane.refactor.plan import SPAWN, ModelSizes, RefactorPlan, WorkerHoldings, plan_refactor
 
 
 class ClusterView(Protocol):
@@ -110,24 +109,51 @@ class RefactorPlanner:
         idle = [w for w in self.cluster.alive_workers() if w not in pipeline.workers and w not in self.coordinator.lost]
         worker_ids = list(dict.fromkeys(pipeline.workers)) + sorted(idle)
         index = {w: i for i, w in enumerate(worker_ids)}
-        holdings = {index[w]: WorkerHoldings(index[w], tuple(units), tuple(sorted(cached.get(w, ()))))
-                    for w, units in zip(pipeline.workers, pipeline.plan.stage_units)}
+        holdings = {
+            index[w]: WorkerHoldings(index[w], tuple(units), tuple(sorted(cached.get(w, ()))))
+            for w, units in zip(pipeline.workers, pipeline.plan.stage_units)
+        }
         holdings.update({index[w]: WorkerHoldings(index[w], (), tuple(sorted(cached.get(w, ())))) for w in idle})
         sizes = ModelSizes.of(spec, deploy.dtype, deploy.block_size, pipeline.plan.num_kv_blocks)
         kv_tokens, step_s = self.cluster.engine_load(request.pipeline_id)
-        plan = plan_refactor(names, sizes, old, [index[w] for w in pipeline.workers], holdings, new,
-                             request.migrate, request.worker_memory or None, request.max_workers or None,
-                             kv_tokens_in_use=kv_tokens, drain_estimate_s=step_s)
+        plan = plan_refactor(
+            names,
+            sizes,
+            old,
+            [index[w] for w in pipeline.workers],
+            holdings,
+            new,
+            request.migrate,
+            request.worker_memory or None,
+            request.max_workers or None,
+            kv_tokens_in_use=kv_tokens,
+            drain_estimate_s=step_s,
+        )
         spawner = self._spawner(plan, request.dry_run)
         label = lambda w: "new" if w == SPAWN else worker_ids[w]  # noqa: E731
         self._check_fit(plan, holdings, sizes, names, label)
-        moves = [f"KV of layer {m.layer}: {label(m.source)} -> {label(plan.workers[m.dest_stage])}" for m in plan.kv_moves]
-        moves += [f"{unit}: {source} -> {label(plan.workers[j])}" for j, chosen in enumerate(plan.sources)
-                  for unit, source in chosen.items() if source != "resident"]
-        summary = ClusterPlanSummary(plan.kind, old.describe(names), new.describe(names),
-                                     [label(w) for w in plan.workers], moves, sorted(m.layer for m in plan.kv_moves),
-                                     list(plan.stage_memory), dict(plan.weight_bytes), plan.kv_bytes_estimate,
-                                     plan.stall_estimate_s, pipeline.epoch)
+        moves = [
+            f"KV of layer {m.layer}: {label(m.source)} -> {label(plan.workers[m.dest_stage])}" for m in plan.kv_moves
+        ]
+        moves += [
+            f"{unit}: {source} -> {label(plan.workers[j])}"
+            for j, chosen in enumerate(plan.sources)
+            for unit, source in chosen.items()
+            if source != "resident"
+        ]
+        summary = ClusterPlanSummary(
+            plan.kind,
+            old.describe(names),
+            new.describe(names),
+            [label(w) for w in plan.workers],
+            moves,
+            sorted(m.layer for m in plan.kv_moves),
+            list(plan.stage_memory),
+            dict(plan.weight_bytes),
+            plan.kv_bytes_estimate,
+            plan.stall_estimate_s,
+            pipeline.epoch,
+        )
         return ClusterPlan(plan, worker_ids, names, summary, spawner)
 
     def _spawner(self, plan: RefactorPlan, dry_run: bool) -> str:
@@ -139,8 +165,10 @@ class RefactorPlanner:
             if dry_run:
                 return ""
             can = spawner[1] if spawner else 0
-            raise RefactorRefused(f"the target needs {missing} more worker(s) than are alive and idle, and no "
-                                  f"supervisor can start them (it can start {can})")
+            raise RefactorRefused(
+                f"the target needs {missing} more worker(s) than are alive and idle, and no "
+                f"supervisor can start them (it can start {can})"
+            )
         return spawner[0]
 
     def _check_fit(self, plan: RefactorPlan, holdings: dict, sizes: ModelSizes, names: list[str], label) -> None:
@@ -153,7 +181,8 @@ class RefactorPlanner:
             resident = set(holdings[worker].serving)
             gained = [u for u in plan.new_layout.stage_units(j, names) if u not in resident]
             need = sum(sizes.unit_bytes[u] for u in gained) + sizes.kv_pool_bytes_per_layer * sum(
-                1 for u in gained if u.endswith(".attn"))
+                1 for u in gained if u.endswith(".attn")
+            )
             if need > free:
                 raise RefactorRefused(f"stage {j} needs {need} more bytes on {label(worker)}, which has {free} free")
 

@@ -27,7 +27,7 @@ def slots_since(marks: dict[int, Watermark], snapshot, block_size: int) -> tuple
     for seq_id, table, computed in snapshot:
         table = tuple(table)
         mark = marks.get(seq_id)
-        start = mark.upto if mark is not None and table[:len(mark.table)] == mark.table else 0
+        start = mark.upto if mark is not None and table[: len(mark.table)] == mark.table else 0
         if computed > start:
             positions = np.arange(start, computed, dtype=np.int64)
             blocks = np.asarray(table, dtype=np.int64)[positions // block_size]

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import msgspec
 
 from common.errors import PipelineError
-from dataplane.transport import messages
 from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.sequence import Sequence
-from dataplane.transport import Inbox, Outbox
+from dataplane.transport import Inbox, Outbox, messages
 
 log = logging.getLogger("flexpipe.engine")
 
@@ -48,8 +47,15 @@ class EngineCore:
     finished normally, failed with its micro-batch, or failed because the pipeline died.
     """
 
-    def __init__(self, scheduler: Scheduler, to_first_stage: Outbox, from_last_stage: Inbox,
-                 liveness_check, epoch: int = 0, step_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        to_first_stage: Outbox,
+        from_last_stage: Inbox,
+        liveness_check,
+        epoch: int = 0,
+        step_timeout_s: float = 60.0,
+    ) -> None:
         self.scheduler = scheduler
         self.to_first_stage = to_first_stage
         self.from_last_stage = from_last_stage
@@ -150,8 +156,9 @@ class EngineCore:
         self.begin_pause(timeout_s, on_parked=on_parked)
         return self.wait_parked(max(0.0, deadline - time.monotonic()))
 
-    def resume(self, to_first_stage: Outbox | None = None, epoch: int | None = None,
-               num_stages: int | None = None) -> Outbox:
+    def resume(
+        self, to_first_stage: Outbox | None = None, epoch: int | None = None, num_stages: int | None = None
+    ) -> Outbox:
         """Leave the park, with a new first stage, epoch and stage count if given; returns the
         outbox the engine used before."""
         previous = self.to_first_stage

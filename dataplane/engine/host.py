@@ -25,15 +25,14 @@ from common import events as ev
 from common.config import load_config
 from common.errors import FlexPipeError, InvalidRequestError, PipelineError
 from common.logging import configure_logging, emit, get_logger
+from common.model.spec import ModelSpec, read_config
 from common.runtime import freeze_heap, new_session_dir, notify_systemd, runtime_dir
 from controlplane.client import BusClient, Heartbeater
 from dataplane.engine.core import EngineCore
-from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.kv_blocks import BlockAllocator
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
 from dataplane.engine.requests import RequestFactory, load_tokenizer
 from dataplane.engine.sampling_params import SamplingParams
+from dataplane.engine.scheduler import Scheduler
 from dataplane.transport import Inbox, inbox_address, open_outbox
 
 MAX_PAUSE_S = 30.0  # a PauseEngine holds this host's loop at most this long
@@ -51,12 +50,14 @@ class HostedEngine:
         self.context = context
         self.model_dir = Path(command.model_dir)
         spec = ModelSpec.from_config(read_config(self.model_dir))
-        self.requests = RequestFactory(spec, load_tokenizer(self.model_dir), command.max_model_len,
-                                       command.block_size, command.num_kv_blocks)
+        self.requests = RequestFactory(
+            spec, load_tokenizer(self.model_dir), command.max_model_len, command.block_size, command.num_kv_blocks
+        )
         self.inbox = Inbox(context, inbox_address(command.transport, str(session_dir), f"engine-{command.pipeline_id}"))
         self.allocator = BlockAllocator(command.num_kv_blocks, command.block_size)
-        self.scheduler = Scheduler(self.allocator, command.num_stages, command.max_num_seqs,
-                                   command.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.allocator, command.num_stages, command.max_num_seqs, command.max_num_batched_tokens
+        )
         self.step_timeout_s = command.step_timeout_s
         self.engine: EngineCore | None = None
         self.to_first = None
@@ -66,8 +67,14 @@ class HostedEngine:
 
     def start(self, first_stage_address: str) -> None:
         self.to_first = open_outbox("tcp", self.context, first_stage_address)
-        self.engine = EngineCore(self.scheduler, self.to_first, self.inbox, lambda: None, epoch=self.epoch,
-                                 step_timeout_s=self.step_timeout_s)
+        self.engine = EngineCore(
+            self.scheduler,
+            self.to_first,
+            self.inbox,
+            lambda: None,
+            epoch=self.epoch,
+            step_timeout_s=self.step_timeout_s,
+        )
         self.engine.start()
         self.unavailable = ""
 
@@ -84,9 +91,12 @@ class HostedEngine:
         self.paused_at = time.monotonic()
         try:
             if seal:
-                launched, running = engine.begin_pause(timeout_s, seal=True,
-                                                       on_paused=lambda: self.scheduler.kv_in_use(in_flight=True),
-                                                       on_parked=lambda: len(self.scheduler.kv_in_use()))
+                launched, running = engine.begin_pause(
+                    timeout_s,
+                    seal=True,
+                    on_paused=lambda: self.scheduler.kv_in_use(in_flight=True),
+                    on_parked=lambda: len(self.scheduler.kv_in_use()),
+                )
             else:
                 engine.pause(timeout_s, on_parked=self.scheduler.kv_in_use)
                 launched, running = -1, engine.parked_result
@@ -106,8 +116,10 @@ class HostedEngine:
             self.paused = False
             return ev.SwitchTiming()
         if epoch <= self.epoch:
-            raise PipelineError(f"ResumeEngine for epoch {epoch} of pipeline {self.pipeline_id} is stale: "
-                                f"the engine serves epoch {self.epoch}")
+            raise PipelineError(
+                f"ResumeEngine for epoch {epoch} of pipeline {self.pipeline_id} is stale: "
+                f"the engine serves epoch {self.epoch}"
+            )
         if num_stages < 1:
             raise PipelineError(f"ResumeEngine for pipeline {self.pipeline_id} needs num_stages >= 1")
         parked_at = self.engine.wait_parked(MAX_PAUSE_S)  # no reply of the old epoch may be left on the way
@@ -117,9 +129,13 @@ class HostedEngine:
         resumed_at = time.monotonic()
         previous.close()
         self.to_first, self.epoch, self.paused = outbox, epoch, False
-        return ev.SwitchTiming(stall_s=resumed_at - parked_at, switch_s=resumed_at - self.paused_at,
-                               paused_at=self.paused_at, resumed_at=resumed_at,
-                               requests_carried=carried if isinstance(carried, int) else 0)
+        return ev.SwitchTiming(
+            stall_s=resumed_at - parked_at,
+            switch_s=resumed_at - self.paused_at,
+            paused_at=self.paused_at,
+            resumed_at=resumed_at,
+            requests_carried=carried if isinstance(carried, int) else 0,
+        )
 
     def kv_tokens(self) -> int:
         """Positions with KV written, summed over running requests (read from another thread: an estimate)."""
@@ -146,7 +162,9 @@ class EngineHost:
     chunks ending in one with ``finish_reason`` set, or with an ``ErrorReply``.
     """
 
-    def __init__(self, bus: BusClient, host_id: str, request_endpoint: str, key_dir=None, insecure: bool = False) -> None:
+    def __init__(
+        self, bus: BusClient, host_id: str, request_endpoint: str, key_dir=None, insecure: bool = False
+    ) -> None:
         self.bus, self.host_id = bus, host_id
         self.key_dir, self.insecure = key_dir, insecure
         self.context = bus.context
@@ -167,21 +185,28 @@ class EngineHost:
         self._running = False
 
     def register(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.bus.request(ev.RegisterEngineHost, timeout_s=2.0, host_id=self.host_id,
-                                 host=pysocket.gethostname(), pid=os.getpid(), request_address=self.request_endpoint)
-                return
-            except FlexPipeError:
-                if time.monotonic() > deadline or not self._running:
-                    raise
+        self.bus.request_until_answered(
+            ev.RegisterEngineHost,
+            timeout_s,
+            lambda: self._running,
+            host_id=self.host_id,
+            host=pysocket.gethostname(),
+            pid=os.getpid(),
+            request_address=self.request_endpoint,
+        )
 
     def run(self, notify: bool = True) -> None:
         """Serve until ``stop()``; ``notify`` tells systemd once ready (a service, not an embedded host)."""
         self.register()
-        self.heartbeater = Heartbeater(self.bus.endpoint, self.host_id, self.heartbeat_interval_s, key_dir=self.key_dir,
-                                       insecure=self.insecure, context=self.context, metrics=self._metrics).start()
+        self.heartbeater = Heartbeater(
+            self.bus.endpoint,
+            self.host_id,
+            self.heartbeat_interval_s,
+            key_dir=self.key_dir,
+            insecure=self.insecure,
+            context=self.context,
+            metrics=self._metrics,
+        ).start()
         emit(self.log, "process.ready", request_address=self.request_endpoint)
         if notify:
             freeze_heap()
@@ -208,11 +233,21 @@ class EngineHost:
         events = []
         for hosted in list(self.engines.values()):
             free = hosted.allocator.num_free
-            events.append(ev.EngineMetrics(
-                sender=f"{self.host_id}.heartbeat", host_id=self.host_id, pipeline_id=hosted.pipeline_id,
-                epoch=hosted.epoch, running=len(hosted.scheduler.running), waiting=len(hosted.scheduler.waiting),
-                kv_blocks_used=hosted.allocator.num_blocks - free, kv_blocks_free=free, tokens_per_s=0.0,
-                kv_tokens=hosted.kv_tokens(), step_s=hosted.engine.step_seconds if hosted.engine else 0.0))
+            events.append(
+                ev.EngineMetrics(
+                    sender=f"{self.host_id}.heartbeat",
+                    host_id=self.host_id,
+                    pipeline_id=hosted.pipeline_id,
+                    epoch=hosted.epoch,
+                    running=len(hosted.scheduler.running),
+                    waiting=len(hosted.scheduler.waiting),
+                    kv_blocks_used=hosted.allocator.num_blocks - free,
+                    kv_blocks_free=free,
+                    tokens_per_s=0.0,
+                    kv_tokens=hosted.kv_tokens(),
+                    step_s=hosted.engine.step_seconds if hosted.engine else 0.0,
+                )
+            )
         return events
 
     def _on_command(self, event) -> None:
@@ -221,9 +256,15 @@ class EngineHost:
             if hosted is not None and event.state == "DEGRADED":
                 hosted.fail_all(f"pipeline {event.pipeline_id} is degraded: {event.reason}")
             return
-        handler = {ev.PrepareEngine: self._prepare, ev.StartEngine: self._start, ev.StopEngine: self._stop,
-                   ev.PauseEngine: self._pause, ev.ResumeEngine: self._resume,
-                   ev.SnapshotKv: self._snapshot, ev.AwaitRefill: self._await_refill}.get(type(event))
+        handler = {
+            ev.PrepareEngine: self._prepare,
+            ev.StartEngine: self._start,
+            ev.StopEngine: self._stop,
+            ev.PauseEngine: self._pause,
+            ev.ResumeEngine: self._resume,
+            ev.SnapshotKv: self._snapshot,
+            ev.AwaitRefill: self._await_refill,
+        }.get(type(event))
         if handler is None:
             return
         try:
@@ -240,8 +281,12 @@ class EngineHost:
             old.close()
         hosted = HostedEngine(self.context, command, self.session_dir)
         self.engines[command.pipeline_id] = hosted
-        return ev.EnginePrepared(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                                 inbox_address=hosted.inbox.address)
+        return ev.EnginePrepared(
+            sender=self.host_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            inbox_address=hosted.inbox.address,
+        )
 
     def _start(self, command: ev.StartEngine) -> ev.Ack:
         hosted = self.engines.get(command.pipeline_id)
@@ -255,28 +300,58 @@ class EngineHost:
         hosted = self._hosted(command.pipeline_id)
         started = time.monotonic()
         running, launched = hosted.pause(min(max(0.0, command.timeout_s), MAX_PAUSE_S), command.seal)
-        emit(self.log, "engine.paused", pipeline_id=command.pipeline_id, epoch=hosted.epoch, running=len(running),
-             seconds=round(time.monotonic() - started, 4))
-        return ev.EnginePaused(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                               epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
-                               num_computed=[r[2] for r in running], launched=launched)
+        emit(
+            self.log,
+            "engine.paused",
+            pipeline_id=command.pipeline_id,
+            epoch=hosted.epoch,
+            running=len(running),
+            seconds=round(time.monotonic() - started, 4),
+        )
+        return ev.EnginePaused(
+            sender=self.host_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            epoch=hosted.epoch,
+            seq_ids=[r[0] for r in running],
+            block_tables=[r[1] for r in running],
+            num_computed=[r[2] for r in running],
+            launched=launched,
+        )
 
     def _snapshot(self, command: ev.SnapshotKv) -> ev.KvSnapshot:
         hosted = self._hosted(command.pipeline_id)
         if hosted.engine is None:
             raise PipelineError(f"the engine of pipeline {command.pipeline_id} is not started")
         running = hosted.engine.call(hosted.scheduler.kv_in_use, timeout_s=10.0)
-        return ev.KvSnapshot(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                             epoch=hosted.epoch, seq_ids=[r[0] for r in running], block_tables=[r[1] for r in running],
-                             num_computed=[r[2] for r in running])
+        return ev.KvSnapshot(
+            sender=self.host_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            epoch=hosted.epoch,
+            seq_ids=[r[0] for r in running],
+            block_tables=[r[1] for r in running],
+            num_computed=[r[2] for r in running],
+        )
 
     def _resume(self, command: ev.ResumeEngine) -> ev.EngineResumed:
         hosted = self._hosted(command.pipeline_id)
         timing = hosted.resume(command.epoch, command.first_stage_address, command.num_stages)
-        emit(self.log, "engine.resumed", pipeline_id=command.pipeline_id, epoch=hosted.epoch,
-             stall_s=timing.stall_s, switch_s=timing.switch_s)
-        return ev.EngineResumed(sender=self.host_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                                epoch=hosted.epoch, switch=timing)
+        emit(
+            self.log,
+            "engine.resumed",
+            pipeline_id=command.pipeline_id,
+            epoch=hosted.epoch,
+            stall_s=timing.stall_s,
+            switch_s=timing.switch_s,
+        )
+        return ev.EngineResumed(
+            sender=self.host_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            epoch=hosted.epoch,
+            switch=timing,
+        )
 
     def _await_refill(self, command: ev.AwaitRefill) -> None:
         self._hosted(command.pipeline_id)
@@ -317,10 +392,13 @@ class EngineHost:
 
     def _on_request(self, identity: bytes, data: bytes) -> None:
         from common.wire import WireError, decode, encode
+
         try:
             request = decode(data)
             if not isinstance(request, ev.GenerateRequest):
-                raise WireError("unexpected", "this endpoint takes generate requests only", getattr(request, "cmd_id", -1))
+                raise WireError(
+                    "unexpected", "this endpoint takes generate requests only", getattr(request, "cmd_id", -1)
+                )
         except WireError as error:
             emit(self.log, "bus.message_rejected", level="warning", code=error.code, detail=str(error)[:200])
             self.requests_socket.send_multipart([identity, encode(error.reply(self.host_id))])
@@ -328,11 +406,19 @@ class EngineHost:
         try:
             seq = self._submit(identity, request)
         except FlexPipeError as exc:
-            reply = ev.ErrorReply(sender=self.host_id, reply_to=request.cmd_id, code="request_refused", message=str(exc))
+            reply = ev.ErrorReply(
+                sender=self.host_id, reply_to=request.cmd_id, code="request_refused", message=str(exc)
+            )
             self.requests_socket.send_multipart([identity, encode(reply)])
             return
-        emit(self.log, "request.started", pipeline_id=request.pipeline_id, seq_id=seq.seq_id,
-             prompt_tokens=len(seq.prompt_token_ids), max_tokens=request.max_tokens)
+        emit(
+            self.log,
+            "request.started",
+            pipeline_id=request.pipeline_id,
+            seq_id=seq.seq_id,
+            prompt_tokens=len(seq.prompt_token_ids),
+            max_tokens=request.max_tokens,
+        )
 
     def _submit(self, identity: bytes, request: ev.GenerateRequest):
         hosted = self.engines.get(request.pipeline_id)
@@ -342,8 +428,14 @@ class EngineHost:
             raise PipelineError(f"pipeline {request.pipeline_id!r} is unavailable: {hosted.unavailable}")
         if request.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be >= 1")
-        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                top_k=request.top_k, seed=request.seed, ignore_eos=request.ignore_eos)
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+        )
         prompt = request.prompt_token_ids or request.prompt
         tokens = hosted.requests.tokenize(prompt)
         sent = [0]
@@ -351,18 +443,26 @@ class EngineHost:
         def on_token(seq) -> None:
             if seq.finished:
                 return  # the final chunk carries it
-            new = seq.output_token_ids[sent[0]:]
+            new = seq.output_token_ids[sent[0] :]
             sent[0] = len(seq.output_token_ids)
             self.outgoing.put((identity, ev.TokenChunk(sender=self.host_id, reply_to=request.cmd_id, token_ids=new)))
 
         def on_finish(seq) -> None:
-            new = seq.output_token_ids[sent[0]:]
+            new = seq.output_token_ids[sent[0] :]
             if seq.error is not None:
-                reply = ev.ErrorReply(sender=self.host_id, reply_to=request.cmd_id, code="request_failed", message=str(seq.error))
+                reply = ev.ErrorReply(
+                    sender=self.host_id, reply_to=request.cmd_id, code="request_failed", message=str(seq.error)
+                )
             else:
-                reply = ev.TokenChunk(sender=self.host_id, reply_to=request.cmd_id, token_ids=new,
-                                      text=hosted.requests.decode(seq.output_token_ids), finish_reason=seq.finish_reason,
-                                      prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids))
+                reply = ev.TokenChunk(
+                    sender=self.host_id,
+                    reply_to=request.cmd_id,
+                    token_ids=new,
+                    text=hosted.requests.decode(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    prompt_tokens=len(seq.prompt_token_ids),
+                    completion_tokens=len(seq.output_token_ids),
+                )
             self.outgoing.put((identity, reply))
 
         seq = hosted.requests.new_sequence(tokens, params, on_finish, on_token=on_token)
@@ -371,6 +471,7 @@ class EngineHost:
 
     def _flush_outgoing(self) -> None:
         from common.wire import encode
+
         while True:
             try:
                 identity, event = self.outgoing.get_nowait()
@@ -397,14 +498,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="FlexPipe TOML configuration")
     parser.add_argument("--controller", help="controller endpoint (default: from the configuration)")
     parser.add_argument("--host-id", default="engine-0")
-    parser.add_argument("--request-endpoint", help="where clients send generate requests (default: ipc in the runtime dir)")
+    parser.add_argument(
+        "--request-endpoint", help="where clients send generate requests (default: ipc in the runtime dir)"
+    )
     parser.add_argument("--insecure", action="store_true", help="plain TCP to a loopback controller")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     configure_logging("engine_host")
     endpoint = args.request_endpoint or f"ipc://{runtime_dir()}/requests-{args.host_id}.sock"
-    bus = BusClient(args.controller or config.controller.ipc_endpoint, sender=args.host_id,
-                    key_dir=config.security.key_path, insecure=args.insecure or config.security.insecure)
+    bus = BusClient(
+        args.controller or config.controller.ipc_endpoint,
+        sender=args.host_id,
+        key_dir=config.security.key_path,
+        insecure=args.insecure or config.security.insecure,
+    )
     host = EngineHost(bus, args.host_id, endpoint, config.security.key_path, args.insecure or config.security.insecure)
     signal.signal(signal.SIGTERM, host.stop)
     signal.signal(signal.SIGINT, host.stop)

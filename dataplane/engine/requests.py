@@ -7,10 +7,10 @@ import random
 from pathlib import Path
 
 from common.errors import CheckpointError, InvalidRequestError
-from dataplane.engine.sequence import Sequence
-from dataplane.transport.messages import SamplingOptions
 from common.model.spec import ModelSpec
 from dataplane.engine.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from dataplane.engine.sequence import Sequence
+from dataplane.transport.messages import SamplingOptions
 
 
 def load_tokenizer(model_dir: Path):
@@ -18,6 +18,7 @@ def load_tokenizer(model_dir: Path):
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
     from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as exc:  # transformers raises many types for broken tokenizer files
@@ -49,7 +50,9 @@ class RequestFactory:
         if bad:
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary of {self.spec.vocab_size}")
         if len(tokens) >= self.max_model_len:
-            raise InvalidRequestError(f"prompt of {len(tokens)} tokens does not fit the model's context of {self.max_model_len} tokens")
+            raise InvalidRequestError(
+                f"prompt of {len(tokens)} tokens does not fit the model's context of {self.max_model_len} tokens"
+            )
         return tokens
 
     def new_sequence(self, tokens: list[int], params: SamplingParams, on_finish, on_token=None) -> Sequence:
@@ -61,19 +64,39 @@ class RequestFactory:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(self.spec.eos_token_ids)
-        return Sequence(next(self._ids), tokens, params, options, frozenset(stop_ids), self.max_model_len,
-                        on_finish, on_token=on_token)
+        return Sequence(
+            next(self._ids),
+            tokens,
+            params,
+            options,
+            frozenset(stop_ids),
+            self.max_model_len,
+            on_finish,
+            on_token=on_token,
+        )
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
 
     def output(self, seq: Sequence, prompt) -> RequestOutput:
         logprobs = [logprob_dict(lp) for lp in seq.logprobs] if seq.params.logprobs is not None else None
-        metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
-                   "finish_time": seq.finish_time, "token_times": list(seq.token_times)}
-        return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None, seq.prompt_token_ids,
-                             [CompletionOutput(list(seq.output_token_ids), self.decode(seq.output_token_ids),
-                                               seq.finish_reason, logprobs)], metrics)
+        metrics = {
+            "arrival_time": seq.arrival_time,
+            "first_token_time": seq.first_token_time,
+            "finish_time": seq.finish_time,
+            "token_times": list(seq.token_times),
+        }
+        return RequestOutput(
+            seq.seq_id,
+            prompt if isinstance(prompt, str) else None,
+            seq.prompt_token_ids,
+            [
+                CompletionOutput(
+                    list(seq.output_token_ids), self.decode(seq.output_token_ids), seq.finish_reason, logprobs
+                )
+            ],
+            metrics,
+        )
 
 
 def logprob_dict(logprob) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from dataplane.engine.sequence import Sequence
 from dataplane.engine.kv_blocks import BlockAllocator
+from dataplane.engine.sequence import Sequence
 from dataplane.transport.messages import SeqWork
 
 
@@ -19,7 +19,9 @@ class Scheduler:
     micro-batches keep every stage busy.
     """
 
-    def __init__(self, allocator: BlockAllocator, num_stages: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, num_stages: int, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
         self.allocator = allocator
         self.num_stages = num_stages
         self.max_num_seqs = max_num_seqs

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dataplane.transport.messages import SamplingOptions, SeqWork
 from dataplane.engine.sampling_params import SamplingParams
+from dataplane.transport.messages import SamplingOptions, SeqWork
 
 
 @dataclass(eq=False)
@@ -25,8 +25,8 @@ class Sequence:
     sampling: SamplingOptions
     stop_ids: frozenset[int]
     max_model_len: int
-    on_finish: Callable[["Sequence"], None] | None = None
-    on_token: Callable[["Sequence"], None] | None = None
+    on_finish: Callable[[Sequence], None] | None = None
+    on_token: Callable[[Sequence], None] | None = None
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
@@ -60,10 +60,11 @@ class Sequence:
         return self.num_computed == 0
 
     def work(self) -> SeqWork:
-        tokens = self.all_token_ids[self.num_computed:]
+        tokens = self.all_token_ids[self.num_computed :]
         self.pending_tokens = len(tokens)
-        return SeqWork(self.seq_id, tokens, self.num_computed, list(self.block_table),
-                       len(self.output_token_ids), self.sampling)
+        return SeqWork(
+            self.seq_id, tokens, self.num_computed, list(self.block_table), len(self.output_token_ids), self.sampling
+        )
 
     def append_token(self, token: int, logprob=None) -> None:
         """Record a sampled token; decide whether the sequence is finished."""

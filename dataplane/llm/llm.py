@@ -21,24 +21,28 @@ import structlog
 
 from common import events as ev
 from common.errors import (
-    CheckpointError, InvalidRequestError, PartitionError, PipelineError, RefactorAborted, RefactorRefused,
+    CheckpointError,
+    InvalidRequestError,
+    PartitionError,
+    PipelineError,
+    RefactorAborted,
+    RefactorRefused,
 )
 from common.logging import configure_logging
+from common.model.partition import partition_model
+from common.model.sizes import kv_bytes_per_block
+from common.model.spec import ModelSpec, read_config
+from common.model.units import Layout, unit_names
 from common.runtime import freeze_heap, new_session_dir
 from controlplane.client import BusError
-from common.model.sizes import kv_bytes_per_block
-from dataplane.llm.local_cluster import LocalCluster, WorkerOptions
-from dataplane.models import adapter_for
-from dataplane.models.checkpoint import CheckpointReader
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
-from common.model.partition import partition_model
-from dataplane.llm.report import RefactorReport
 from dataplane.engine.requests import load_tokenizer
 from dataplane.engine.sampling_params import RequestOutput, SamplingParams
+from dataplane.llm.local_cluster import LocalCluster, WorkerOptions
+from dataplane.llm.report import RefactorReport
+from dataplane.models import adapter_for
+from dataplane.models.checkpoint import CheckpointReader
 from dataplane.stage.executor import resolve_dtype
 from dataplane.transport import check_transport
-from common.model.units import Layout, unit_names
 
 PIPELINE_ID = "llm"
 SPAWN_CAPACITY = 16  # workers a refactor may start beyond the first ones, unless ``max_workers`` says otherwise
@@ -53,22 +57,42 @@ class LLM:
     batch; ``close()`` (or leaving the ``with`` block) stops every child process and thread.
     """
 
-    def __init__(self, model: str | Path | None = None, *, num_stages: int = 1, layout: Seq | None = None,
-                 transport: str = "shm", devices: Seq[str] | None = None, device_memory: Seq[int] | None = None,
-                 dtype: str = "float32", block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 max_model_len: int | None = None, start_timeout_s: float = 120.0, step_timeout_s: float = 60.0,
-                 spare_workers: int = 0, worker_memory: int | None = None, max_workers: int | None = None,
-                 param_cache_bytes: int | None = None, refactor_timeouts_s: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        num_stages: int = 1,
+        layout: Seq | None = None,
+        transport: str = "shm",
+        devices: Seq[str] | None = None,
+        device_memory: Seq[int] | None = None,
+        dtype: str = "float32",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_bytes: int = 256 << 20,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        start_timeout_s: float = 120.0,
+        step_timeout_s: float = 60.0,
+        spare_workers: int = 0,
+        worker_memory: int | None = None,
+        max_workers: int | None = None,
+        param_cache_bytes: int | None = None,
+        refactor_timeouts_s: dict[str, float] | None = None,
+    ) -> None:
         if model is None:
             from dataplane.models.tiny import ensure_tiny_model
+
             model = ensure_tiny_model()
         self.model_dir = Path(model).resolve()
         self.transport = check_transport(transport)
         if self.transport in FIXED_GROUP_TRANSPORTS:
-            raise InvalidRequestError(f"the {self.transport} transport needs a torch.distributed process group fixed "
-                                      "at start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp "
-                                      "or cuda_ipc")
+            raise InvalidRequestError(
+                f"the {self.transport} transport needs a torch.distributed process group fixed "
+                "at start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp "
+                "or cuda_ipc"
+            )
         self.dtype = dtype
         resolve_dtype(dtype)
         self.spec = ModelSpec.from_config(read_config(self.model_dir))
@@ -91,8 +115,14 @@ class LLM:
             configure_logging("llm", level="warning")
         self._session_dir = new_session_dir("llm-")
         try:
-            self._start(stages + spare_workers, max_num_seqs, step_timeout_s, start_timeout_s, param_cache_bytes,
-                        refactor_timeouts_s)
+            self._start(
+                stages + spare_workers,
+                max_num_seqs,
+                step_timeout_s,
+                start_timeout_s,
+                param_cache_bytes,
+                refactor_timeouts_s,
+            )
         except BaseException:
             self.close()
             raise
@@ -114,32 +144,57 @@ class LLM:
         return f"cuda:{stage}" if self.transport == "cuda_ipc" else "cpu"
 
     def _default_kv_blocks(self, kv_cache_bytes: int, max_num_seqs: int) -> int:
-        layers_per_stage = max(sum(1 for u in self.layout.stage_units(s, self.unit_names) if u.endswith(".attn"))
-                               for s in range(self.layout.num_stages))
-        per_block = kv_bytes_per_block(self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
-                                       resolve_dtype(self.dtype).itemsize) * max(1, layers_per_stage)
+        layers_per_stage = max(
+            sum(1 for u in self.layout.stage_units(s, self.unit_names) if u.endswith(".attn"))
+            for s in range(self.layout.num_stages)
+        )
+        per_block = kv_bytes_per_block(
+            self.block_size, self.spec.num_kv_heads, self.spec.head_dim, resolve_dtype(self.dtype).itemsize
+        ) * max(1, layers_per_stage)
         wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
         return max(1, min(wanted, kv_cache_bytes // per_block))
 
-    def _start(self, num_workers: int, max_num_seqs: int, step_timeout_s: float, start_timeout_s: float,
-               param_cache_bytes: int | None, refactor_timeouts_s: dict[str, float] | None) -> None:
+    def _start(
+        self,
+        num_workers: int,
+        max_num_seqs: int,
+        step_timeout_s: float,
+        start_timeout_s: float,
+        param_cache_bytes: int | None,
+        refactor_timeouts_s: dict[str, float] | None,
+    ) -> None:
         stages = self.layout.num_stages
-        options = WorkerOptions(tuple(self.devices), "cuda" if self.transport == "cuda_ipc" else "cpu",
-                                self.worker_memory or psutil.virtual_memory().total,
-                                max(1, (os.cpu_count() or 1) // stages), param_cache_bytes)
+        options = WorkerOptions(
+            tuple(self.devices),
+            "cuda" if self.transport == "cuda_ipc" else "cpu",
+            self.worker_memory or psutil.virtual_memory().total,
+            max(1, (os.cpu_count() or 1) // stages),
+            param_cache_bytes,
+        )
         spawn = max(0, self.max_workers - num_workers) if self.max_workers is not None else SPAWN_CAPACITY
         # the engine loads the tokenizer once the workers are up; read it meanwhile (imports, file cache)
         tokenizer_warm_up = threading.Thread(target=load_tokenizer, args=(self.model_dir,), daemon=True)
         tokenizer_warm_up.start()
-        self._cluster = LocalCluster(self._session_dir, num_workers, options, spawn, start_timeout_s, refactor_timeouts_s)
+        self._cluster = LocalCluster(
+            self._session_dir, num_workers, options, spawn, start_timeout_s, refactor_timeouts_s
+        )
         tokenizer_warm_up.join(start_timeout_s)
         self._finalizer = weakref.finalize(self, self._cluster.close)
         hosted = self._cluster.deploy(
-            start_timeout_s, pipeline_id=PIPELINE_ID, model_dir=str(self.model_dir),
-            layout=self.layout.describe(self.unit_names), transport=self.transport, dtype=self.dtype,
-            block_size=self.block_size, max_num_seqs=max_num_seqs, workers=[f"worker-{i}" for i in range(stages)],
-            num_kv_blocks=self.num_kv_blocks, max_model_len=self.max_model_len,
-            max_num_batched_tokens=self.max_num_batched_tokens, step_timeout_s=step_timeout_s)
+            start_timeout_s,
+            pipeline_id=PIPELINE_ID,
+            model_dir=str(self.model_dir),
+            layout=self.layout.describe(self.unit_names),
+            transport=self.transport,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            max_num_seqs=max_num_seqs,
+            workers=[f"worker-{i}" for i in range(stages)],
+            num_kv_blocks=self.num_kv_blocks,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            step_timeout_s=step_timeout_s,
+        )
         self.engine, self.requests = hosted.engine, hosted.requests
         self.tokenizer = self.requests.tokenizer
         loaded = self._cluster.controller.actor("coordinator").pipelines[PIPELINE_ID].loaded
@@ -151,8 +206,12 @@ class LLM:
         """Pids of the worker processes serving or ready to serve stages, in start order."""
         return self._cluster.worker_pids() if self._cluster is not None and not self._closed else []
 
-    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 timeout_s: float | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[RequestOutput]:
         """Generate for each prompt (text or token ids); blocks until all are done.
 
         Raises ``InvalidRequestError`` for a bad prompt before anything is queued and
@@ -167,10 +226,13 @@ class LLM:
             raise InvalidRequestError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
         token_lists = [self.requests.tokenize(p) for p in prompts]
         done = threading.Semaphore(0)
-        seqs = [self.requests.new_sequence(tokens, p, lambda _seq: done.release()) for tokens, p in zip(token_lists, params_list)]
+        seqs = [
+            self.requests.new_sequence(tokens, p, lambda _seq: done.release())
+            for tokens, p in zip(token_lists, params_list)
+        ]
         self.engine.submit(seqs)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for seq in seqs:
+        for _ in seqs:
             while not done.acquire(timeout=0.5):
                 if not self.engine.thread.is_alive() and not all(s.finished for s in seqs):
                     raise PipelineError(f"the engine stopped: {self.engine.fatal_error}")
@@ -181,8 +243,15 @@ class LLM:
             raise failed.error
         return [self.requests.output(seq, prompt) for seq, prompt in zip(seqs, prompts)]
 
-    def refactor(self, num_stages: int | None = None, layout: Seq | None = None, *, migrate: Seq[int] = (),
-                 precopy_bytes_per_s: float = 0.0, timeout_s: float = 600.0) -> RefactorReport:
+    def refactor(
+        self,
+        num_stages: int | None = None,
+        layout: Seq | None = None,
+        *,
+        migrate: Seq[int] = (),
+        precopy_bytes_per_s: float = 0.0,
+        timeout_s: float = 600.0,
+    ) -> RefactorReport:
         """Re-shape the serving pipeline while it serves: ``num_stages`` (split or merge), an explicit
         ``layout`` (rebalance, also cutting inside a layer), and/or ``migrate`` (stages to move to other
         worker processes). Safe to call from any thread while ``generate`` runs; requests in flight
@@ -198,28 +267,45 @@ class LLM:
         self.layout, self.epoch = Layout.from_spec(outcome.target, self.unit_names), outcome.epoch
         return report
 
-    def plan_refactor(self, num_stages: int | None = None, layout: Seq | None = None, *,
-                      migrate: Seq[int] = ()) -> dict:
+    def plan_refactor(
+        self, num_stages: int | None = None, layout: Seq | None = None, *, migrate: Seq[int] = ()
+    ) -> dict:
         """What ``refactor`` with these arguments would do (workers, moves, bytes, estimated stall), doing nothing.
         Raises ``RefactorRefused`` when it would be refused."""
         outcome = self._refactor_request(num_stages, layout, migrate, True, 0.0, 60.0)
         if outcome.outcome == "refused":
             raise RefactorRefused(outcome.reason)
-        return {"kind": outcome.kind, "from": list(outcome.old_layout), "to": list(outcome.target),
-                "workers": list(outcome.workers), "moves": list(outcome.moves),
-                "weight_bytes_by_source": dict(outcome.weight_bytes_by_source),
-                "kv_layers_moving": list(outcome.kv_layers_moved), "kv_bytes_estimate": outcome.kv_bytes,
-                "stall_estimate_s": outcome.stall_estimate_s, "stage_memory": list(outcome.stage_memory)}
+        return {
+            "kind": outcome.kind,
+            "from": list(outcome.old_layout),
+            "to": list(outcome.target),
+            "workers": list(outcome.workers),
+            "moves": list(outcome.moves),
+            "weight_bytes_by_source": dict(outcome.weight_bytes_by_source),
+            "kv_layers_moving": list(outcome.kv_layers_moved),
+            "kv_bytes_estimate": outcome.kv_bytes,
+            "stall_estimate_s": outcome.stall_estimate_s,
+            "stage_memory": list(outcome.stage_memory),
+        }
 
-    def _refactor_request(self, num_stages, layout, migrate, dry_run: bool, precopy_bytes_per_s: float,
-                          timeout_s: float) -> ev.RefactorOutcome:
+    def _refactor_request(
+        self, num_stages, layout, migrate, dry_run: bool, precopy_bytes_per_s: float, timeout_s: float
+    ) -> ev.RefactorOutcome:
         self._check_open()
         try:
             return self._cluster.request(
-                ev.RefactorPipeline, timeout_s=timeout_s, pipeline_id=PIPELINE_ID, num_stages=num_stages,
-                layout=self._layout_spec(layout), migrate=list(migrate), dry_run=dry_run, by="api",
-                precopy_bytes_per_s=precopy_bytes_per_s, worker_memory=self.worker_memory or 0,
-                max_workers=self.max_workers or 0)
+                ev.RefactorPipeline,
+                timeout_s=timeout_s,
+                pipeline_id=PIPELINE_ID,
+                num_stages=num_stages,
+                layout=self._layout_spec(layout),
+                migrate=list(migrate),
+                dry_run=dry_run,
+                by="api",
+                precopy_bytes_per_s=precopy_bytes_per_s,
+                worker_memory=self.worker_memory or 0,
+                max_workers=self.max_workers or 0,
+            )
         except BusError as exc:
             raise PipelineError(f"the refactor request got no outcome: {exc}") from exc
 
@@ -247,8 +333,13 @@ class LLM:
         executing = controller.actor("refactor_executor").runs.get(run.refactor_id)
         workers = executing.new_workers() if executing is not None else []
         pids = [self._cluster.member_pid(w) for w in workers]
-        return {"refactor_id": run.refactor_id, "phase": run.phase, "epoch": run.epoch, "kind": run.kind,
-                "worker_pids": [pid for pid in pids if pid is not None]}
+        return {
+            "refactor_id": run.refactor_id,
+            "phase": run.phase,
+            "epoch": run.epoch,
+            "kind": run.kind,
+            "worker_pids": [pid for pid in pids if pid is not None],
+        }
 
     @property
     def stage_layout(self) -> list[str]:
@@ -269,7 +360,7 @@ class LLM:
             cluster.close()
         shutil.rmtree(self._session_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -53,8 +53,15 @@ class LocalCluster:
     every wait is bounded.
     """
 
-    def __init__(self, session_dir: Path, num_workers: int, options: WorkerOptions, spawn_capacity: int,
-                 start_timeout_s: float, refactor_timeouts_s: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        session_dir: Path,
+        num_workers: int,
+        options: WorkerOptions,
+        spawn_capacity: int,
+        start_timeout_s: float,
+        refactor_timeouts_s: dict[str, float] | None = None,
+    ) -> None:
         self.session_dir, self.options = session_dir, options
         self.endpoint = f"ipc://{session_dir}/controller.sock"
         self.log = get_logger(process="llm")
@@ -73,27 +80,53 @@ class LocalCluster:
             self.close()
             raise
 
-    def _start(self, num_workers: int, spawn_capacity: int, start_timeout_s: float,
-               refactor_timeouts_s: dict[str, float] | None) -> None:
+    def _start(
+        self,
+        num_workers: int,
+        spawn_capacity: int,
+        start_timeout_s: float,
+        refactor_timeouts_s: dict[str, float] | None,
+    ) -> None:
         session_dir = self.session_dir
         config = FlexPipeConfig(controller=ControllerConfig(ipc=self.endpoint))
         self.controller = Controller(config, refactor_timeouts_s=refactor_timeouts_s).start_thread()
-        self.engine_host = EngineHost(BusClient(self.endpoint, sender=ENGINE_HOST_ID, context=self.context),
-                                      ENGINE_HOST_ID, f"ipc://{session_dir}/requests.sock")
+        self.engine_host = EngineHost(
+            BusClient(self.endpoint, sender=ENGINE_HOST_ID, context=self.context),
+            ENGINE_HOST_ID,
+            f"ipc://{session_dir}/requests.sock",
+        )
         self._start_thread("flexpipe-engine-host", lambda: self.engine_host.run(notify=False))
         for index in range(num_workers):
             self.supervisor.start(f"worker-{index}", self.worker_argv(f"worker-{index}"))
-        self.agent = SupervisorAgent(self.supervisor, BusClient(self.endpoint, sender=SUPERVISOR_ID, context=self.context),
-                                     SUPERVISOR_ID, self.worker_argv, spawn_capacity, num_workers)
+        self.agent = SupervisorAgent(
+            self.supervisor,
+            BusClient(self.endpoint, sender=SUPERVISOR_ID, context=self.context),
+            SUPERVISOR_ID,
+            self.worker_argv,
+            spawn_capacity,
+            num_workers,
+        )
         self.agent.register(start_timeout_s)
         self._start_thread("flexpipe-supervisor", self._supervise)
         self._wait_registered([f"worker-{i}" for i in range(num_workers)], start_timeout_s)
 
     def worker_argv(self, worker_id: str) -> list[str]:
         index = int(worker_id.rsplit("-", 1)[1])
-        argv = [sys.executable, "-m", WORKER_MODULE, "--controller", self.endpoint, "--worker-id", worker_id,
-                "--device", self.options.device(index), "--memory", str(self.options.memory),
-                "--threads", str(self.options.threads)]
+        argv = [
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            "--controller",
+            self.endpoint,
+            "--worker-id",
+            worker_id,
+            "--device",
+            self.options.device(index),
+            "--memory",
+            str(self.options.memory),
+            "--threads",
+            str(self.options.threads),
+        ]
         if self.options.param_cache_bytes is not None:
             argv += ["--param-cache", str(self.options.param_cache_bytes)]
         return argv
@@ -121,14 +154,17 @@ class LocalCluster:
             if set(worker_ids) <= alive and ENGINE_HOST_ID in hosts:
                 return
             if time.monotonic() > deadline:
-                raise PipelineError(f"stage workers {sorted(set(worker_ids) - alive)} did not start within {timeout_s:.0f}s")
+                raise PipelineError(
+                    f"stage workers {sorted(set(worker_ids) - alive)} did not start within {timeout_s:.0f}s"
+                )
             time.sleep(0.05)
 
     def _raise_if_a_worker_exited(self) -> None:
         for name, child in list(self.supervisor.children.items()):
             if name.startswith("worker-") and child.process is not None and child.process.poll() is not None:
-                raise PipelineError(f"stage worker {name} (pid {child.process.pid}) exited with code "
-                                    f"{child.process.returncode}")
+                raise PipelineError(
+                    f"stage worker {name} (pid {child.process.pid}) exited with code {child.process.returncode}"
+                )
 
     def request(self, cls: type[ev.Command], timeout_s: float, **fields) -> ev.Event:
         """Send a command to the controller on a socket of its own (any thread may call) and return the reply.
@@ -153,8 +189,10 @@ class LocalCluster:
                 raise PipelineError(f"pipeline {pipeline_id} failed to deploy: {view.reason}")
             self._raise_if_a_worker_exited()
             if time.monotonic() > deadline:
-                raise PipelineError(f"pipeline {pipeline_id} did not start within {timeout_s:.0f}s "
-                                    f"(state {view.state if view else 'unknown'})")
+                raise PipelineError(
+                    f"pipeline {pipeline_id} did not start within {timeout_s:.0f}s "
+                    f"(state {view.state if view else 'unknown'})"
+                )
             time.sleep(0.02)
 
     def worker_pids(self) -> list[int]:

@@ -44,20 +44,37 @@ class RefactorReport:
     switch_window: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
-    def from_outcome(cls, outcome: ev.RefactorOutcome, clock_offset_s: float = 0.0) -> "RefactorReport":
+    def from_outcome(cls, outcome: ev.RefactorOutcome, clock_offset_s: float = 0.0) -> RefactorReport:
         """The report of a refactor the coordinator answered with ``outcome``; ``clock_offset_s`` turns the
         engine's monotonic clock into ``time.perf_counter``'s (both are this process's when the LLM hosts it)."""
         switch = outcome.switch or ev.SwitchTiming()
-        window = (switch.paused_at + clock_offset_s, switch.resumed_at + clock_offset_s) if outcome.switch else (0.0, 0.0)
-        return cls(refactor_id=outcome.refactor_id, kind=outcome.kind, from_epoch=outcome.from_epoch,
-                   old_layout=list(outcome.old_layout), new_layout=list(outcome.target), outcome=outcome.outcome,
-                   reason=outcome.reason, epoch=outcome.epoch, workers=list(outcome.workers),
-                   phase_seconds=dict(outcome.phase_seconds), weight_bytes=outcome.weight_bytes,
-                   weight_bytes_by_source=dict(outcome.weight_bytes_by_source), unit_sources=dict(outcome.unit_sources),
-                   kv_layers_moved=list(outcome.kv_layers_moved), kv_bytes=outcome.kv_bytes,
-                   kv_bytes_precopy=outcome.kv_bytes_precopy, kv_bytes_delta=outcome.kv_bytes_delta,
-                   precopy_rounds=outcome.precopy_rounds, stall_s=outcome.stall_s, switch_s=outcome.switch_s,
-                   requests_carried=outcome.requests_carried, switch_window=window)
+        window = (
+            (switch.paused_at + clock_offset_s, switch.resumed_at + clock_offset_s) if outcome.switch else (0.0, 0.0)
+        )
+        return cls(
+            refactor_id=outcome.refactor_id,
+            kind=outcome.kind,
+            from_epoch=outcome.from_epoch,
+            old_layout=list(outcome.old_layout),
+            new_layout=list(outcome.target),
+            outcome=outcome.outcome,
+            reason=outcome.reason,
+            epoch=outcome.epoch,
+            workers=list(outcome.workers),
+            phase_seconds=dict(outcome.phase_seconds),
+            weight_bytes=outcome.weight_bytes,
+            weight_bytes_by_source=dict(outcome.weight_bytes_by_source),
+            unit_sources=dict(outcome.unit_sources),
+            kv_layers_moved=list(outcome.kv_layers_moved),
+            kv_bytes=outcome.kv_bytes,
+            kv_bytes_precopy=outcome.kv_bytes_precopy,
+            kv_bytes_delta=outcome.kv_bytes_delta,
+            precopy_rounds=outcome.precopy_rounds,
+            stall_s=outcome.stall_s,
+            switch_s=outcome.switch_s,
+            requests_carried=outcome.requests_carried,
+            switch_window=window,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,8 +6,10 @@ from common.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 def adapter_for(spec: ModelSpec, available: set[str]):
     if spec.family == "gpt2":
         from dataplane.models.gpt2 import Gpt2Adapter
+
         return Gpt2Adapter(spec, available)
     from dataplane.models.llama import LlamaAdapter
+
     return LlamaAdapter(spec, available)
 
 

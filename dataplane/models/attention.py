@@ -8,8 +8,15 @@ import torch.nn.functional as F
 from dataplane.models.batch import BatchInput
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor,
-                    batch: BatchInput, scale: float, window: int | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_pool: torch.Tensor,
+    batch: BatchInput,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
     """Write the new keys/values into ``kv_pool`` and attend over each sequence's whole context.
 
     q: [T, heads, dim]; k, v: [T, kv_heads, dim]; kv_pool: [2, slots, kv_heads, dim].
@@ -32,15 +39,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: 
         keys, values = keys.to(q.dtype), values.to(q.dtype)
     mask = layout.mask if layout.mask.dtype == q.dtype else layout.mask.to(q.dtype)
     out = F.scaled_dot_product_attention(
-        padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=heads != k.shape[1],
+        padded_q.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=heads != k.shape[1],
     ).transpose(1, 2)
     if layout.query_rows is not None:
         out = out[layout.query_rows, layout.query_cols]
     return out.reshape(q.shape[0], heads * dim)
 
 
-def new_kv_pool(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def new_kv_pool(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     """One layer's pool: [2 (key, value), num_blocks * block_size slots, kv_heads, head_dim]."""
     return torch.zeros(2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype, device=device)

@@ -55,8 +55,14 @@ class BatchInput:
     _cache: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, token_ids: Sequence[Sequence[int]], start_positions: Sequence[int],
-              block_tables: Sequence[Sequence[int]], block_size: int, device: torch.device | str = "cpu") -> "BatchInput":
+    def build(
+        cls,
+        token_ids: Sequence[Sequence[int]],
+        start_positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> BatchInput:
         q_lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
         total = int(q_lens.sum())
         flat_tokens = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
@@ -67,11 +73,19 @@ class BatchInput:
         width = max(map(len, block_tables), default=0)
         tables = np.zeros((len(block_tables), max(width, 1)), dtype=np.int64)
         for row, table in zip(tables, block_tables):
-            row[:len(table)] = table
+            row[: len(table)] = table
         slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
         as_tensor = lambda values: torch.from_numpy(values).to(device)  # noqa: E731
-        return cls(as_tensor(flat_tokens), as_tensor(positions), as_tensor(slots),
-                   as_tensor(first_index + q_lens - 1), q_lens, starts + q_lens, tables, block_size)
+        return cls(
+            as_tensor(flat_tokens),
+            as_tensor(positions),
+            as_tensor(slots),
+            as_tensor(first_index + q_lens - 1),
+            q_lens,
+            starts + q_lens,
+            tables,
+            block_size,
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -112,7 +126,7 @@ class BatchInput:
                 self._cache["rope"] = torch.view_as_complex(next(rest))
                 position += 1
             else:
-                max_q, max_ctx, padded = manifest[position + 1:position + 4]
+                max_q, max_ctx, padded = manifest[position + 1 : position + 4]
                 key_slots, mask = next(rest), next(rest)
                 rows, cols = (next(rest), next(rest)) if padded else (None, None)
                 self._cache[("attention", None)] = AttentionLayout(rows, cols, key_slots, mask, max_q, max_ctx)
@@ -139,5 +153,11 @@ class BatchInput:
             cols = self.positions - torch.from_numpy((ctx - q_lens)[seq_index]).to(device)
             mask[:, :, 0] |= ~mask.any(axis=-1)  # padded query rows attend somewhere so SDPA stays finite
         additive = np.where(mask[:, None], np.float32(0.0), np.float32(-np.inf))
-        return AttentionLayout(rows, cols, torch.from_numpy(key_slots.reshape(-1)).to(device),
-                               torch.from_numpy(additive).to(device), max_q, max_ctx)
+        return AttentionLayout(
+            rows,
+            cols,
+            torch.from_numpy(key_slots.reshape(-1)).to(device),
+            torch.from_numpy(additive).to(device),
+            max_q,
+            max_ctx,
+        )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from common.model.spec import ModelSpec
+from common.model.units import unit_layer
 from dataplane.models.attention import paged_attention
 from dataplane.models.batch import BatchInput
 from dataplane.models.layers import activation, layer_norm, linear
-from common.model.spec import ModelSpec
-from common.model.units import unit_layer
 
 
 class Gpt2Adapter:
@@ -62,7 +62,7 @@ class Attention:
     def __init__(self, spec: ModelSpec, layer: int, norm, qkv, proj, kv_pool) -> None:
         self.spec, self.norm, self.qkv, self.proj, self.kv_pool = spec, norm, qkv, proj, kv_pool
         config = spec.raw_config
-        self.scale = spec.head_dim ** -0.5 if config.get("scale_attn_weights", True) else 1.0
+        self.scale = spec.head_dim**-0.5 if config.get("scale_attn_weights", True) else 1.0
         if config.get("scale_attn_by_inverse_layer_idx", False):
             self.scale /= layer + 1
 

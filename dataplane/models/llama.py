@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from common.model.spec import ModelSpec
+from common.model.units import unit_layer
 from dataplane.models.attention import paged_attention
 from dataplane.models.batch import BatchInput
 from dataplane.models.layers import activation, linear, rms_norm
 from dataplane.models.rope import RopeSpec, apply_rotary_interleaved, interleave_rotary_rows, rotation
-from common.model.spec import ModelSpec
-from common.model.units import unit_layer
 
 EMBED = "model.embed_tokens.weight"
 
@@ -39,11 +39,17 @@ class LlamaAdapter:
         p = f"model.layers.{layer}."
         if unit.endswith(".attn"):
             projections = [f"{p}self_attn.{x}_proj" for x in "qkvo"]
-            return ([f"{p}input_layernorm.weight"] + [f"{w}.weight" for w in projections]
-                    + self._optional(*(f"{w}.bias" for w in projections)))
+            return (
+                [f"{p}input_layernorm.weight"]
+                + [f"{w}.weight" for w in projections]
+                + self._optional(*(f"{w}.bias" for w in projections))
+            )
         matrices = [f"{p}mlp.{x}_proj" for x in ("gate", "up", "down")]
-        return ([f"{p}post_attention_layernorm.weight"] + [f"{w}.weight" for w in matrices]
-                + self._optional(*(f"{w}.bias" for w in matrices)))
+        return (
+            [f"{p}post_attention_layernorm.weight"]
+            + [f"{w}.weight" for w in matrices]
+            + self._optional(*(f"{w}.bias" for w in matrices))
+        )
 
     def build(self, unit: str, tensors: dict[str, torch.Tensor], kv_pool: torch.Tensor | None = None):
         pick = lambda names: [tensors.get(n) for n in names]  # noqa: E731
@@ -55,9 +61,15 @@ class LlamaAdapter:
         layer = unit_layer(unit)
         p = f"model.layers.{layer}."
         if unit.endswith(".attn"):
-            weights = {x: (tensors[f"{p}self_attn.{x}_proj.weight"], tensors.get(f"{p}self_attn.{x}_proj.bias")) for x in "qkvo"}
+            weights = {
+                x: (tensors[f"{p}self_attn.{x}_proj.weight"], tensors.get(f"{p}self_attn.{x}_proj.bias"))
+                for x in "qkvo"
+            }
             return Attention(self.spec, self.rope, layer, tensors[f"{p}input_layernorm.weight"], weights, kv_pool)
-        weights = {x: (tensors[f"{p}mlp.{x}_proj.weight"], tensors.get(f"{p}mlp.{x}_proj.bias")) for x in ("gate", "up", "down")}
+        weights = {
+            x: (tensors[f"{p}mlp.{x}_proj.weight"], tensors.get(f"{p}mlp.{x}_proj.bias"))
+            for x in ("gate", "up", "down")
+        }
         return Mlp(self.spec, tensors[f"{p}post_attention_layernorm.weight"], weights)
 
 
@@ -87,10 +99,17 @@ class Attention:
 
     def __init__(self, spec: ModelSpec, rope: RopeSpec, layer: int, norm: torch.Tensor, weights: dict, kv_pool) -> None:
         self.spec, self.rope, self.layer, self.norm, self.kv_pool = spec, rope, layer, norm, kv_pool
-        interleave = lambda t, heads: None if t is None else interleave_rotary_rows(t, heads, spec.head_dim, rope.rotary_dim)  # noqa: E731
+        interleave = lambda t, heads: (
+            None if t is None else interleave_rotary_rows(t, heads, spec.head_dim, rope.rotary_dim)
+        )  # noqa: E731
         q, k = weights["q"], weights["k"]
-        self.qkv = fuse([(interleave(q[0], spec.num_heads), interleave(q[1], spec.num_heads)),
-                         (interleave(k[0], spec.num_kv_heads), interleave(k[1], spec.num_kv_heads)), weights["v"]])
+        self.qkv = fuse(
+            [
+                (interleave(q[0], spec.num_heads), interleave(q[1], spec.num_heads)),
+                (interleave(k[0], spec.num_kv_heads), interleave(k[1], spec.num_kv_heads)),
+                weights["v"],
+            ]
+        )
         self.o = weights["o"]
         self.window = spec.sliding_windows[layer]
 
@@ -100,9 +119,9 @@ class Attention:
         x = rms_norm(hidden, self.norm, spec.norm_eps)
         qkv = linear(x, *self.qkv).view(x.shape[0], heads + 2 * kv_heads, spec.head_dim)
         table = batch.memo("rope", lambda: rotation(*self.rope.cos_sin(batch.positions, torch.float32)))
-        qk = apply_rotary_interleaved(qkv[:, :heads + kv_heads], table)
-        q, k, v = qk[:, :heads].contiguous(), qk[:, heads:], qkv[:, heads + kv_heads:]
-        out = paged_attention(q, k, v, self.kv_pool, batch, spec.head_dim ** -0.5, self.window)
+        qk = apply_rotary_interleaved(qkv[:, : heads + kv_heads], table)
+        q, k, v = qk[:, :heads].contiguous(), qk[:, heads:], qkv[:, heads + kv_heads :]
+        out = paged_attention(q, k, v, self.kv_pool, batch, spec.head_dim**-0.5, self.window)
         return hidden + linear(out, *self.o)
 
 

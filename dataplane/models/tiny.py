@@ -1,4 +1,5 @@
 """The embedded default model: a deterministic tiny Llama checkpoint with a byte-level tokenizer."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,13 @@ BYTE_VOCAB = 256
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 260
-REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 _COMPLETE_MARKER = ".complete"
 
 
@@ -26,7 +33,11 @@ def default_cache_dir() -> pathlib.Path:
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2 byte-level alphabet, indexed by byte value."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1),
+    ]
     chars, extra = [], 0
     for b in range(BYTE_VOCAB):
         if b in printable:
@@ -38,7 +49,8 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def build_byte_tokenizer():
-    """Build a byte-level `PreTrainedTokenizerFast` (id i is byte i for i < 256, then `<s>`=256, `</s>`=257, `<pad>`=258)."""
+    """Build a byte-level `PreTrainedTokenizerFast`: id i is byte i for i < 256, then `<s>`=256, `</s>`=257,
+    `<pad>`=258."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,7 +114,9 @@ def _write_tiny_model(target: pathlib.Path) -> None:
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.load_state_dict(_deterministic_state_dict(model, SEED), strict=True)
-    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
+    )
     model.save_pretrained(target)
     build_byte_tokenizer().save_pretrained(target)
     (target / _COMPLETE_MARKER).write_text(MODEL_NAME + "\n")
@@ -151,7 +165,9 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> pathlib.Pat
 def main(argv: list[str] | None = None) -> None:
     """CLI: write the tiny model if needed and print its path."""
     parser = argparse.ArgumentParser(description="Write the FlexPipe tiny default model and print its path.")
-    parser.add_argument("--cache-dir", default=None, help="cache directory (default: $FLEXPIPE_CACHE_DIR or ~/.cache/flexpipe)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="cache directory (default: $FLEXPIPE_CACHE_DIR or ~/.cache/flexpipe)"
+    )
     args = parser.parse_args(argv)
     print(ensure_tiny_model(args.cache_dir))
 

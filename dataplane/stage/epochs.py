@@ -16,16 +16,14 @@ import zmq
 
 from common import events as ev
 from common.errors import FlexPipeError, PipelineError
-from dataplane.transport import messages
+from common.model.spec import ModelSpec, read_config
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
-from dataplane.stage.param_cache import ParamCache
 from dataplane.stage.executor import StageExecutor, StageSpec, resolve_dtype
+from dataplane.stage.param_cache import ParamCache
 from dataplane.stage.server import StageServer
-from dataplane.transport import Inbox, Outbox, open_outbox
 from dataplane.stage.unit_state import fill, skeleton, unit_tensors
+from dataplane.transport import Inbox, Outbox, messages, open_outbox
 
 log = logging.getLogger("flexpipe.stage")
 
@@ -35,8 +33,15 @@ PEER_SEND_TIMEOUT_S = 2.0
 class EpochListener(Protocol):
     """Who hears what a ``StageEpochs`` finished on its own time (answers to deferred commands)."""
 
-    def prepared(self, epoch: int, stage: int, sources: dict[str, str], bytes_by_source: dict[str, int],
-                 kv_bytes_allocated: int, seconds: float) -> None: ...
+    def prepared(
+        self,
+        epoch: int,
+        stage: int,
+        sources: dict[str, str],
+        bytes_by_source: dict[str, int],
+        kv_bytes_allocated: int,
+        seconds: float,
+    ) -> None: ...
 
     def activated(self, epoch: int) -> None: ...
 
@@ -198,17 +203,38 @@ class StageEpochs:
         if pending is None or pending.awaiting or pending.server is not None:
             return
         command = pending.command
-        spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks,
-                         command.block_size, command.dtype, pending.device)
+        spec = StageSpec(
+            command.model_dir,
+            tuple(command.units),
+            command.num_kv_blocks,
+            command.block_size,
+            command.dtype,
+            pending.device,
+        )
         executor = StageExecutor(spec, pending.provided, pending.sources)
         executor.warm_up()
-        server = StageServer(self.context, spec, stage=command.stage, num_stages=command.num_stages,
-                             epoch=command.epoch, transport=self.transport, session_dir=self.session_dir,
-                             name=f"stage-{self.worker_id}", inbox=self.inbox, executor=executor)
+        server = StageServer(
+            self.context,
+            spec,
+            stage=command.stage,
+            num_stages=command.num_stages,
+            epoch=command.epoch,
+            transport=self.transport,
+            session_dir=self.session_dir,
+            name=f"stage-{self.worker_id}",
+            inbox=self.inbox,
+            executor=executor,
+        )
         server.connect(command.next_address, command.engine_address, command.slot_bytes)
         pending.server = server
-        self.listener.prepared(command.epoch, command.stage, executor.sources, executor.bytes_by_source(),
-                               executor.fresh_kv_bytes, time.perf_counter() - pending.started)
+        self.listener.prepared(
+            command.epoch,
+            command.stage,
+            executor.sources,
+            executor.bytes_by_source(),
+            executor.fresh_kv_bytes,
+            time.perf_counter() - pending.started,
+        )
 
     def send_units(self, command: ev.SendStageUnits) -> None:
         if self.active is None:
@@ -223,8 +249,9 @@ class StageEpochs:
 
     def _peer_outbox(self, address: str) -> Outbox:
         if address not in self.peer_outboxes:
-            self.peer_outboxes[address] = open_outbox(self.transport, self.context, address,
-                                                      slot_bytes=self.slot_bytes, num_slots=8)
+            self.peer_outboxes[address] = open_outbox(
+                self.transport, self.context, address, slot_bytes=self.slot_bytes, num_slots=8
+            )
             self.peer_outboxes[address].timeout_s = PEER_SEND_TIMEOUT_S
         return self.peer_outboxes[address]
 
@@ -237,8 +264,19 @@ class StageEpochs:
         slots = torch.from_numpy(np.frombuffer(command.slots, dtype="<i8").copy())
         slot_bytes = pool[:, 0].numel() * pool.element_size()
         chunk = max(1, (self.slot_bytes // 2) // slot_bytes)
-        self.jobs.append(KvCopyJob(command.epoch, command.transfer_id, command.layer, pool, self._peer_outbox(command.dest_address),
-                                   slots, chunk, command.bytes_per_s, command.after_seal))
+        self.jobs.append(
+            KvCopyJob(
+                command.epoch,
+                command.transfer_id,
+                command.layer,
+                pool,
+                self._peer_outbox(command.dest_address),
+                slots,
+                chunk,
+                command.bytes_per_s,
+                command.after_seal,
+            )
+        )
 
     def pump(self) -> float | None:
         """Send the next due KV chunk; seconds until one is due again (None: nothing queued)."""
@@ -249,7 +287,7 @@ class StageEpochs:
             now = time.monotonic()
             if now < job.next_send_at:
                 return job.next_send_at - now
-            part = job.slots[job.position:job.position + job.chunk_slots]
+            part = job.slots[job.position : job.position + job.chunk_slots]
             data = job.pool.index_select(1, part.to(job.pool.device))
             header = messages.encode(messages.KvBlocks(job.epoch, job.transfer_id, job.layer))
             try:

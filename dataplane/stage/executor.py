@@ -9,14 +9,13 @@ from typing import Mapping
 import torch
 
 from common.errors import InvalidRequestError
-from dataplane.models.batch import BatchInput
-from dataplane.models.attention import new_kv_pool
-from dataplane.models import adapter_for
-from dataplane.models.checkpoint import CheckpointReader
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
-from dataplane.stage.unit_state import KV_POOL_ATTRIBUTE, unit_bytes, unit_tensors, with_pool
+from common.model.spec import ModelSpec, read_config
 from common.model.units import unit_layer
+from dataplane.models import adapter_for
+from dataplane.models.attention import new_kv_pool
+from dataplane.models.batch import BatchInput
+from dataplane.models.checkpoint import CheckpointReader
+from dataplane.stage.unit_state import KV_POOL_ATTRIBUTE, unit_bytes, unit_tensors, with_pool
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,8 +57,9 @@ class StageExecutor:
     so its cache carries over untouched; any other attention unit gets a fresh pool.
     """
 
-    def __init__(self, spec: StageSpec, provided: Mapping[str, object] | None = None,
-                 sources: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, spec: StageSpec, provided: Mapping[str, object] | None = None, sources: Mapping[str, str] | None = None
+    ) -> None:
         self.spec = spec
         provided = provided or {}
         self.model = ModelSpec.from_config(read_config(spec.model_dir))
@@ -78,8 +78,14 @@ class StageExecutor:
             given = provided.get(unit)
             pool = getattr(given, KV_POOL_ATTRIBUTE, None)
             if unit.endswith(".attn") and pool is None:
-                pool = new_kv_pool(spec.num_kv_blocks + 1, spec.block_size, self.model.num_kv_heads,
-                                   self.model.head_dim, dtype, self.device)
+                pool = new_kv_pool(
+                    spec.num_kv_blocks + 1,
+                    spec.block_size,
+                    self.model.num_kv_heads,
+                    self.model.head_dim,
+                    dtype,
+                    self.device,
+                )
                 self.fresh_kv_bytes += pool.numel() * pool.element_size()
             if pool is not None:
                 self.kv_pools[unit_layer(unit)] = pool
@@ -97,10 +103,20 @@ class StageExecutor:
         max_blocks = max(1, min(max_blocks, self.model.max_position_embeddings // block_size))
         for r in range(rounds):
             blocks = [1 + (i + r) % max_blocks for i in range(num_seqs)]
-            batch = BatchInput.build([[1]] * num_seqs, [n * block_size - 1 for n in blocks], [[scratch] * n for n in blocks],
-                                     block_size, self.device)
-            hidden = None if self.spec.is_first else torch.zeros(
-                num_seqs, self.model.hidden_size, dtype=resolve_dtype(self.spec.dtype), device=self.device)
+            batch = BatchInput.build(
+                [[1]] * num_seqs,
+                [n * block_size - 1 for n in blocks],
+                [[scratch] * n for n in blocks],
+                block_size,
+                self.device,
+            )
+            hidden = (
+                None
+                if self.spec.is_first
+                else torch.zeros(
+                    num_seqs, self.model.hidden_size, dtype=resolve_dtype(self.spec.dtype), device=self.device
+                )
+            )
             self.forward(batch, hidden)
 
     def bytes_by_source(self) -> dict[str, int]:

@@ -15,7 +15,9 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 6364136223846793005 + step * 1442695040888963407 + 1) & _SEED_MASK
 
 
-def sample(logits: torch.Tensor, options: list[SamplingOptions], steps: list[int]) -> tuple[list[int], list[TokenLogprobs] | None]:
+def sample(
+    logits: torch.Tensor, options: list[SamplingOptions], steps: list[int]
+) -> tuple[list[int], list[TokenLogprobs] | None]:
     logits = logits.float()
     if all(o.temperature == 0.0 for o in options):
         tokens = logits.argmax(dim=-1).tolist()
@@ -27,7 +29,9 @@ def sample(logits: torch.Tensor, options: list[SamplingOptions], steps: list[int
     result = []
     for row, token, option in zip(log_probs, tokens, options):
         top = torch.topk(row, option.logprobs) if option.logprobs else None
-        result.append(TokenLogprobs(float(row[token]), top.indices.tolist() if top else [], top.values.tolist() if top else []))
+        result.append(
+            TokenLogprobs(float(row[token]), top.indices.tolist() if top else [], top.values.tolist() if top else [])
+        )
     return tokens, result
 
 

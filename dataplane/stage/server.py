@@ -10,11 +10,10 @@ import torch
 import zmq
 
 from common.errors import FlexPipeError
-from dataplane.transport import messages
 from dataplane.models.batch import BatchInput
-from dataplane.stage.sampler import sample
 from dataplane.stage.executor import StageExecutor, StageSpec
-from dataplane.transport import Inbox, inbox_address, open_outbox
+from dataplane.stage.sampler import sample
+from dataplane.transport import Inbox, inbox_address, messages, open_outbox
 
 log = logging.getLogger("flexpipe.stage")
 
@@ -27,9 +26,20 @@ class StageServer:
     nothing is sent before ``connect`` named the successor and the engine.
     """
 
-    def __init__(self, context: zmq.Context, spec: StageSpec, *, stage: int, num_stages: int, epoch: int,
-                 transport: str, session_dir: str, name: str, inbox: Inbox | None = None,
-                 executor: StageExecutor | None = None) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        spec: StageSpec,
+        *,
+        stage: int,
+        num_stages: int,
+        epoch: int,
+        transport: str,
+        session_dir: str,
+        name: str,
+        inbox: Inbox | None = None,
+        executor: StageExecutor | None = None,
+    ) -> None:
         self.context, self.spec = context, spec
         self.stage, self.num_stages, self.epoch, self.transport = stage, num_stages, epoch, transport
         self.executor = executor or StageExecutor(spec)
@@ -44,8 +54,15 @@ class StageServer:
 
     def connect(self, next_address: str, engine_address: str, slot_bytes: int) -> None:
         if not self.is_last:
-            self.next_out = open_outbox(self.transport, self.context, next_address, device=self.spec.device,
-                                        rank=self.stage, dst_rank=self.stage + 1, slot_bytes=slot_bytes)
+            self.next_out = open_outbox(
+                self.transport,
+                self.context,
+                next_address,
+                device=self.spec.device,
+                rank=self.stage,
+                dst_rank=self.stage + 1,
+                slot_bytes=slot_bytes,
+            )
         self.engine_out = open_outbox("tcp", self.context, engine_address)
 
     def serve_one(self) -> None:
@@ -77,8 +94,13 @@ class StageServer:
 
     def _forward(self, header: messages.MicroBatch, message) -> None:
         seqs = header.seqs
-        batch = BatchInput.build([s.token_ids for s in seqs], [s.start for s in seqs],
-                                 [s.block_table for s in seqs], self.spec.block_size, self.executor.device)
+        batch = BatchInput.build(
+            [s.token_ids for s in seqs],
+            [s.start for s in seqs],
+            [s.block_table for s in seqs],
+            self.spec.block_size,
+            self.executor.device,
+        )
         self.tokens_processed += batch.num_tokens
         hidden = message.tensors[0] if message.tensors else None
         batch.adopt(message.tensors[1:])
@@ -101,6 +123,7 @@ class StageServer:
         self.inbox.close()
         if self.transport in ("nccl", "gloo"):
             from dataplane.transport.torch_dist import close_group
+
             close_group()
 
 

@@ -49,7 +49,9 @@ def fill(unit, tensors: dict[str, torch.Tensor]):
         raise TransportError(f"unit weights carry {sorted(tensors)}, the unit needs {sorted(expected)}")
     for path, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[path].shape):
-            raise TransportError(f"unit weight {path} has shape {list(tensor.shape)}, expected {list(expected[path].shape)}")
+            raise TransportError(
+                f"unit weight {path} has shape {list(tensor.shape)}, expected {list(expected[path].shape)}"
+            )
     for name, value in list(vars(unit).items()):
         if isinstance(value, torch.Tensor) and name in tensors:
             setattr(unit, name, tensors[name])

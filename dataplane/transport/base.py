@@ -24,8 +24,15 @@ TRANSPORTS = ("shm", "tcp", "cuda_ipc", "nccl", "gloo")
 meta_encoder = msgspec.msgpack.Encoder()
 meta_decoder = msgspec.msgpack.Decoder(list)
 
-DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64",
-               torch.int32: "i32", torch.uint8: "u8", torch.float64: "f64"}
+DTYPE_NAMES = {
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.uint8: "u8",
+    torch.float64: "f64",
+}
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
@@ -67,7 +74,9 @@ class Outbox:
     def send(self, header: bytes, tensors: Sequence[torch.Tensor] = ()) -> None:
         for tensor in tensors:
             if tensor.dtype not in DTYPE_NAMES:
-                raise TransportError(f"cannot send a {tensor.dtype} tensor; supported dtypes: {', '.join(map(str, DTYPE_NAMES))}")
+                raise TransportError(
+                    f"cannot send a {tensor.dtype} tensor; supported dtypes: {', '.join(map(str, DTYPE_NAMES))}"
+                )
         if not tensors:
             frames = [header]
         else:

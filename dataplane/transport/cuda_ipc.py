@@ -18,8 +18,15 @@ from dataplane.transport.shm import ALIGN, ShmRing
 class CudaIpcOutbox(Outbox):
     """Copies tensors into its own CUDA slot buffers, synchronises, then sends the header."""
 
-    def __init__(self, context: zmq.Context, address: str, device: str, num_slots: int = 16,
-                 slot_bytes: int = 16 << 20, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        address: str,
+        device: str,
+        num_slots: int = 16,
+        slot_bytes: int = 16 << 20,
+        timeout_s: float = 30.0,
+    ) -> None:
         if not torch.cuda.is_available():
             raise TransportError("transport 'cuda_ipc' needs a CUDA device; use 'shm' on CPU hosts")
         super().__init__(context, address, timeout_s)
@@ -36,9 +43,14 @@ class CudaIpcOutbox(Outbox):
         slot, offset, meta = self.flags.acquire(self.timeout_s), 0, []
         for tensor, size in zip(tensors, sizes):
             nbytes = tensor.numel() * tensor.element_size()
-            self.slots[slot][offset:offset + nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
-            meta.append([DTYPE_NAMES[tensor.dtype], list(tensor.shape),
-                         ["cuda", str(self.flags.path), slot, offset, self.handles[slot]]])
+            self.slots[slot][offset : offset + nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+            meta.append(
+                [
+                    DTYPE_NAMES[tensor.dtype],
+                    list(tensor.shape),
+                    ["cuda", str(self.flags.path), slot, offset, self.handles[slot]],
+                ]
+            )
             offset += size
         torch.cuda.current_stream(self.device).synchronize()
         return meta, [], None
@@ -58,6 +70,7 @@ class CudaIpcReader:
 
     def __init__(self, device: torch.device) -> None:
         from dataplane.transport.shm import ShmReader
+
         self.device = device
         self.flags = ShmReader(torch.device("cpu"))
         self.buffers: dict[tuple[bytes, int], torch.Tensor] = {}
@@ -78,7 +91,7 @@ class CudaIpcReader:
         for dim in shape:
             count *= dim
         nbytes = count * torch.empty(0, dtype=dtype).element_size()
-        tensor = buffer[offset:offset + nbytes].view(dtype).view(shape)
+        tensor = buffer[offset : offset + nbytes].view(dtype).view(shape)
         flags = self.flags.map_ring(flag_path)
 
         def release() -> None:

@@ -50,7 +50,9 @@ class ShmRing:
                     self.map[slot] = 1
                     return slot
             if time.monotonic() > deadline:
-                raise TransportError(f"receiver has not released any shared-memory slot of {self.path.name} for {timeout_s:.0f}s")
+                raise TransportError(
+                    f"receiver has not released any shared-memory slot of {self.path.name} for {timeout_s:.0f}s"
+                )
             time.sleep(delay)
             delay = min(delay * 2 or 1e-5, 1e-3)
 
@@ -59,7 +61,7 @@ class ShmRing:
             return
         start = FLAG_BYTES + slot * self.slot_bytes + offset
         nbytes = tensor.numel() * tensor.element_size()
-        view = torch.frombuffer(memoryview(self.map)[start:start + nbytes], dtype=torch.uint8)
+        view = torch.frombuffer(memoryview(self.map)[start : start + nbytes], dtype=torch.uint8)
         view.copy_(tensor.reshape(-1).view(torch.uint8))
 
     def close(self) -> None:
@@ -73,8 +75,14 @@ class ShmRing:
 class ShmOutbox(Outbox):
     """Puts tensors into slots of its own ring; falls back to inline frames for oversize messages."""
 
-    def __init__(self, context: zmq.Context, address: str, num_slots: int = 16,
-                 slot_bytes: int = 4 << 20, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        address: str,
+        num_slots: int = 16,
+        slot_bytes: int = 4 << 20,
+        timeout_s: float = 30.0,
+    ) -> None:
         super().__init__(context, address, timeout_s)
         self.ring = ShmRing(num_slots, slot_bytes)
 
@@ -86,7 +94,13 @@ class ShmOutbox(Outbox):
         slot, offset, meta = self.ring.acquire(self.timeout_s), 0, []
         for tensor, size in zip(tensors, sizes):
             self.ring.write(slot, offset, tensor)
-            meta.append([DTYPE_NAMES[tensor.dtype], list(tensor.shape), ["shm", str(self.ring.path), slot, offset, self.ring.slot_bytes]])
+            meta.append(
+                [
+                    DTYPE_NAMES[tensor.dtype],
+                    list(tensor.shape),
+                    ["shm", str(self.ring.path), slot, offset, self.ring.slot_bytes],
+                ]
+            )
             offset += size
         return meta, [], None
 
@@ -128,7 +142,7 @@ class ShmReader:
         if count:
             # A memoryview export keeps the ring mapped for as long as the tensor lives:
             # closing the reader then cannot unmap memory a tensor still points into.
-            window = memoryview(ring)[start:start + count * dtype.itemsize]
+            window = memoryview(ring)[start : start + count * dtype.itemsize]
             tensor = torch.frombuffer(window, dtype=dtype, count=count).view(shape)
         else:
             tensor = torch.empty(shape, dtype=dtype)

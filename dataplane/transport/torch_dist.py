@@ -25,8 +25,13 @@ def init_group(backend: str, init_method: str, rank: int, world_size: int, timeo
         raise TransportError("transport 'nccl' needs CUDA devices; use 'gloo' or 'tcp' on CPU hosts")
     if dist.is_initialized():
         return
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def close_group() -> None:
@@ -37,7 +42,9 @@ def close_group() -> None:
 class DistOutbox(Outbox):
     """Header over ZeroMQ, then each tensor by ``dist.send`` to ``dst_rank``."""
 
-    def __init__(self, context: zmq.Context, address: str, src_rank: int, dst_rank: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, context: zmq.Context, address: str, src_rank: int, dst_rank: int, timeout_s: float = 30.0
+    ) -> None:
         super().__init__(context, address, timeout_s)
         self.src_rank, self.dst_rank = src_rank, dst_rank
 

@@ -40,18 +40,35 @@ class EpochReplies:
                 del self.deferred[key]
 
     def kv_received(self, epoch: int, transfer_id: int, num_slots: int, nbytes: int) -> None:
-        self.send(ev.StageKvCopied(sender=self.worker_id, pipeline_id=self.pipeline_id, epoch=epoch,
-                                   worker_id=self.worker_id, transfer_id=transfer_id, num_slots=num_slots, nbytes=nbytes))
+        self.send(
+            ev.StageKvCopied(
+                sender=self.worker_id,
+                pipeline_id=self.pipeline_id,
+                epoch=epoch,
+                worker_id=self.worker_id,
+                transfer_id=transfer_id,
+                num_slots=num_slots,
+                nbytes=nbytes,
+            )
+        )
 
     def failed(self, epoch: int, reason: str) -> None:
-        """Epoch ``epoch`` cannot go on here: its deferred commands get an error, or, with none waiting, an event says so."""
+        """Epoch ``epoch`` cannot go on here: its deferred commands get an error, or, with none waiting,
+        an event says so."""
         emit(self.log, "stage.epoch_failed", level="error", pipeline_id=self.pipeline_id, epoch=epoch, reason=reason)
         waiting = [key for key in self.deferred if key[1] == epoch]
         for key in waiting:
             self._error(self.deferred.pop(key), reason)
         if not waiting:
-            self.send(ev.StageEpochFailed(sender=self.worker_id, pipeline_id=self.pipeline_id, epoch=epoch,
-                                          worker_id=self.worker_id, reason=reason))
+            self.send(
+                ev.StageEpochFailed(
+                    sender=self.worker_id,
+                    pipeline_id=self.pipeline_id,
+                    epoch=epoch,
+                    worker_id=self.worker_id,
+                    reason=reason,
+                )
+            )
 
     def drop_epoch(self, epoch: int, reason: str) -> None:
         """Answer the commands still waiting on ``epoch`` with ``reason`` (it was aborted or unloaded)."""
@@ -63,23 +80,56 @@ class EpochReplies:
             self._error(command, reason)
         self.deferred.clear()
 
-    def prepared(self, epoch: int, stage: int, sources: dict[str, str], bytes_by_source: dict[str, int],
-                 kv_bytes_allocated: int, seconds: float) -> None:
+    def prepared(
+        self,
+        epoch: int,
+        stage: int,
+        sources: dict[str, str],
+        bytes_by_source: dict[str, int],
+        kv_bytes_allocated: int,
+        seconds: float,
+    ) -> None:
         command = self.deferred.pop((PREPARED, epoch), None)
-        emit(self.log, "stage.epoch_prepared", pipeline_id=self.pipeline_id, epoch=epoch, stage=stage,
-             sources=sources, seconds=round(seconds, 3))
+        emit(
+            self.log,
+            "stage.epoch_prepared",
+            pipeline_id=self.pipeline_id,
+            epoch=epoch,
+            stage=stage,
+            sources=sources,
+            seconds=round(seconds, 3),
+        )
         if command is not None:
-            self.send(ev.StageEpochPrepared(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=self.pipeline_id,
-                                            epoch=epoch, stage=stage, sources=sources, bytes_by_source=bytes_by_source,
-                                            kv_bytes_allocated=kv_bytes_allocated, seconds=seconds))
+            self.send(
+                ev.StageEpochPrepared(
+                    sender=self.worker_id,
+                    reply_to=command.cmd_id,
+                    pipeline_id=self.pipeline_id,
+                    epoch=epoch,
+                    stage=stage,
+                    sources=sources,
+                    bytes_by_source=bytes_by_source,
+                    kv_bytes_allocated=kv_bytes_allocated,
+                    seconds=seconds,
+                )
+            )
 
     def activated(self, epoch: int) -> None:
         command = self.deferred.pop((ACTIVATED, epoch), None)
         emit(self.log, "stage.epoch_activated", pipeline_id=self.pipeline_id, epoch=epoch)
         if command is not None:
-            self.send(ev.StageEpochActivated(sender=self.worker_id, reply_to=command.cmd_id,
-                                             pipeline_id=self.pipeline_id, epoch=epoch))
+            self.send(
+                ev.StageEpochActivated(
+                    sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=self.pipeline_id, epoch=epoch
+                )
+            )
 
     def _error(self, command: ev.Command, reason: str) -> None:
-        self.send(ev.ErrorReply(sender=self.worker_id, reply_to=command.cmd_id, code="command_failed",
-                                message=f"pipeline {self.pipeline_id} on {self.worker_id}, epoch {command.epoch}: {reason}"))
+        self.send(
+            ev.ErrorReply(
+                sender=self.worker_id,
+                reply_to=command.cmd_id,
+                code="command_failed",
+                message=f"pipeline {self.pipeline_id} on {self.worker_id}, epoch {command.epoch}: {reason}",
+            )
+        )

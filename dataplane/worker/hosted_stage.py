@@ -11,12 +11,12 @@ import zmq
 from common import events as ev
 from common.errors import PipelineError
 from common.logging import emit, get_logger
-from dataplane.worker.epoch_replies import ACTIVATED, PREPARED, EpochReplies
-from dataplane.stage.param_cache import ParamCache
-from dataplane.stage.executor import StageSpec
 from dataplane.stage.epochs import StageEpochs
+from dataplane.stage.executor import StageSpec
+from dataplane.stage.param_cache import ParamCache
 from dataplane.stage.server import StageServer, set_device
 from dataplane.transport import Inbox, inbox_address
+from dataplane.worker.epoch_replies import ACTIVATED, PREPARED, EpochReplies
 
 
 class HostedStage:
@@ -29,13 +29,24 @@ class HostedStage:
     queued messages, every stage and the inbox.
     """
 
-    def __init__(self, context: zmq.Context, pipeline_id: str, epoch: int, transport: str, worker_id: str,
-                 session_dir: str, device: str, send: Callable[[ev.Event], None], param_cache_bytes: int) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        pipeline_id: str,
+        epoch: int,
+        transport: str,
+        worker_id: str,
+        session_dir: str,
+        device: str,
+        send: Callable[[ev.Event], None],
+        param_cache_bytes: int,
+    ) -> None:
         self.pipeline_id, self.worker_id, self.device = pipeline_id, worker_id, device
         inbox = Inbox(context, inbox_address(transport, session_dir, pipeline_id), device=device)
         self.replies = EpochReplies(worker_id, pipeline_id, send)
-        self.epochs = StageEpochs(context, inbox, session_dir, transport, worker_id, self.replies,
-                                  ParamCache(param_cache_bytes))
+        self.epochs = StageEpochs(
+            context, inbox, session_dir, transport, worker_id, self.replies, ParamCache(param_cache_bytes)
+        )
         self.settled_epoch = epoch - 1
         self.queue: deque = deque()
         self.reported_at = time.monotonic()
@@ -55,11 +66,25 @@ class HostedStage:
     # ---- serving -------------------------------------------------------------------------
 
     def load(self, command: ev.LoadStage) -> StageServer:
-        spec = StageSpec(command.model_dir, tuple(command.units), command.num_kv_blocks, command.block_size,
-                         command.dtype, self.device)
-        server = StageServer(self.epochs.context, spec, stage=command.stage, num_stages=command.num_stages,
-                             epoch=command.epoch, transport=command.transport, session_dir=self.epochs.session_dir,
-                             name=f"{command.pipeline_id}-{command.stage}", inbox=self.inbox)
+        spec = StageSpec(
+            command.model_dir,
+            tuple(command.units),
+            command.num_kv_blocks,
+            command.block_size,
+            command.dtype,
+            self.device,
+        )
+        server = StageServer(
+            self.epochs.context,
+            spec,
+            stage=command.stage,
+            num_stages=command.num_stages,
+            epoch=command.epoch,
+            transport=command.transport,
+            session_dir=self.epochs.session_dir,
+            name=f"{command.pipeline_id}-{command.stage}",
+            inbox=self.inbox,
+        )
         self.epochs.active, self.settled_epoch = server, command.epoch
         return server
 
@@ -91,9 +116,16 @@ class HostedStage:
         busy = (server.busy_seconds - self.reported_busy) / elapsed
         tokens = (server.tokens_processed - self.reported_tokens) / elapsed
         self.reported_at, self.reported_busy, self.reported_tokens = now, server.busy_seconds, server.tokens_processed
-        return ev.StageMetrics(pipeline_id=self.pipeline_id, epoch=server.epoch, stage=server.stage,
-                               queue_length=len(self.queue), busy_fraction=round(min(1.0, max(0.0, busy)), 4),
-                               kv_blocks_used=0, kv_blocks_free=server.spec.num_kv_blocks, tokens_per_s=round(tokens, 1))
+        return ev.StageMetrics(
+            pipeline_id=self.pipeline_id,
+            epoch=server.epoch,
+            stage=server.stage,
+            queue_length=len(self.queue),
+            busy_fraction=round(min(1.0, max(0.0, busy)), 4),
+            kv_blocks_used=0,
+            kv_blocks_free=server.spec.num_kv_blocks,
+            tokens_per_s=round(tokens, 1),
+        )
 
     # ---- epochs ----------------------------------------------------------------------------
 
@@ -122,7 +154,9 @@ class HostedStage:
         self._refuse_stale(command, self.settled_epoch)
         self.replies.defer(command, ACTIVATED)
         try:
-            self.epochs.activate(command.epoch, {t.transfer_id: t.num_slots for t in command.expect}, command.after_seal)
+            self.epochs.activate(
+                command.epoch, {t.transfer_id: t.num_slots for t in command.expect}, command.after_seal
+            )
         except BaseException:
             self.replies.cancel(command)
             raise
@@ -131,21 +165,35 @@ class HostedStage:
         self._refuse_stale(command, self.settled_epoch, repeat_ok=True)
         cached = self.epochs.commit(command.epoch)
         self.settled_epoch = max(self.settled_epoch, command.epoch)
-        emit(self.log, "stage.epoch_settled", pipeline_id=self.pipeline_id, epoch=command.epoch, outcome="committed",
-             cached_units=cached)
+        emit(
+            self.log,
+            "stage.epoch_settled",
+            pipeline_id=self.pipeline_id,
+            epoch=command.epoch,
+            outcome="committed",
+            cached_units=cached,
+        )
         return cached
 
     def abort(self, command: ev.AbortStageEpoch) -> None:
         self._refuse_stale(command, self.settled_epoch)
         self.epochs.abort(command.epoch)
         self.replies.drop_epoch(command.epoch, "the epoch was aborted")
-        emit(self.log, "stage.epoch_settled", pipeline_id=self.pipeline_id, epoch=command.epoch, outcome="aborted",
-             cached_units=[])
+        emit(
+            self.log,
+            "stage.epoch_settled",
+            pipeline_id=self.pipeline_id,
+            epoch=command.epoch,
+            outcome="aborted",
+            cached_units=[],
+        )
 
     def _refuse_stale(self, command: ev.Command, newest: int, repeat_ok: bool = False) -> None:
         if command.epoch < newest or (command.epoch == newest and not repeat_ok):
-            raise PipelineError(f"{type(command).__name__} for epoch {command.epoch} of pipeline {self.pipeline_id} is "
-                                f"stale: {self.worker_id} is already at epoch {newest}")
+            raise PipelineError(
+                f"{type(command).__name__} for epoch {command.epoch} of pipeline {self.pipeline_id} is "
+                f"stale: {self.worker_id} is already at epoch {newest}"
+            )
 
     def close(self) -> None:
         self.replies.drop_all(f"pipeline {self.pipeline_id} was unloaded from {self.worker_id}")

@@ -28,9 +28,9 @@ from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
 from common.runtime import freeze_heap, new_session_dir, notify_systemd
 from controlplane.client import BusClient, Heartbeater
+from dataplane.stage.server import set_device
 from dataplane.worker.devices import probe_device
 from dataplane.worker.hosted_stage import HostedStage
-from dataplane.stage.server import set_device
 
 POLL_MS = 100
 DEFAULT_PARAM_CACHE_BYTES = 1 << 30
@@ -46,8 +46,16 @@ class Worker:
     closes every stage and socket.
     """
 
-    def __init__(self, bus: BusClient, worker_id: str, device: ev.DeviceInfo, torch_device: str,
-                 key_dir=None, insecure: bool = False, param_cache_bytes: int = DEFAULT_PARAM_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        bus: BusClient,
+        worker_id: str,
+        device: ev.DeviceInfo,
+        torch_device: str,
+        key_dir=None,
+        insecure: bool = False,
+        param_cache_bytes: int = DEFAULT_PARAM_CACHE_BYTES,
+    ) -> None:
         self.bus, self.worker_id, self.device, self.torch_device = bus, worker_id, device, torch_device
         self.key_dir, self.insecure, self.param_cache_bytes = key_dir, insecure, param_cache_bytes
         self.context = bus.context
@@ -64,21 +72,28 @@ class Worker:
         self._running = False
 
     def register(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                reply = self.bus.request(ev.RegisterWorker, timeout_s=2.0, worker_id=self.worker_id,
-                                         host=self.device.host, pid=os.getpid(), device=self.device)
-                self.heartbeat_interval_s = reply.heartbeat_interval_s
-                return
-            except FlexPipeError:
-                if time.monotonic() > deadline or not self._running:
-                    raise
+        reply = self.bus.request_until_answered(
+            ev.RegisterWorker,
+            timeout_s,
+            lambda: self._running,
+            worker_id=self.worker_id,
+            host=self.device.host,
+            pid=os.getpid(),
+            device=self.device,
+        )
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
 
     def run(self) -> None:
         self.register()
-        self.heartbeater = Heartbeater(self.bus.endpoint, self.worker_id, self.heartbeat_interval_s, key_dir=self.key_dir,
-                                       insecure=self.insecure, context=self.context, metrics=self._metrics).start()
+        self.heartbeater = Heartbeater(
+            self.bus.endpoint,
+            self.worker_id,
+            self.heartbeat_interval_s,
+            key_dir=self.key_dir,
+            insecure=self.insecure,
+            context=self.context,
+            metrics=self._metrics,
+        ).start()
         emit(self.log, "process.ready", device=self.device.device_id, memory_total=self.device.memory_total)
         freeze_heap()
         notify_systemd()
@@ -128,19 +143,31 @@ class Worker:
         return [ev.WorkerMetrics(sender=f"{self.worker_id}.heartbeat", worker_id=self.worker_id, stages=stages)]
 
     def _on_command(self, event) -> None:
-        handler = {ev.LoadStage: self._load, ev.ConnectStage: self._connect, ev.UnloadStage: self._unload,
-                   ev.OpenStageInbox: self._open_inbox, ev.PrepareStageEpoch: self._prepare,
-                   ev.SendStageUnits: self._send_units, ev.CopyStageKv: self._copy_kv,
-                   ev.ActivateStageEpoch: self._activate, ev.CommitStageEpoch: self._commit,
-                   ev.AbortStageEpoch: self._abort}.get(type(event))
+        handler = {
+            ev.LoadStage: self._load,
+            ev.ConnectStage: self._connect,
+            ev.UnloadStage: self._unload,
+            ev.OpenStageInbox: self._open_inbox,
+            ev.PrepareStageEpoch: self._prepare,
+            ev.SendStageUnits: self._send_units,
+            ev.CopyStageKv: self._copy_kv,
+            ev.ActivateStageEpoch: self._activate,
+            ev.CommitStageEpoch: self._commit,
+            ev.AbortStageEpoch: self._abort,
+        }.get(type(event))
         if handler is None:
             return
         try:
             reply = handler(event)
         except Exception as exc:  # every command gets an answer, failures included
             detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
-            emit(self.log, "stage.load_failed" if isinstance(event, ev.LoadStage) else "bus.message_rejected",
-                 level="error", pipeline_id=getattr(event, "pipeline_id", ""), detail=detail)
+            emit(
+                self.log,
+                "stage.load_failed" if isinstance(event, ev.LoadStage) else "bus.message_rejected",
+                level="error",
+                pipeline_id=getattr(event, "pipeline_id", ""),
+                detail=detail,
+            )
             reply = ev.ErrorReply(sender=self.worker_id, reply_to=event.cmd_id, code="command_failed", message=detail)
         if reply is not None:
             self.bus.send(reply)
@@ -149,8 +176,14 @@ class Worker:
         old = self.stages.get(command.pipeline_id)
         if old is not None and old.busy:
             raise FlexPipeError(f"{self.worker_id} already serves a stage of pipeline {command.pipeline_id}")
-        emit(self.log, "stage.loading", pipeline_id=command.pipeline_id, epoch=command.epoch, stage=command.stage,
-             units=command.units)
+        emit(
+            self.log,
+            "stage.loading",
+            pipeline_id=command.pipeline_id,
+            epoch=command.epoch,
+            stage=command.stage,
+            units=command.units,
+        )
         started = time.perf_counter()
         set_device(self.torch_device)
         if old is not None:
@@ -162,16 +195,40 @@ class Worker:
             self.stages.pop(command.pipeline_id).close()
             raise
         seconds = time.perf_counter() - started
-        emit(self.log, "stage.loaded", pipeline_id=command.pipeline_id, epoch=command.epoch, stage=command.stage,
-             param_bytes=server.executor.param_bytes, seconds=round(seconds, 3))
-        return ev.StageLoaded(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                              epoch=command.epoch, stage=command.stage, inbox_address=server.inbox.address,
-                              param_bytes=server.executor.param_bytes, kv_bytes=server.executor.kv_bytes,
-                              load_seconds=seconds, tensors_read=list(server.executor.tensors_read))
+        emit(
+            self.log,
+            "stage.loaded",
+            pipeline_id=command.pipeline_id,
+            epoch=command.epoch,
+            stage=command.stage,
+            param_bytes=server.executor.param_bytes,
+            seconds=round(seconds, 3),
+        )
+        return ev.StageLoaded(
+            sender=self.worker_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            epoch=command.epoch,
+            stage=command.stage,
+            inbox_address=server.inbox.address,
+            param_bytes=server.executor.param_bytes,
+            kv_bytes=server.executor.kv_bytes,
+            load_seconds=seconds,
+            tensors_read=list(server.executor.tensors_read),
+        )
 
     def _host(self, pipeline_id: str, epoch: int, transport: str) -> HostedStage:
-        hosted = HostedStage(self.context, pipeline_id, epoch, transport, self.worker_id, self.session_dir,
-                             self.torch_device, self.bus.send, self.param_cache_bytes)
+        hosted = HostedStage(
+            self.context,
+            pipeline_id,
+            epoch,
+            transport,
+            self.worker_id,
+            self.session_dir,
+            self.torch_device,
+            self.bus.send,
+            self.param_cache_bytes,
+        )
         self.stages[pipeline_id] = hosted
         return hosted
 
@@ -198,9 +255,16 @@ class Worker:
     # ---- inflight refactoring: replies to PrepareStageEpoch and ActivateStageEpoch come when done ----
 
     def _open_inbox(self, command: ev.OpenStageInbox) -> ev.StageInboxOpened:
-        hosted = self.stages.get(command.pipeline_id) or self._host(command.pipeline_id, command.epoch, command.transport)
-        return ev.StageInboxOpened(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                                   epoch=command.epoch, inbox_address=hosted.inbox.address)
+        hosted = self.stages.get(command.pipeline_id) or self._host(
+            command.pipeline_id, command.epoch, command.transport
+        )
+        return ev.StageInboxOpened(
+            sender=self.worker_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            epoch=command.epoch,
+            inbox_address=hosted.inbox.address,
+        )
 
     def _prepare(self, command: ev.PrepareStageEpoch) -> None:
         self._hosted(command).prepare(command)
@@ -218,13 +282,24 @@ class Worker:
 
     def _commit(self, command: ev.CommitStageEpoch) -> ev.StageEpochSettled:
         cached = self._hosted(command).commit(command)
-        return ev.StageEpochSettled(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                                    epoch=command.epoch, outcome="committed", cached_units=cached)
+        return ev.StageEpochSettled(
+            sender=self.worker_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            epoch=command.epoch,
+            outcome="committed",
+            cached_units=cached,
+        )
 
     def _abort(self, command: ev.AbortStageEpoch) -> ev.StageEpochSettled:
         self._hosted(command).abort(command)
-        return ev.StageEpochSettled(sender=self.worker_id, reply_to=command.cmd_id, pipeline_id=command.pipeline_id,
-                                    epoch=command.epoch, outcome="aborted")
+        return ev.StageEpochSettled(
+            sender=self.worker_id,
+            reply_to=command.cmd_id,
+            pipeline_id=command.pipeline_id,
+            epoch=command.epoch,
+            outcome="aborted",
+        )
 
     def close(self) -> None:
         if self.heartbeater is not None:
@@ -251,11 +326,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     memory = parse_bytes(args.memory) if args.memory else config.cluster.worker_memory
     device = probe_device(args.worker_id, args.device, memory, pysocket.gethostname())
-    bus = BusClient(args.controller or config.controller.ipc_endpoint, sender=args.worker_id,
-                    key_dir=config.security.key_path, insecure=args.insecure or config.security.insecure)
+    bus = BusClient(
+        args.controller or config.controller.ipc_endpoint,
+        sender=args.worker_id,
+        key_dir=config.security.key_path,
+        insecure=args.insecure or config.security.insecure,
+    )
     cache_bytes = parse_bytes(args.param_cache) if args.param_cache else DEFAULT_PARAM_CACHE_BYTES
-    worker = Worker(bus, args.worker_id, device, args.device, config.security.key_path,
-                           args.insecure or config.security.insecure, cache_bytes)
+    worker = Worker(
+        bus,
+        args.worker_id,
+        device,
+        args.device,
+        config.security.key_path,
+        args.insecure or config.security.insecure,
+        cache_bytes,
+    )
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     warming = warm_meta_device()
@@ -271,8 +357,9 @@ def main(argv: list[str] | None = None) -> None:
 def warm_meta_device() -> threading.Thread:
     """The first op on the ``meta`` device imports its kernels (about a second); pay that at start-up,
     not when a refactor builds a unit received from a peer. Returns the thread doing it."""
-    thread = threading.Thread(target=lambda: torch.cat([torch.empty(1, device="meta")] * 2), name="warm-meta",
-                              daemon=True)
+    thread = threading.Thread(
+        target=lambda: torch.cat([torch.empty(1, device="meta")] * 2), name="warm-meta", daemon=True
+    )
     thread.start()
     return thread
 

@@ -57,6 +57,7 @@ def log(*args) -> None:
 
 # ---- server role ---------------------------------------------------------------------------
 
+
 def serve(endpoint: str, key_dir: str | None) -> None:
     """Bind, announce the bound endpoint on stdout, answer until a ``ShutdownRequest``."""
     context = zmq.Context()
@@ -116,6 +117,7 @@ def announce(message: dict) -> None:
 
 
 # ---- client role -----------------------------------------------------------------------------
+
 
 class ServerProcess:
     """The server role in a child process. Invariant: after ``__exit__`` the child has exited."""
@@ -180,9 +182,13 @@ def measure(endpoint: str, key_dir: Path | None, events: int, round_trips: int) 
                 ask_to_stop(dealer)
         if one_way["heartbeats"] != events:
             raise RuntimeError(f"server received {one_way['heartbeats']} of {events} heartbeats")
-        return {"events": events, "events_per_s": round(events / one_way["seconds"]),
-                "events_per_s_end_to_end": round(events / end_to_end_s),
-                "round_trips": round_trips, "rtt_us": summarise(rtt_ns)}
+        return {
+            "events": events,
+            "events_per_s": round(events / one_way["seconds"]),
+            "events_per_s_end_to_end": round(events / end_to_end_s),
+            "round_trips": round_trips,
+            "rtt_us": summarise(rtt_ns),
+        }
     finally:
         dealer.close(linger=0)
         context.term()
@@ -229,14 +235,25 @@ def summarise(samples_ns: list[int]) -> dict:
 
     def at(q: float) -> float:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000, 1)
-    return {"p50": at(0.50), "p99": at(0.99), "max": round(ordered[-1] / 1000, 1),
-            "mean": round(sum(ordered) / len(ordered) / 1000, 1)}
+
+    return {
+        "p50": at(0.50),
+        "p99": at(0.99),
+        "max": round(ordered[-1] / 1000, 1),
+        "mean": round(sum(ordered) / len(ordered) / 1000, 1),
+    }
 
 
 def host_info() -> dict:
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "msgspec": msgspec.__version__,
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "msgspec": msgspec.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def cpu_model() -> str:
@@ -244,8 +261,9 @@ def cpu_model() -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         cpuinfo = []
-    return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                platform.processor())
+    return next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor()
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -263,8 +281,14 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(ipc_dir, ignore_errors=True)
         shutil.rmtree(key_dir, ignore_errors=True)
     meets = ipc["events_per_s"] >= TARGETS["events_per_s_min"] and ipc["rtt_us"]["p99"] < TARGETS["ipc_rtt_p99_us_max"]
-    return {"benchmark": "bus", "ipc": ipc, "tcp_curve": tcp, "targets": TARGETS, "meets_targets": meets,
-            "host": host_info()}
+    return {
+        "benchmark": "bus",
+        "ipc": ipc,
+        "tcp_curve": tcp,
+        "targets": TARGETS,
+        "meets_targets": meets,
+        "host": host_info(),
+    }
 
 
 def parser() -> argparse.ArgumentParser:

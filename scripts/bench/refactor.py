@@ -54,12 +54,17 @@ class Clients:
 
     def __init__(self, llm, count: int, seed: int) -> None:
         from dataplane.engine.sampling_params import SamplingParams
+
         self.llm, self.done = llm, []
         self.stop = threading.Event()
         rng = random.Random(seed)
-        self.jobs = [([rng.randrange(3, 250) for _ in range(rng.randrange(8, 64))],
-                      SamplingParams(max_tokens=rng.randrange(32, 97), temperature=0.0, ignore_eos=True))
-                     for _ in range(4096)]
+        self.jobs = [
+            (
+                [rng.randrange(3, 250) for _ in range(rng.randrange(8, 64))],
+                SamplingParams(max_tokens=rng.randrange(32, 97), temperature=0.0, ignore_eos=True),
+            )
+            for _ in range(4096)
+        ]
         self.next_job = itertools.cycle(self.jobs)
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
@@ -125,8 +130,11 @@ def timed_gaps(metrics: list[dict], start: float, end: float) -> list[tuple[floa
 
 
 def timed_ttfts(metrics: list[dict], start: float, end: float) -> list[tuple[float, float]]:
-    return [(m["arrival_time"], m["first_token_time"] - m["arrival_time"]) for m in metrics
-            if start <= m["arrival_time"] < end]
+    return [
+        (m["arrival_time"], m["first_token_time"] - m["arrival_time"])
+        for m in metrics
+        if start <= m["arrival_time"] < end
+    ]
 
 
 def target_for(kind: str, llm) -> dict:
@@ -152,10 +160,14 @@ def one_refactor(args, llm, clients, kind: str) -> dict:
         finished = time.perf_counter()
         switch_window, layout = report.switch_window, report.new_layout
         moved = {
-            "engine_stall_s": report.stall_s, "switch_s": report.switch_s,
-            "weight_bytes": report.weight_bytes, "weight_bytes_by_source": report.weight_bytes_by_source,
-            "kv_bytes": report.kv_bytes, "kv_bytes_precopy": report.kv_bytes_precopy,
-            "kv_bytes_delta": report.kv_bytes_delta, "requests_carried": report.requests_carried,
+            "engine_stall_s": report.stall_s,
+            "switch_s": report.switch_s,
+            "weight_bytes": report.weight_bytes,
+            "weight_bytes_by_source": report.weight_bytes_by_source,
+            "kv_bytes": report.kv_bytes,
+            "kv_bytes_precopy": report.kv_bytes_precopy,
+            "kv_bytes_delta": report.kv_bytes_delta,
+            "requests_carried": report.requests_carried,
             "phase_seconds": report.phase_seconds,
         }
     half = args.window_s / 2
@@ -170,15 +182,20 @@ def one_refactor(args, llm, clients, kind: str) -> dict:
     window = (requested - half, finished + half)
     largest, spanning = stall_across(metrics, switch_window)
     length = switch_window[1] - switch_window[0]
-    noise = [stall_across(metrics, (t, t + length))[0] - before_gap
-             for t in [steady_start + i * args.window_s / 8 for i in range(1, 7)]]
+    noise = [
+        stall_across(metrics, (t, t + length))[0] - before_gap
+        for t in [steady_start + i * args.window_s / 8 for i in range(1, 7)]
+    ]
     return {
         "layout": layout,
-        "steady_tpot_s": before_gap, "steady_ttft_s": before_ttft,
-        "after_tpot_s": after_gap, "after_ttft_s": after_ttft,
+        "steady_tpot_s": before_gap,
+        "steady_ttft_s": before_ttft,
+        "after_tpot_s": after_gap,
+        "after_ttft_s": after_ttft,
         "stall_s": max(0.0, largest - before_gap),
         "steady_extra_gap_same_length_s": statistics.median(noise),
-        "largest_gap_across_switch_s": largest, "requests_across_switch": spanning,
+        "largest_gap_across_switch_s": largest,
+        "requests_across_switch": spanning,
         "window_tpot_change": expected_ratio(timed_gaps(metrics, *window), switched, before_gap, after_gap),
         "window_ttft_change": expected_ratio(timed_ttfts(metrics, *window), switched, before_ttft, after_ttft),
         "window_tpot_change_vs_before": mean(gaps_in(metrics, *window)) / before_gap - 1,
@@ -203,6 +220,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def measure_inflight(args, kinds: list[str]) -> dict:
     from dataplane.llm import LLM
+
     kinds = [CONTROL, *kinds]
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     with LLM(args.model, num_stages=2, spare_workers=2) as llm:
@@ -232,8 +250,9 @@ def _shifted(llm) -> list[str]:
 
 def measure_restart(args, kind: str) -> dict:
     """Stop, relaunch with the target layout, re-prefill what was in flight; the gap in-flight requests see."""
-    from dataplane.llm import LLM
     from dataplane.engine.sampling_params import SamplingParams
+    from dataplane.llm import LLM
+
     llm = LLM(args.model, num_stages=2)
     clients = Clients(llm, args.clients, args.seed)
     clients.start()
@@ -254,28 +273,39 @@ def measure_restart(args, kind: str) -> dict:
         fresh.generate(contexts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         resumed = time.perf_counter()
         param_bytes = sum(stage.param_bytes for stage in fresh.stages)
-    return {"steady_tpot_s": round(steady, 6), "stall_s": round(resumed - stopped, 6),
-            "close_s": round(relaunched_at - stopped, 6), "relaunch_s": round(started - relaunched_at, 6),
-            "reprefill_s": round(resumed - started, 6), "requests_in_flight": len(contexts),
-            "tokens_recomputed": sum(len(c) for c in contexts), "weight_bytes_loaded": param_bytes}
+    return {
+        "steady_tpot_s": round(steady, 6),
+        "stall_s": round(resumed - stopped, 6),
+        "close_s": round(relaunched_at - stopped, 6),
+        "relaunch_s": round(started - relaunched_at, 6),
+        "reprefill_s": round(resumed - started, 6),
+        "requests_in_flight": len(contexts),
+        "tokens_recomputed": sum(len(c) for c in contexts),
+        "weight_bytes_loaded": param_bytes,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--refactors", default="migrate,rebalance,merge,split",
-                        help="kinds, run in this order --repeats times after a no-refactor control; from 2 stages, "
-                             "merge then split goes 2 -> 1 -> 2, split then merge 2 -> 3 -> 2")
+    parser.add_argument(
+        "--refactors",
+        default="migrate,rebalance,merge,split",
+        help="kinds, run in this order --repeats times after a no-refactor control; from 2 stages, "
+        "merge then split goes 2 -> 1 -> 2, split then merge 2 -> 3 -> 2",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--window-s", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from common.logging import configure_logging
+
     configure_logging("bench", level="warning", stream=sys.stderr)
     if args.model is None:
         from dataplane.models.tiny import ensure_tiny_model
+
         args.model = str(ensure_tiny_model())
     kinds = [k for k in args.refactors.split(",") if k]
     inflight = measure_inflight(args, kinds)
@@ -289,13 +319,31 @@ def main(argv: list[str] | None = None) -> None:
             "restart_vs_stall": round(b["stall_s"] / max(r["stall_s"], r["steady_tpot_s"] / 10), 1),
             "window_within_5pct": abs(r["window_tpot_change"]) <= 0.05 and abs(r["window_ttft_change"]) <= 0.05,
         }
-    meets = all(c["stall_vs_tpot"] <= TARGETS["stall_vs_tpot_max"] and c["restart_vs_stall"] >= TARGETS["restart_vs_stall_min"]
-                and c["window_within_5pct"] for c in checks.values())
+    meets = all(
+        c["stall_vs_tpot"] <= TARGETS["stall_vs_tpot_max"]
+        and c["restart_vs_stall"] >= TARGETS["restart_vs_stall_min"]
+        and c["window_within_5pct"]
+        for c in checks.values()
+    )
     control = inflight[CONTROL]
-    checks[CONTROL] = {"stall_vs_tpot": round(control["stall_s"] / control["steady_tpot_s"], 3),
-                       "window_tpot_change": control["window_tpot_change"], "window_ttft_change": control["window_ttft_change"]}
-    print(json.dumps({"model": args.model, "clients": args.clients, "inflight": inflight, "restart": restart,
-                      "checks": checks, "targets": TARGETS, "meets_targets": meets}))
+    checks[CONTROL] = {
+        "stall_vs_tpot": round(control["stall_s"] / control["steady_tpot_s"], 3),
+        "window_tpot_change": control["window_tpot_change"],
+        "window_ttft_change": control["window_ttft_change"],
+    }
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "clients": args.clients,
+                "inflight": inflight,
+                "restart": restart,
+                "checks": checks,
+                "targets": TARGETS,
+                "meets_targets": meets,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,13 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TRACE = (Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "azure_llm_2023"
-                 / "AzureLLMInferenceTrace_conv.csv")
+DEFAULT_TRACE = (
+    Path(__file__).resolve().parents[2].parent
+    / "shared"
+    / "traces"
+    / "azure_llm_2023"
+    / "AzureLLMInferenceTrace_conv.csv"
+)
 TARGETS = {"stages1_vs_hf_min": 2.0, "stages2_vs_stages1_min": 0.8}
 
 
@@ -77,14 +82,20 @@ class HfGenerate:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(out_lens),
-                                      min_new_tokens=max(out_lens), do_sample=False, pad_token_id=self.pad_id)
-        return [row[width:width + n].tolist() for row, n in zip(out, out_lens)]
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(out_lens),
+                min_new_tokens=max(out_lens),
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+        return [row[width : width + n].tolist() for row, n in zip(out, out_lens)]
 
     def run(self, prompts, out_lens) -> list[list[int]]:
         tokens = []
         for i in range(0, len(prompts), self.batch_size):
-            tokens += self._batch(prompts[i:i + self.batch_size], out_lens[i:i + self.batch_size])
+            tokens += self._batch(prompts[i : i + self.batch_size], out_lens[i : i + self.batch_size])
         return tokens
 
     def close(self) -> None:
@@ -137,13 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-output", type=int, default=128, help="longest scaled output (default: %(default)s)")
     ap.add_argument("--hf-batch-size", type=int, default=32, help="HF generate batch size (default: %(default)s)")
     ap.add_argument("--stages", default="1,2,4", help="FlexPipe stage counts, comma-separated (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per system; the median counts (default: %(default)s)")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per system; the median counts (default: %(default)s)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads in this process (default: %(default)s)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     if args.model is None:
         from dataplane.models.tiny import ensure_tiny_model
+
         args.model = ensure_tiny_model()
     stage_counts = [int(s) for s in args.stages.split(",") if s.strip()]
     prompts, out_lens = make_workload(args.trace, args.requests, args.seed, args.max_prompt, args.max_output)
@@ -162,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     flex, matches = {}, {}
     for k in stage_counts:
         secs = seconds[str(k)]
-        flex[str(k)] = {"tokens_per_s": round(useful / secs, 2), "seconds": round(secs, 3),
-                        "start_seconds": round(systems[str(k)].start_seconds, 3), "output_tokens": useful}
+        flex[str(k)] = {
+            "tokens_per_s": round(useful / secs, 2),
+            "seconds": round(secs, 3),
+            "start_seconds": round(systems[str(k)].start_seconds, 3),
+            "output_tokens": useful,
+        }
         matches[str(k)] = sum(a == b for a, b in zip(tokens[str(k)], hf_tokens))
         log(f"FlexPipe {k} stage(s): {secs:.3f}s, {useful / secs:.1f} tok/s, {matches[str(k)]}/{len(prompts)} match HF")
 
@@ -172,20 +190,40 @@ def main(argv: list[str] | None = None) -> int:
     tps = lambda k: flex.get(str(k), {}).get("tokens_per_s")  # noqa: E731
     ratios = {"stages1_vs_hf": ratio(tps(1), hf_tps)}
     ratios.update({f"stages{k}_vs_stages1": ratio(tps(k), tps(1)) for k in stage_counts if k != 1})
-    meets = (ratios["stages1_vs_hf"] or 0) >= TARGETS["stages1_vs_hf_min"] and \
-        (ratios.get("stages2_vs_stages1") or 0) >= TARGETS["stages2_vs_stages1_min"]
+    meets = (ratios["stages1_vs_hf"] or 0) >= TARGETS["stages1_vs_hf_min"] and (
+        ratios.get("stages2_vs_stages1") or 0
+    ) >= TARGETS["stages2_vs_stages1_min"]
     all_match = all(m == len(prompts) for m in matches.values())
-    print(json.dumps({
-        "benchmark": "serve_throughput", "model": str(args.model), "trace": str(args.trace), "seed": args.seed,
-        "requests": len(prompts), "repeats": args.repeats, "prompt_tokens_total": sum(map(len, prompts)), "output_tokens_total": sum(out_lens),
-        "hf_generate": {"tokens_per_s": round(hf_tps, 2), "seconds": round(hf_s, 3), "batch_size": args.hf_batch_size,
-                        "padded_tokens_generated": sum(max(out_lens[i:i + args.hf_batch_size]) * len(out_lens[i:i + args.hf_batch_size])
-                                                       for i in range(0, len(out_lens), args.hf_batch_size))},
-        "flexpipe": flex, "ratios": ratios, "targets": TARGETS, "meets_targets": meets,
-        "flexpipe_matches_hf_tokens": all_match,
-        "flexpipe_requests_matching_hf": matches,
-        "host": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve_throughput",
+                "model": str(args.model),
+                "trace": str(args.trace),
+                "seed": args.seed,
+                "requests": len(prompts),
+                "repeats": args.repeats,
+                "prompt_tokens_total": sum(map(len, prompts)),
+                "output_tokens_total": sum(out_lens),
+                "hf_generate": {
+                    "tokens_per_s": round(hf_tps, 2),
+                    "seconds": round(hf_s, 3),
+                    "batch_size": args.hf_batch_size,
+                    "padded_tokens_generated": sum(
+                        max(out_lens[i : i + args.hf_batch_size]) * len(out_lens[i : i + args.hf_batch_size])
+                        for i in range(0, len(out_lens), args.hf_batch_size)
+                    ),
+                },
+                "flexpipe": flex,
+                "ratios": ratios,
+                "targets": TARGETS,
+                "meets_targets": meets,
+                "flexpipe_matches_hf_tokens": all_match,
+                "flexpipe_requests_matching_hf": matches,
+                "host": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+            }
+        )
+    )
     return 0
 
 

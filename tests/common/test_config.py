@@ -8,17 +8,27 @@ from common.config import ConfigError, load_config, parse_bytes, with_overrides
 def test_defaults_work_with_no_file(tmp_path):
     config = load_config(environ={"HOME": str(tmp_path)})
     assert config.source == "defaults"
-    assert config.controller.ipc_endpoint.startswith("ipc://") and config.controller.ipc_endpoint.endswith("controller.sock")
+    assert config.controller.ipc_endpoint.startswith("ipc://") and config.controller.ipc_endpoint.endswith(
+        "controller.sock"
+    )
     assert config.controller.tcp == "" and not config.security.insecure
     assert config.cluster.workers >= 1 and config.cluster.worker_memory == 4 << 30
 
 
 def test_file_values_and_environment_overrides(tmp_path):
     path = tmp_path / "flexpipe.toml"
-    path.write_text('[controller]\ntcp = "tcp://0.0.0.0:7700"\nheartbeat_interval_s = 2.0\n'
-                    '[cluster]\nworkers = 5\nworker_memory = "512MiB"\n')
-    config = load_config(path, environ={"FLEXPIPE_CLUSTER_WORKERS": "3", "FLEXPIPE_SECURITY_INSECURE": "true",
-                                        "FLEXPIPE_CLUSTER_WORKER_MEMORY": "2GiB"})
+    path.write_text(
+        '[controller]\ntcp = "tcp://0.0.0.0:7700"\nheartbeat_interval_s = 2.0\n'
+        '[cluster]\nworkers = 5\nworker_memory = "512MiB"\n'
+    )
+    config = load_config(
+        path,
+        environ={
+            "FLEXPIPE_CLUSTER_WORKERS": "3",
+            "FLEXPIPE_SECURITY_INSECURE": "true",
+            "FLEXPIPE_CLUSTER_WORKER_MEMORY": "2GiB",
+        },
+    )
     assert config.controller.tcp == "tcp://0.0.0.0:7700" and config.controller.heartbeat_interval_s == 2.0
     assert config.cluster.workers == 3, "the environment wins over the file"
     assert config.cluster.worker_memory == 2 << 30 and config.security.insecure
@@ -27,13 +37,16 @@ def test_file_values_and_environment_overrides(tmp_path):
     assert with_overrides(config, cluster={"workers": 7}).cluster.workers == 7
 
 
-@pytest.mark.parametrize("text,message", [
-    ("[controler]\n", "unknown configuration sections"),
-    ("[controller]\nport = 3\n", "unknown keys in [controller]"),
-    ("[controller]\nheartbeat_interval_s = 0\n", "heartbeat_interval_s"),
-    ("[cluster]\nworkers = 0\n", "invalid [cluster]"),
-    ("[cluster\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[controler]\n", "unknown configuration sections"),
+        ("[controller]\nport = 3\n", "unknown keys in [controller]"),
+        ("[controller]\nheartbeat_interval_s = 0\n", "heartbeat_interval_s"),
+        ("[cluster]\nworkers = 0\n", "invalid [cluster]"),
+        ("[cluster\n", "not valid TOML"),
+    ],
+)
 def test_bad_files_are_clear_errors(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -48,7 +61,9 @@ def test_bad_overrides_and_missing_files_are_clear_errors(tmp_path):
         load_config(tmp_path / "nope.toml", environ={})
 
 
-@pytest.mark.parametrize("value,expected", [(4096, 4096), ("512MiB", 512 << 20), ("1.5 GiB", 3 << 29), ("2GB", 2 * 10**9)])
+@pytest.mark.parametrize(
+    "value,expected", [(4096, 4096), ("512MiB", 512 << 20), ("1.5 GiB", 3 << 29), ("2GB", 2 * 10**9)]
+)
 def test_sizes(value, expected):
     assert parse_bytes(value) == expected
 

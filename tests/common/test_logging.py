@@ -85,7 +85,7 @@ def test_stdlib_records_and_warnings_use_the_same_json_format():
     logging.getLogger("some.library").warning("disk %s is slow", "sda")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("old parameter", DeprecationWarning)
+        warnings.warn("old parameter", DeprecationWarning, stacklevel=1)
     library, warning = json_lines(stream)
     assert library["event"] == "disk sda is slow" and library["logger"] == "some.library"
     assert library["level"] == "warning" and library["process"] == "engine_host" and library["pid"] == os.getpid()

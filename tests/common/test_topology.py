@@ -25,16 +25,22 @@ def inventory(tmp_path, devices: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("devices,message", [
-    ('[[rack.server.device]]\nkind = "gpu"\nmemory = 1\n', "lacks the field 'id'"),
-    ('[[rack.server.device]]\nid = "a"\n', "lacks the field 'memory'"),
-    ('[[rack.server.device]]\nid = "a"\nmemory = -4\n', "negative"),
-    ('[[rack.server.device]]\nid = "a"\nmemory = "lots"\n', "not a size"),
-    ('[[rack.server.device]]\nid = "a"\nmemory = 1\n[[rack.server.device]]\nid = "a"\nmemory = 1\n', "duplicate device id"),
-    ('[[rack.server.device]]\nid = "a"\nmemory = 1\nnvlink = ["ghost"]\n', "NVLink peers"),
-    ('[[rack.server.device]]\nid = "a"\nmemory = 1\nfree = 2\n', "free <= total"),
-    ('[[rack.server.device]]\nid = "a"\nmemory = 1\nkind = "tpu"\n', "kind must be"),
-])
+@pytest.mark.parametrize(
+    "devices,message",
+    [
+        ('[[rack.server.device]]\nkind = "gpu"\nmemory = 1\n', "lacks the field 'id'"),
+        ('[[rack.server.device]]\nid = "a"\n', "lacks the field 'memory'"),
+        ('[[rack.server.device]]\nid = "a"\nmemory = -4\n', "negative"),
+        ('[[rack.server.device]]\nid = "a"\nmemory = "lots"\n', "not a size"),
+        (
+            '[[rack.server.device]]\nid = "a"\nmemory = 1\n[[rack.server.device]]\nid = "a"\nmemory = 1\n',
+            "duplicate device id",
+        ),
+        ('[[rack.server.device]]\nid = "a"\nmemory = 1\nnvlink = ["ghost"]\n', "NVLink peers"),
+        ('[[rack.server.device]]\nid = "a"\nmemory = 1\nfree = 2\n', "free <= total"),
+        ('[[rack.server.device]]\nid = "a"\nmemory = 1\nkind = "tpu"\n', "kind must be"),
+    ],
+)
 def test_bad_inventories_say_what_is_wrong(tmp_path, devices, message):
     with pytest.raises(TopologyError, match=message):
         load_inventory(inventory(tmp_path, devices))

@@ -4,10 +4,10 @@ import msgpack
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
+from wire_samples import EVENTS, hostile
 
 from common import events as ev
 from common.wire import MAX_MESSAGE_BYTES, WireError, decode, encode
-from wire_samples import EVENTS, hostile
 
 
 def test_the_catalogue_has_unique_tags_and_every_event_carries_version_and_sender():
@@ -37,16 +37,19 @@ def test_a_plain_msgpack_client_can_write_a_command_from_scratch():
     assert decode(data) == ev.StatusRequest(sender="script", cmd_id=42)
 
 
-@pytest.mark.parametrize("payload,code,cmd_id", [
-    (b"\xc1", "malformed", -1),
-    (msgpack.packb([1, 2, 3]), "malformed", -1),
-    (msgpack.packb({"type": "launch_missiles", "v": 1, "cmd_id": 3}), "unknown_type", 3),
-    (msgpack.packb({"type": "status", "v": 99, "cmd_id": 4}), "bad_version", 4),
-    (msgpack.packb({"type": "status", "v": 1, "cmd_id": "four"}), "invalid", -1),
-    (msgpack.packb({"type": "status", "v": 1, "cmd_id": 5, "extra": 1}), "invalid", 5),
-    (msgpack.packb({"type": "heartbeat", "v": 1, "worker_id": "w"}), "invalid", -1),
-    (b"\x00" * (MAX_MESSAGE_BYTES + 1), "oversized", -1),
-])
+@pytest.mark.parametrize(
+    "payload,code,cmd_id",
+    [
+        (b"\xc1", "malformed", -1),
+        (msgpack.packb([1, 2, 3]), "malformed", -1),
+        (msgpack.packb({"type": "launch_missiles", "v": 1, "cmd_id": 3}), "unknown_type", 3),
+        (msgpack.packb({"type": "status", "v": 99, "cmd_id": 4}), "bad_version", 4),
+        (msgpack.packb({"type": "status", "v": 1, "cmd_id": "four"}), "invalid", -1),
+        (msgpack.packb({"type": "status", "v": 1, "cmd_id": 5, "extra": 1}), "invalid", 5),
+        (msgpack.packb({"type": "heartbeat", "v": 1, "worker_id": "w"}), "invalid", -1),
+        (b"\x00" * (MAX_MESSAGE_BYTES + 1), "oversized", -1),
+    ],
+)
 def test_bad_messages_are_refused_with_a_reason_and_the_command_id_when_readable(payload, code, cmd_id):
     with pytest.raises(WireError) as caught:
         decode(payload)

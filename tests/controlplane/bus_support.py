@@ -27,12 +27,23 @@ class ControllerProcess:
         self.runtime = Path(f"/tmp/fpc-{os.getpid()}-{tmp_path.name[-10:]}")
         self.runtime.mkdir(mode=0o700, exist_ok=True)
         self.log_path = tmp_path / "controller.log"
-        env = dict(os.environ, FLEXPIPE_RUNTIME_DIR=str(self.runtime), PYTHONPATH=str(REPO), FLEXPIPE_LOG_FORMAT="json",
-                   FLEXPIPE_CONFIG=str(tmp_path / "empty.toml"), **(extra_env or {}))
+        env = dict(
+            os.environ,
+            FLEXPIPE_RUNTIME_DIR=str(self.runtime),
+            PYTHONPATH=str(REPO),
+            FLEXPIPE_LOG_FORMAT="json",
+            FLEXPIPE_CONFIG=str(tmp_path / "empty.toml"),
+            **(extra_env or {}),
+        )
         (tmp_path / "empty.toml").write_text("")
         self.log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "controlplane.controller", *(args or [])], env=env,
-                                        stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.controller", *(args or [])],
+            env=env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         self.ipc = f"ipc://{self.runtime}/controller.sock"
         try:
             self._wait_ready()

@@ -52,8 +52,10 @@ class StandInController:
         event = decode(data)
         self.routes[event.sender] = identity
         if isinstance(event, ev.RegisterWorker):
-            self._answer(event.sender, ev.WorkerRegistered(sender="controller", reply_to=event.cmd_id,
-                                                           heartbeat_interval_s=HEARTBEAT_S))
+            self._answer(
+                event.sender,
+                ev.WorkerRegistered(sender="controller", reply_to=event.cmd_id, heartbeat_interval_s=HEARTBEAT_S),
+            )
         elif isinstance(event, ev.RegisterEngineHost):
             self._answer(event.sender, ev.Ack(sender="controller", reply_to=event.cmd_id))
         elif not isinstance(event, (ev.Heartbeat, ev.WorkerMetrics, ev.EngineMetrics)):
@@ -109,20 +111,31 @@ class ClusterProcesses:
 
     def __init__(self, runtime: Path, tmp_path: Path, controller: StandInController, num_workers: int) -> None:
         (tmp_path / "none.toml").write_text("")
-        env = dict(os.environ, FLEXPIPE_RUNTIME_DIR=str(runtime), FLEXPIPE_CONFIG=str(tmp_path / "none.toml"),
-                   PYTHONPATH=str(REPO), FLEXPIPE_LOG_FORMAT="json")
+        env = dict(
+            os.environ,
+            FLEXPIPE_RUNTIME_DIR=str(runtime),
+            FLEXPIPE_CONFIG=str(tmp_path / "none.toml"),
+            PYTHONPATH=str(REPO),
+            FLEXPIPE_LOG_FORMAT="json",
+        )
         self.request_endpoint = f"ipc://{runtime}/requests.sock"
         self.log = open(tmp_path / "cluster.log", "wb")
         self.processes: dict[str, subprocess.Popen] = {}
         common = ["--controller", controller.endpoint]
         for i in range(num_workers):
-            self._start(f"worker-{i}", ["dataplane.worker", "--worker-id", f"worker-{i}", "--memory", "1GiB", *common], env)
-        self._start("engine-0", ["dataplane.engine.host", "--host-id", "engine-0", "--request-endpoint",
-                                 self.request_endpoint, *common], env)
+            self._start(
+                f"worker-{i}", ["dataplane.worker", "--worker-id", f"worker-{i}", "--memory", "1GiB", *common], env
+            )
+        self._start(
+            "engine-0",
+            ["dataplane.engine.host", "--host-id", "engine-0", "--request-endpoint", self.request_endpoint, *common],
+            env,
+        )
 
     def _start(self, name: str, args: list[str], env: dict) -> None:
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=self.log,
-                                                stderr=subprocess.STDOUT, cwd=REPO)
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO
+        )
 
     def stop(self) -> None:
         for process in self.processes.values():

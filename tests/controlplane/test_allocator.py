@@ -51,15 +51,16 @@ def test_one_server_is_preferred_over_spreading():
 
 
 def test_nvlink_beats_pcie_and_a_shared_device_costs_more_than_a_slower_link():
-    graph = graph_of(("p0", 40, "pcie"), ("p1", 40, "pcie"), ("n0", 40, "nv", "r0", ["n1"]), ("n1", 40, "nv", "r0", ["n0"]))
+    graph = graph_of(
+        ("p0", 40, "pcie"), ("p1", 40, "pcie"), ("n0", 40, "nv", "r0", ["n1"]), ("n1", 40, "nv", "r0", ["n0"])
+    )
     assert sorted(place(graph, [GIB, GIB], {})) == ["n0", "n1"]
     shared = {"n0": 1}
     assert sorted(place(graph, [GIB, GIB], {}, shared=shared, cv=0.0)) == ["p0", "p1"]
 
 
 def test_spreading_keeps_consecutive_stages_together_and_prefers_one_rack():
-    graph = graph_of(("a0", 20, "sa", "r1"), ("a1", 20, "sa", "r1"), ("b0", 20, "sb", "r1"),
-                     ("c0", 60, "sc", "r2"))
+    graph = graph_of(("a0", 20, "sa", "r1"), ("a1", 20, "sa", "r1"), ("b0", 20, "sb", "r1"), ("c0", 60, "sc", "r2"))
     devices = place(graph, [15 * GIB, 15 * GIB, 15 * GIB], {})
     assert set(devices) == {"a0", "a1", "b0"}, "the rack that holds the whole pipeline"
     assert [graph.devices[d].server for d in devices] == ["sa", "sa", "sb"]
@@ -75,15 +76,26 @@ def test_placement_on_the_alibaba_cluster():
 
 
 def register(allocator: Allocator, worker_id: str, free_gib: int, host: str = "h1"):
-    device = ev.DeviceInfo(device_id=worker_id, kind="cpu", name="virtual", memory_total=free_gib * GIB,
-                           memory_free=free_gib * GIB, host=host)
-    return allocator.handle(ev.RegisterWorker(sender=worker_id, cmd_id=1, worker_id=worker_id, host=host, pid=1,
-                                              device=device), 0.0)
+    device = ev.DeviceInfo(
+        device_id=worker_id,
+        kind="cpu",
+        name="virtual",
+        memory_total=free_gib * GIB,
+        memory_free=free_gib * GIB,
+        host=host,
+    )
+    return allocator.handle(
+        ev.RegisterWorker(sender=worker_id, cmd_id=1, worker_id=worker_id, host=host, pid=1, device=device), 0.0
+    )
 
 
 def request(allocator: Allocator, pipeline_id: str, gib_each: list[int], cmd_id: int = 1):
-    return allocator.handle(ev.PlaceStages(sender="coordinator", cmd_id=cmd_id, pipeline_id=pipeline_id,
-                                           stage_memory=[g * GIB for g in gib_each]), 0.0)
+    return allocator.handle(
+        ev.PlaceStages(
+            sender="coordinator", cmd_id=cmd_id, pipeline_id=pipeline_id, stage_memory=[g * GIB for g in gib_each]
+        ),
+        0.0,
+    )
 
 
 def decision(actions) -> ev.PlacementDecided:
@@ -109,7 +121,9 @@ def test_replacing_keeps_the_old_reservation_when_the_new_one_does_not_fit():
     allocator = Allocator()
     register(allocator, "w0", 10)
     request(allocator, "p1", [6])
-    assert decision(request(allocator, "p1", [9], cmd_id=2)).devices == ["w0"], "its own old reservation is released first"
+    assert decision(request(allocator, "p1", [9], cmd_id=2)).devices == ["w0"], (
+        "its own old reservation is released first"
+    )
     assert decision(request(allocator, "p1", [11], cmd_id=3)).devices == []
     assert decision(request(allocator, "p2", [2], cmd_id=4)).devices == [], "p1 still holds 9 GiB"
 
@@ -128,7 +142,9 @@ def test_a_running_refactor_holds_its_new_workers_until_it_commits_or_aborts():
     for worker in ("w0", "w1", "w2"):
         register(allocator, worker, 10)
     assert sorted(decision(request(allocator, "p1", [6, 6])).devices) == ["w0", "w1"]
-    hold = ev.RefactorHold(sender="refactor_executor", pipeline_id="p1", workers=["w0", "w2"], stage_memory=[8 * GIB, 6 * GIB])
+    hold = ev.RefactorHold(
+        sender="refactor_executor", pipeline_id="p1", workers=["w0", "w2"], stage_memory=[8 * GIB, 6 * GIB]
+    )
     allocator.handle(hold, 0.0)
     assert allocator.holds["p1"] == {"w0": 2 * GIB, "w2": 6 * GIB}, "only what the target adds is held"
     assert decision(request(allocator, "p2", [5], cmd_id=2)).devices == [], "the refactor's new worker is not free"
@@ -138,9 +154,18 @@ def test_a_running_refactor_holds_its_new_workers_until_it_commits_or_aborts():
     allocator.handle(ev.ReleasePlacement(sender="coordinator", pipeline_id="p2"), 0.0)
 
     allocator.handle(hold, 0.0)
-    allocator.handle(ev.PipelineReshaped(sender="refactor_executor", pipeline_id="p1", epoch=1, workers=["w0", "w2"],
-                                         stage_units=[["embed"], ["head"]], stage_inboxes=["a", "b"],
-                                         stage_memory=[8 * GIB, 6 * GIB]), 0.0)
+    allocator.handle(
+        ev.PipelineReshaped(
+            sender="refactor_executor",
+            pipeline_id="p1",
+            epoch=1,
+            workers=["w0", "w2"],
+            stage_units=[["embed"], ["head"]],
+            stage_inboxes=["a", "b"],
+            stage_memory=[8 * GIB, 6 * GIB],
+        ),
+        0.0,
+    )
     assert "p1" not in allocator.holds and allocator.reservations["p1"] == {"w0": 8 * GIB, "w2": 6 * GIB}
     assert decision(request(allocator, "p2", [5], cmd_id=5)).devices == ["w1"], "the committed refactor freed w1"
 
@@ -148,14 +173,28 @@ def test_a_running_refactor_holds_its_new_workers_until_it_commits_or_aborts():
 def test_pinned_stages_are_checked_and_reserved_not_chosen():
     allocator = Allocator()
     for worker, memory in (("w0", 8 * GIB), ("w1", 2 * GIB)):
-        allocator.handle(ev.RegisterWorker(sender=worker, cmd_id=1, worker_id=worker, host="h", pid=1, device=ev.DeviceInfo(
-            device_id=worker, kind="cpu", name="virtual", memory_total=memory, memory_free=memory, host="h")), 0.0)
-    (reply,) = allocator.handle(ev.PlaceStages(sender="c", cmd_id=2, pipeline_id="p1", stage_memory=[GIB, GIB],
-                                               workers=["w1", "w0"]), 0.0)[:1]
+        allocator.handle(
+            ev.RegisterWorker(
+                sender=worker,
+                cmd_id=1,
+                worker_id=worker,
+                host="h",
+                pid=1,
+                device=ev.DeviceInfo(
+                    device_id=worker, kind="cpu", name="virtual", memory_total=memory, memory_free=memory, host="h"
+                ),
+            ),
+            0.0,
+        )
+    (reply,) = allocator.handle(
+        ev.PlaceStages(sender="c", cmd_id=2, pipeline_id="p1", stage_memory=[GIB, GIB], workers=["w1", "w0"]), 0.0
+    )[:1]
     assert reply.event.devices == ["w1", "w0"] and allocator.reservations["p1"] == {"w1": GIB, "w0": GIB}
-    (refused,) = allocator.handle(ev.PlaceStages(sender="c", cmd_id=3, pipeline_id="p2", stage_memory=[2 * GIB],
-                                                 workers=["w1"]), 0.0)[:1]
+    (refused,) = allocator.handle(
+        ev.PlaceStages(sender="c", cmd_id=3, pipeline_id="p2", stage_memory=[2 * GIB], workers=["w1"]), 0.0
+    )[:1]
     assert refused.event.devices == [] and "w1 has 1.0 GiB free" in refused.event.reason
-    (unknown,) = allocator.handle(ev.PlaceStages(sender="c", cmd_id=4, pipeline_id="p3", stage_memory=[1],
-                                                 workers=["w9"]), 0.0)[:1]
+    (unknown,) = allocator.handle(
+        ev.PlaceStages(sender="c", cmd_id=4, pipeline_id="p3", stage_memory=[1], workers=["w9"]), 0.0
+    )[:1]
     assert "not an alive device" in unknown.event.reason and set(allocator.reservations) == {"p1"}

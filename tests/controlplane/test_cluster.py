@@ -25,9 +25,15 @@ HEARTBEAT_S = 0.5
 def cluster_env(tmp_path):
     runtime = Path(f"/tmp/fp-{os.getpid()}-{tmp_path.name[-12:]}")
     runtime.mkdir(mode=0o700)
-    env = dict(os.environ, FLEXPIPE_RUNTIME_DIR=str(runtime), FLEXPIPE_CONTROLLER_HEARTBEAT_INTERVAL_S=str(HEARTBEAT_S),
-               FLEXPIPE_CLUSTER_WORKER_MEMORY="1GiB", FLEXPIPE_CONFIG=str(tmp_path / "none.toml"),
-               PYTHONPATH=str(REPO), FLEXPIPE_LOG_FORMAT="json")
+    env = dict(
+        os.environ,
+        FLEXPIPE_RUNTIME_DIR=str(runtime),
+        FLEXPIPE_CONTROLLER_HEARTBEAT_INTERVAL_S=str(HEARTBEAT_S),
+        FLEXPIPE_CLUSTER_WORKER_MEMORY="1GiB",
+        FLEXPIPE_CONFIG=str(tmp_path / "none.toml"),
+        PYTHONPATH=str(REPO),
+        FLEXPIPE_LOG_FORMAT="json",
+    )
     (tmp_path / "none.toml").write_text("")
     yield env
     fpctl(env, "down", check=False)
@@ -35,8 +41,14 @@ def cluster_env(tmp_path):
 
 
 def fpctl(env, *args, check=True, timeout=180):
-    result = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", *args], env=env, capture_output=True,
-                            text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli.fpctl", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"fpctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -57,20 +69,26 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
     pids = cluster_pids(env)
     assert all(psutil.pid_exists(p) for p in pids)
 
-    deployed = json.loads(fpctl(env, "deploy", "--model", str(tiny_model), "--stages", "3", "--pipeline", "p1",
-                                "--json").stdout)
+    deployed = json.loads(
+        fpctl(env, "deploy", "--model", str(tiny_model), "--stages", "3", "--pipeline", "p1", "--json").stdout
+    )
     assert deployed["state"] == "READY", deployed
 
     prompt = "the quick brown fox"
-    result = json.loads(fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", "12",
-                              "--json").stdout)
+    result = json.loads(
+        fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", "12", "--json").stdout
+    )
     with LLM(tiny_model, num_stages=1) as llm:
         (offline,) = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
     assert result["token_ids"] == offline.outputs[0].token_ids
     assert result["usage"]["completion_tokens"] == len(result["token_ids"])
 
     snapshot = status(env)
-    assert sorted(w["worker_id"] for w in snapshot["workers"] if w["state"] == "alive") == ["worker-0", "worker-1", "worker-2"]
+    assert sorted(w["worker_id"] for w in snapshot["workers"] if w["state"] == "alive") == [
+        "worker-0",
+        "worker-1",
+        "worker-2",
+    ]
     (pipeline,) = snapshot["pipelines"]
     assert pipeline["state"] == "READY" and len(pipeline["stages"]) == 3
     units = [u for stage in pipeline["stages"] for u in stage["units"]]
@@ -101,8 +119,9 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
     assert not list(shared_memory_dir().glob(f"flexpipe-{victim['pid']}-*")), "the killed worker's rings are removed"
 
     started = time.monotonic()
-    refused = fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", "4", check=False,
-                    timeout=60)
+    refused = fpctl(
+        env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", "4", check=False, timeout=60
+    )
     assert refused.returncode != 0 and "degraded" in refused.stderr
     assert time.monotonic() - started < 30, "a degraded pipeline answers instead of hanging"
 

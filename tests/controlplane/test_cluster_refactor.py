@@ -8,10 +8,11 @@ import threading
 import time
 from pathlib import Path
 
+from test_cluster import cluster_env, fpctl, status  # noqa: F401 (cluster_env is a fixture)
+
 from common import events as ev
 from controlplane.client import BusClient
 from dataplane import LLM, SamplingParams
-from test_cluster import cluster_env, fpctl, status  # noqa: F401 (cluster_env is a fixture)
 
 PROMPT = "the quick brown fox jumps"
 TOKENS = 900
@@ -38,8 +39,9 @@ class Streaming:
     def _run(self) -> None:
         try:
             with BusClient(self.address, timeout_s=120) as client:
-                request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt=PROMPT,
-                                         max_tokens=self.max_tokens, ignore_eos=True)
+                request = client.command(
+                    ev.GenerateRequest, pipeline_id="p1", prompt=PROMPT, max_tokens=self.max_tokens, ignore_eos=True
+                )
                 client.send(request)
                 while True:
                     chunk = client.await_reply(request.cmd_id)
@@ -60,8 +62,12 @@ class Streaming:
 def serve_two_stages(env, model, workers: int) -> None:
     """``fpctl up`` with ``workers`` workers, then a READY 2-stage pipeline p1 of ``model``."""
     fpctl(env, "up", "--workers", str(workers))
-    assert json.loads(fpctl(env, "deploy", "--model", str(model), "--stages", "2", "--pipeline", "p1",
-                            "--json").stdout)["state"] == "READY"
+    assert (
+        json.loads(fpctl(env, "deploy", "--model", str(model), "--stages", "2", "--pipeline", "p1", "--json").stdout)[
+            "state"
+        ]
+        == "READY"
+    )
 
 
 def test_plan_split_and_migrate_a_serving_cluster_pipeline(cluster_env, tiny_model):
@@ -104,7 +110,9 @@ def test_plan_split_and_migrate_a_serving_cluster_pipeline(cluster_env, tiny_mod
     assert [t["kind"] for t in timelines[:2]] == ["split", "migrate"]
 
 
-def test_a_new_worker_that_stops_answering_aborts_the_refactor_and_the_old_layout_keeps_serving(cluster_env, tiny_model):
+def test_a_new_worker_that_stops_answering_aborts_the_refactor_and_the_old_layout_keeps_serving(
+    cluster_env, tiny_model
+):
     env = cluster_env
     serve_two_stages(env, tiny_model, workers=3)
     expected = offline_tokens(tiny_model, TOKENS)

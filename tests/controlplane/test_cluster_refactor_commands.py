@@ -15,18 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stand_in_controller import ClusterProcesses, StandInController
 
 from common import events as ev
 from controlplane.client import BusClient, BusError
 from controlplane.deploy.plan import plan_pipeline
-from stand_in_controller import ClusterProcesses, StandInController
 
 PROMPT = [5, 17, 42, 9, 101, 33, 7]
 
 
 def send_request(client: BusClient, max_tokens: int) -> ev.GenerateRequest:
-    request = client.command(ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT, max_tokens=max_tokens,
-                             ignore_eos=True)
+    request = client.command(
+        ev.GenerateRequest, pipeline_id="p1", prompt_token_ids=PROMPT, max_tokens=max_tokens, ignore_eos=True
+    )
     client.send(request)
     return request
 
@@ -46,24 +47,51 @@ class Deployed:
 
     def __init__(self, controller: StandInController, processes: ClusterProcesses, model_dir: str) -> None:
         self.controller, self.processes, self.model_dir = controller, processes, model_dir
-        self.plan = plan_pipeline(ev.DeployPipeline(cmd_id=1, pipeline_id="p1", model_dir=model_dir, num_stages=2,
-                                                    max_num_seqs=8))
-        engine = controller.request("engine-0", ev.PrepareEngine, pipeline_id="p1", epoch=0, model_dir=model_dir,
-                                    num_stages=2, num_kv_blocks=self.plan.num_kv_blocks, block_size=16,
-                                    max_num_seqs=8, transport="shm", max_model_len=self.plan.max_model_len,
-                                    max_num_batched_tokens=self.plan.max_num_batched_tokens)
+        self.plan = plan_pipeline(
+            ev.DeployPipeline(cmd_id=1, pipeline_id="p1", model_dir=model_dir, num_stages=2, max_num_seqs=8)
+        )
+        engine = controller.request(
+            "engine-0",
+            ev.PrepareEngine,
+            pipeline_id="p1",
+            epoch=0,
+            model_dir=model_dir,
+            num_stages=2,
+            num_kv_blocks=self.plan.num_kv_blocks,
+            block_size=16,
+            max_num_seqs=8,
+            transport="shm",
+            max_model_len=self.plan.max_model_len,
+            max_num_batched_tokens=self.plan.max_num_batched_tokens,
+        )
         self.engine_inbox = engine.inbox_address
         self.inboxes = []
         for stage, worker in enumerate(["worker-0", "worker-1"]):
-            loaded = controller.request(worker, ev.LoadStage, pipeline_id="p1", epoch=0, stage=stage, num_stages=2,
-                                        model_dir=model_dir, units=self.plan.stage_units[stage],
-                                        num_kv_blocks=self.plan.num_kv_blocks, block_size=16, dtype="float32",
-                                        transport="shm")
+            loaded = controller.request(
+                worker,
+                ev.LoadStage,
+                pipeline_id="p1",
+                epoch=0,
+                stage=stage,
+                num_stages=2,
+                model_dir=model_dir,
+                units=self.plan.stage_units[stage],
+                num_kv_blocks=self.plan.num_kv_blocks,
+                block_size=16,
+                dtype="float32",
+                transport="shm",
+            )
             self.inboxes.append(loaded.inbox_address)
         for stage, worker in enumerate(["worker-0", "worker-1"]):
-            controller.request(worker, ev.ConnectStage, pipeline_id="p1", epoch=0,
-                               next_address=self.inboxes[1] if stage == 0 else "", engine_address=self.engine_inbox,
-                               slot_bytes=self.plan.slot_bytes)
+            controller.request(
+                worker,
+                ev.ConnectStage,
+                pipeline_id="p1",
+                epoch=0,
+                next_address=self.inboxes[1] if stage == 0 else "",
+                engine_address=self.engine_inbox,
+                slot_bytes=self.plan.slot_bytes,
+            )
         controller.request("engine-0", ev.StartEngine, pipeline_id="p1", epoch=0, first_stage_address=self.inboxes[0])
 
     def generate(self, max_tokens: int = 24) -> list[int]:
@@ -93,7 +121,9 @@ class Deployed:
         c, plan = self.controller, self.plan
         moved = plan.stage_units[1]
         inbox = c.request("worker-2", ev.OpenStageInbox, pipeline_id="p1", epoch=epoch, transport="shm").inbox_address
-        prepare = c.send("worker-2", ev.PrepareStageEpoch, **self._stage_fields(epoch, 1, {u: "peer" for u in moved}, ""))
+        prepare = c.send(
+            "worker-2", ev.PrepareStageEpoch, **self._stage_fields(epoch, 1, {u: "peer" for u in moved}, "")
+        )
         c.request("worker-1", ev.SendStageUnits, pipeline_id="p1", epoch=epoch, units=moved, dest_address=inbox)
         prepared = c.await_reply(prepare)
         assert (prepared.epoch, prepared.stage) == (epoch, 1)
@@ -104,10 +134,21 @@ class Deployed:
         return inbox
 
     def _stage_fields(self, epoch: int, stage: int, sources: dict, next_address: str) -> dict:
-        return dict(pipeline_id="p1", epoch=epoch, stage=stage, num_stages=2, model_dir=self.model_dir,
-                    units=self.plan.stage_units[stage], sources=sources, num_kv_blocks=self.plan.num_kv_blocks,
-                    block_size=16, dtype="float32", next_address=next_address, engine_address=self.engine_inbox,
-                    slot_bytes=self.plan.slot_bytes)
+        return dict(
+            pipeline_id="p1",
+            epoch=epoch,
+            stage=stage,
+            num_stages=2,
+            model_dir=self.model_dir,
+            units=self.plan.stage_units[stage],
+            sources=sources,
+            num_kv_blocks=self.plan.num_kv_blocks,
+            block_size=16,
+            dtype="float32",
+            next_address=next_address,
+            engine_address=self.engine_inbox,
+            slot_bytes=self.plan.slot_bytes,
+        )
 
 
 @pytest.fixture
@@ -137,17 +178,27 @@ def test_migrating_stage_1_by_hand_keeps_the_tokens_and_retires_the_old_owner(cl
     expect = [ev.KvTransfer(transfer_id=t, num_slots=32) for t in range(1, len(layers) + 1)]
     activate = c.send("worker-2", ev.ActivateStageEpoch, pipeline_id="p1", epoch=1, expect=expect)
     for transfer, layer in enumerate(layers, start=1):
-        c.request("worker-1", ev.CopyStageKv, pipeline_id="p1", epoch=1, transfer_id=transfer, layer=layer,
-                  dest_address=inbox, slots=slots)
+        c.request(
+            "worker-1",
+            ev.CopyStageKv,
+            pipeline_id="p1",
+            epoch=1,
+            transfer_id=transfer,
+            layer=layer,
+            dest_address=inbox,
+            slots=slots,
+        )
     activated = c.await_reply(activate)
     copied = [e for e in c.events if isinstance(e, ev.StageKvCopied)]
     assert sum(e.num_slots for e in copied) == 32 * len(layers) and {e.worker_id for e in copied} == {"worker-2"}
     assert all(c.events.index(e) < c.events.index(activated) for e in copied), "activated only once the KV landed"
     c.request("worker-0", ev.ActivateStageEpoch, pipeline_id="p1", epoch=1)
-    c.request("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=1, first_stage_address=cluster.inboxes[0],
-              num_stages=2)
-    settled = {w: c.request(w, ev.CommitStageEpoch, pipeline_id="p1", epoch=1)
-               for w in ("worker-0", "worker-1", "worker-2")}
+    c.request(
+        "engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=1, first_stage_address=cluster.inboxes[0], num_stages=2
+    )
+    settled = {
+        w: c.request(w, ev.CommitStageEpoch, pipeline_id="p1", epoch=1) for w in ("worker-0", "worker-1", "worker-2")
+    }
     assert {s.outcome for s in settled.values()} == {"committed"}
     assert sorted(settled["worker-1"].cached_units) == sorted(cluster.plan.stage_units[1])
     assert settled["worker-0"].cached_units == [] and settled["worker-2"].cached_units == []
@@ -157,12 +208,16 @@ def test_migrating_stage_1_by_hand_keeps_the_tokens_and_retires_the_old_owner(cl
     old_owner.wait(10)
     assert cluster.generate() == before, "stage 1 serves from worker-2 now, with the same tokens"
 
-    stale = c.refusal("worker-0", ev.PrepareStageEpoch,
-                      **cluster._stage_fields(1, 0, {u: "resident" for u in cluster.plan.stage_units[0]}, inbox))
+    stale = c.refusal(
+        "worker-0",
+        ev.PrepareStageEpoch,
+        **cluster._stage_fields(1, 0, {u: "resident" for u in cluster.plan.stage_units[0]}, inbox),
+    )
     assert "epoch 1" in stale and "stale" in stale
     assert "stale" in c.refusal("worker-2", ev.AbortStageEpoch, pipeline_id="p1", epoch=1)
-    assert "not paused" in c.refusal("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=2,
-                                     first_stage_address=inbox, num_stages=2)
+    assert "not paused" in c.refusal(
+        "engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=2, first_stage_address=inbox, num_stages=2
+    )
 
 
 def test_an_abort_after_activation_leaves_the_old_stages_serving(cluster):
@@ -172,7 +227,9 @@ def test_an_abort_after_activation_leaves_the_old_stages_serving(cluster):
     c.request("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=10.0)
     for worker in ("worker-2", "worker-0"):
         c.request(worker, ev.ActivateStageEpoch, pipeline_id="p1", epoch=1)
-    settled = [c.request(w, ev.AbortStageEpoch, pipeline_id="p1", epoch=1) for w in ("worker-0", "worker-1", "worker-2")]
+    settled = [
+        c.request(w, ev.AbortStageEpoch, pipeline_id="p1", epoch=1) for w in ("worker-0", "worker-1", "worker-2")
+    ]
     assert {s.outcome for s in settled} == {"aborted"}
     c.request("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=1)
     assert cluster.generate() == before
@@ -180,8 +237,9 @@ def test_an_abort_after_activation_leaves_the_old_stages_serving(cluster):
     refused = c.refusal("worker-0", ev.ActivateStageEpoch, pipeline_id="p1", epoch=1)
     assert "no stage prepared for epoch 1" in refused
     c.request("engine-0", ev.PauseEngine, pipeline_id="p1", timeout_s=5.0)
-    assert "stale" in c.refusal("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=0,
-                                first_stage_address=cluster.inboxes[0], num_stages=2)
+    assert "stale" in c.refusal(
+        "engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=0, first_stage_address=cluster.inboxes[0], num_stages=2
+    )
     c.request("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=0)
     assert cluster.generate(max_tokens=4) == before[:4]
 
@@ -210,8 +268,9 @@ def test_a_sealed_pause_answers_while_a_micro_batch_is_still_in_flight(cluster):
             except BusError:
                 break
         assert paused.launched >= 1 and len(paused.seq_ids) == 1
-        assert paused.num_computed == [len(PROMPT) + len(tokens)], \
+        assert paused.num_computed == [len(PROMPT) + len(tokens)], (
             "the snapshot counts the position the in-flight micro-batch is writing"
+        )
         c.request("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=0)
     assert tokens == before, "the seal passed the stages and serving went on unchanged"
 
@@ -233,12 +292,21 @@ def test_migrating_stage_1_while_a_request_streams_carries_its_kv_and_keeps_ever
         expect = [ev.KvTransfer(transfer_id=t, num_slots=len(slots)) for t in range(1, len(layers) + 1)]
         activate = c.send("worker-2", ev.ActivateStageEpoch, pipeline_id="p1", epoch=1, expect=expect)
         for transfer, layer in enumerate(layers, start=1):
-            c.request("worker-1", ev.CopyStageKv, pipeline_id="p1", epoch=1, transfer_id=transfer, layer=layer,
-                      dest_address=inbox, slots=slots.tobytes())
+            c.request(
+                "worker-1",
+                ev.CopyStageKv,
+                pipeline_id="p1",
+                epoch=1,
+                transfer_id=transfer,
+                layer=layer,
+                dest_address=inbox,
+                slots=slots.tobytes(),
+            )
         c.await_reply(activate)
         c.request("worker-0", ev.ActivateStageEpoch, pipeline_id="p1", epoch=1)
-        c.request("engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=1, first_stage_address=cluster.inboxes[0],
-                  num_stages=2)
+        c.request(
+            "engine-0", ev.ResumeEngine, pipeline_id="p1", epoch=1, first_stage_address=cluster.inboxes[0], num_stages=2
+        )
         for worker in ("worker-0", "worker-1", "worker-2"):
             c.request(worker, ev.CommitStageEpoch, pipeline_id="p1", epoch=1)
         tokens += tokens_until_finished(client, request.cmd_id)

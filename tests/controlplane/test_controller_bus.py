@@ -9,13 +9,13 @@ import time
 import msgpack
 import pytest
 import zmq
+from bus_support import REPO, ControllerProcess, free_port
 from hypothesis import HealthCheck, given, settings
+from wire_samples import hostile
 
 from common import events as ev
 from common.wire import MAX_MESSAGE_BYTES, decode, encode
-from bus_support import REPO, ControllerProcess, free_port
 from controlplane.client import BusClient
-from wire_samples import hostile
 
 
 @pytest.fixture
@@ -52,8 +52,14 @@ def test_bad_messages_get_error_replies_and_are_counted(controller):
     with BusClient(controller.ipc) as bus:
         assert bus.request(ev.StatusRequest).rejected_messages == 7
     rejected = [line for line in controller.log_lines() if line.get("event") == "bus.message_rejected"]
-    assert {line["code"] for line in rejected} == {"malformed", "unknown_type", "bad_version", "duplicate_command",
-                                                  "out_of_order_command", "oversized"}
+    assert {line["code"] for line in rejected} == {
+        "malformed",
+        "unknown_type",
+        "bad_version",
+        "duplicate_command",
+        "out_of_order_command",
+        "oversized",
+    }
 
 
 def test_ten_thousand_hostile_messages_then_status_still_answers(controller):
@@ -64,8 +70,9 @@ def test_ten_thousand_hostile_messages_then_status_still_answers(controller):
     dealer.connect(controller.ipc)
     sent = []
 
-    @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)
+    @settings(
+        max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+    )
     @given(hostile)
     def send(payload):
         dealer.send(payload)
@@ -86,7 +93,9 @@ def test_curve_tcp_answers_authorised_peers_only(tmp_path):
     key_dir = tmp_path / "keys"
     security.init_keys(key_dir)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    process = ControllerProcess(tmp_path, {"FLEXPIPE_CONTROLLER_TCP": endpoint, "FLEXPIPE_SECURITY_KEY_DIR": str(key_dir)})
+    process = ControllerProcess(
+        tmp_path, {"FLEXPIPE_CONTROLLER_TCP": endpoint, "FLEXPIPE_SECURITY_KEY_DIR": str(key_dir)}
+    )
     try:
         with BusClient(endpoint, key_dir=key_dir, timeout_s=10) as bus:
             assert isinstance(bus.request(ev.StatusRequest), ev.StatusReply)
@@ -106,15 +115,22 @@ def test_curve_tcp_answers_authorised_peers_only(tmp_path):
         stranger.close()
         plain.close()
         deadline = time.monotonic() + 10
-        while not any(line.get("event") == "bus.peer_denied" and line.get("address") == "127.0.0.1"
-                      for line in process.log_lines()):
+        while not any(
+            line.get("event") == "bus.peer_denied" and line.get("address") == "127.0.0.1"
+            for line in process.log_lines()
+        ):
             assert time.monotonic() < deadline, f"denied peers were not logged: {process.log_lines()[-5:]}"
             time.sleep(0.1)
         with BusClient(endpoint, key_dir=key_dir, timeout_s=10) as bus:
             assert isinstance(bus.request(ev.StatusRequest), ev.StatusReply), "authorised peers still get answers"
-        fpctl = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", "--endpoint", endpoint, "status", "--json"],
-                               env=dict(os.environ, FLEXPIPE_SECURITY_KEY_DIR=str(key_dir), PYTHONPATH=str(REPO)),
-                               capture_output=True, text=True, timeout=60, cwd=REPO)
+        fpctl = subprocess.run(
+            [sys.executable, "-m", "controlplane.cli.fpctl", "--endpoint", endpoint, "status", "--json"],
+            env=dict(os.environ, FLEXPIPE_SECURITY_KEY_DIR=str(key_dir), PYTHONPATH=str(REPO)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
         assert fpctl.returncode == 0, fpctl.stderr
         assert json.loads(fpctl.stdout)["workers"] == []
     finally:

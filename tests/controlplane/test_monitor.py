@@ -6,12 +6,18 @@ from controlplane.monitor import Monitor
 
 
 def device(worker_id: str, memory: int = 1 << 30) -> ev.DeviceInfo:
-    return ev.DeviceInfo(device_id=worker_id, kind="cpu", name="virtual", memory_total=memory, memory_free=memory, host="h1")
+    return ev.DeviceInfo(
+        device_id=worker_id, kind="cpu", name="virtual", memory_total=memory, memory_free=memory, host="h1"
+    )
 
 
 def register(monitor: Monitor, worker_id: str, now: float, pid: int = 100, cmd_id: int = 1):
-    return monitor.handle(ev.RegisterWorker(sender=worker_id, cmd_id=cmd_id, worker_id=worker_id, host="h1", pid=pid,
-                                            device=device(worker_id)), now)
+    return monitor.handle(
+        ev.RegisterWorker(
+            sender=worker_id, cmd_id=cmd_id, worker_id=worker_id, host="h1", pid=pid, device=device(worker_id)
+        ),
+        now,
+    )
 
 
 def log_names(actions) -> list[str]:
@@ -66,14 +72,40 @@ def test_a_restarted_worker_reregisters_cleanly():
 def test_status_merges_stage_metrics_and_engine_kv_into_pipelines():
     monitor = Monitor()
     register(monitor, "w1", now=0.0)
-    pipeline = ev.PipelineView(pipeline_id="p", state="READY", epoch=0, model_dir="/m", engine_host="e",
-                               stages=[ev.StageView(stage=0, worker_id="w1", units=["embed", "head"])])
+    pipeline = ev.PipelineView(
+        pipeline_id="p",
+        state="READY",
+        epoch=0,
+        model_dir="/m",
+        engine_host="e",
+        stages=[ev.StageView(stage=0, worker_id="w1", units=["embed", "head"])],
+    )
     monitor.handle(ev.PipelineUpdated(sender="coordinator", pipeline=pipeline), 0.0)
-    metrics = ev.StageMetrics(pipeline_id="p", epoch=0, stage=0, queue_length=3, busy_fraction=0.5,
-                              kv_blocks_used=0, kv_blocks_free=0, tokens_per_s=10.0)
+    metrics = ev.StageMetrics(
+        pipeline_id="p",
+        epoch=0,
+        stage=0,
+        queue_length=3,
+        busy_fraction=0.5,
+        kv_blocks_used=0,
+        kv_blocks_free=0,
+        tokens_per_s=10.0,
+    )
     monitor.handle(ev.WorkerMetrics(sender="w1", worker_id="w1", stages=[metrics]), 0.1)
-    monitor.handle(ev.EngineMetrics(sender="e", host_id="e", pipeline_id="p", epoch=0, running=2, waiting=0,
-                                    kv_blocks_used=5, kv_blocks_free=95, tokens_per_s=0.0), 0.1)
+    monitor.handle(
+        ev.EngineMetrics(
+            sender="e",
+            host_id="e",
+            pipeline_id="p",
+            epoch=0,
+            running=2,
+            waiting=0,
+            kv_blocks_used=5,
+            kv_blocks_free=95,
+            tokens_per_s=0.0,
+        ),
+        0.1,
+    )
     monitor.handle(ev.MessageRejected(sender="controller", code="malformed", peer="x"), 0.1)
     (view,) = monitor.status(0, 0.2).pipelines
     assert (view.stages[0].queue_length, view.stages[0].busy_fraction) == (3, 0.5)

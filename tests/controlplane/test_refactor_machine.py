@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from common import events as ev
-from controlplane.actor import Log, Send, Tell, Tick
 from common.errors import RefactorRefused
+from controlplane.actor import Log, Send, Tell, Tick
 from controlplane.refactor.coordinator import EXECUTOR, RefactorCoordinator
 
 
@@ -42,8 +42,14 @@ def phase_of(actions):
 
 
 def done(phase_event, ok=True, **kw):
-    return ev.RefactorPhaseDone(pipeline_id=phase_event.pipeline_id, refactor_id=phase_event.refactor_id,
-                                epoch=phase_event.epoch, phase=phase_event.phase, ok=ok, **kw)
+    return ev.RefactorPhaseDone(
+        pipeline_id=phase_event.pipeline_id,
+        refactor_id=phase_event.refactor_id,
+        epoch=phase_event.epoch,
+        phase=phase_event.phase,
+        ok=ok,
+        **kw,
+    )
 
 
 def last_tell(actions):
@@ -73,7 +79,9 @@ def test_phases_run_in_order_and_commit_advances_the_epoch():
     assert seen == ["PREPARE", "PRECOPY", "SWITCH", "COMMIT"]
     [outcome] = outcomes(actions)
     assert outcome.outcome == "committed" and outcome.epoch == 4 and outcome.reply_to == 1
-    assert (outcome.kv_bytes, outcome.kv_bytes_precopy, outcome.kv_bytes_delta) == (20, 10, 10), "KV moves in PRECOPY and SWITCH"
+    assert (outcome.kv_bytes, outcome.kv_bytes_precopy, outcome.kv_bytes_delta) == (20, 10, 10), (
+        "KV moves in PRECOPY and SWITCH"
+    )
     assert (outcome.stall_s, outcome.switch_s) == (0.01, 0.02)
     assert set(outcome.phase_seconds) == {"PLAN", "PREPARE", "PRECOPY", "SWITCH", "COMMIT"}
     assert "refactor.committed" in logs(actions)
@@ -113,8 +121,9 @@ def test_late_and_foreign_phase_results_are_ignored():
     machine = RefactorCoordinator(planner)
     actions = machine.handle(request(), 0.0)
     prepare = last_tell(actions)
-    stale = ev.RefactorPhaseDone(pipeline_id="p", refactor_id=prepare.refactor_id, epoch=prepare.epoch,
-                                 phase="SWITCH", ok=True)
+    stale = ev.RefactorPhaseDone(
+        pipeline_id="p", refactor_id=prepare.refactor_id, epoch=prepare.epoch, phase="SWITCH", ok=True
+    )
     assert machine.handle(stale, 1.0) == []
     other = ev.RefactorPhaseDone(pipeline_id="q", refactor_id=1, epoch=1, phase="PREPARE", ok=True)
     assert machine.handle(other, 1.0) == []

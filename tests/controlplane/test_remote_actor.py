@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from bus_support import REPO, ControllerProcess
+
 from common import events as ev
 from controlplane.client import BusClient
 
@@ -14,18 +15,25 @@ def test_deploy_places_stages_through_an_allocator_in_another_process(tmp_path, 
     os.makedirs(runtime, mode=0o700, exist_ok=True)
     allocator_endpoint = f"ipc://{runtime}/allocator.sock"
     env = dict(os.environ, PYTHONPATH=str(REPO), FLEXPIPE_LOG_FORMAT="json")
-    allocator = subprocess.Popen([sys.executable, "-m", "controlplane.actor_host", "--actor", "allocator",
-                                  "--endpoint", allocator_endpoint], env=env, cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "allocator.log", "wb"))
+    allocator = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.actor_host", "--actor", "allocator", "--endpoint", allocator_endpoint],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "allocator.log", "wb"),
+    )
     controller = None
     try:
-        controller = ControllerProcess(tmp_path, {"FLEXPIPE_CONTROLLER_ALLOCATOR": allocator_endpoint,
-                                                  "FLEXPIPE_CONTROLLER_HEARTBEAT_INTERVAL_S": "30"})
+        controller = ControllerProcess(
+            tmp_path,
+            {"FLEXPIPE_CONTROLLER_ALLOCATOR": allocator_endpoint, "FLEXPIPE_CONTROLLER_HEARTBEAT_INTERVAL_S": "30"},
+        )
         members = []
         for i in range(2):
             worker = BusClient(controller.ipc, sender=f"w{i}")
-            device = ev.DeviceInfo(device_id=f"w{i}", kind="cpu", name="virtual", memory_total=1 << 30,
-                                   memory_free=1 << 30, host="h1")
+            device = ev.DeviceInfo(
+                device_id=f"w{i}", kind="cpu", name="virtual", memory_total=1 << 30, memory_free=1 << 30, host="h1"
+            )
             worker.request(ev.RegisterWorker, worker_id=f"w{i}", host="h1", pid=1000 + i, device=device)
             members.append(worker)
         engine = BusClient(controller.ipc, sender="e0")
@@ -54,14 +62,13 @@ def test_deploy_places_stages_through_an_allocator_in_another_process(tmp_path, 
 
 def test_a_standalone_allocator_accepts_every_event_the_controller_tells_it(tmp_path):
     import msgspec
+    from wire_samples import sample_struct
 
     from common.config import FlexPipeConfig, with_overrides
     from controlplane.allocator import Allocator
     from controlplane.controller import build_actors
-    from wire_samples import sample_struct
 
-    told = {ev.RegisterWorker, ev.WorkerLost, ev.PlaceStages, ev.ReleasePlacement, ev.PipelineReshaped,
-            ev.RefactorHold}
+    told = {ev.RegisterWorker, ev.WorkerLost, ev.PlaceStages, ev.ReleasePlacement, ev.PipelineReshaped, ev.RefactorHold}
     assert told == set(Allocator.accepts), "the events the monitor, deploy coordinator and refactor executor tell it"
     alone = with_overrides(FlexPipeConfig(), controller={"allocator": "ipc://elsewhere"})
     assert "allocator" not in {a.name for a in build_actors(alone)}
@@ -69,9 +76,13 @@ def test_a_standalone_allocator_accepts_every_event_the_controller_tells_it(tmp_
     os.makedirs(runtime, mode=0o700, exist_ok=True)
     endpoint = f"ipc://{runtime}/allocator.sock"
     env = dict(os.environ, PYTHONPATH=str(REPO), FLEXPIPE_LOG_FORMAT="json")
-    allocator = subprocess.Popen([sys.executable, "-m", "controlplane.actor_host", "--actor", "allocator",
-                                  "--endpoint", endpoint], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                                 stderr=open(tmp_path / "allocator.log", "wb"))
+    allocator = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.actor_host", "--actor", "allocator", "--endpoint", endpoint],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "allocator.log", "wb"),
+    )
     try:
         with BusClient(endpoint, sender="controller", timeout_s=20) as bus:
             for kind in sorted(told - {ev.PlaceStages}, key=lambda k: k.__name__):

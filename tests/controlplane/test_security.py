@@ -118,10 +118,12 @@ def with_fresh_key_pair(server_public: bytes):
     def secure(socket: zmq.Socket) -> None:
         public, secret = zmq.curve_keypair()
         socket.curve_publickey, socket.curve_secretkey, socket.curve_serverkey = public, secret, server_public
+
     return secure
 
 
 # ---- key files ------------------------------------------------------------------------------
+
 
 def test_init_keys_writes_private_key_files(keys):
     assert mode_of(keys.key_dir) == 0o700
@@ -175,6 +177,7 @@ def test_default_key_dir_follows_the_environment(monkeypatch, tmp_path):
 
 # ---- sockets ----------------------------------------------------------------------------------
 
+
 def test_authorised_client_gets_a_reply(server, keys, denials):
     client = server.client(lambda socket: secure_client_socket(socket, keys))
     assert server.exchange(client) == b"echo:ping"
@@ -199,6 +202,7 @@ def test_client_with_wrong_server_key_gets_nothing_and_is_reported(server, keys,
     def secure_against_another_server(socket: zmq.Socket) -> None:
         secure_client_socket(socket, keys)
         socket.curve_serverkey = zmq.curve_keypair()[0]
+
     client = server.client(secure_against_another_server)
     assert server.exchange(client) is None
     assert "wrong server key" in denials.wait_for(1)[0][1]
@@ -207,6 +211,7 @@ def test_client_with_wrong_server_key_gets_nothing_and_is_reported(server, keys,
 def test_a_failing_callback_does_not_stop_authentication(keys):
     def explode(address: str, reason: str) -> None:
         raise RuntimeError("callback bug")
+
     server = CurveServer(keys, explode)
     try:
         assert server.exchange(server.client(with_fresh_key_pair(load_server_public(keys)))) is None
@@ -247,15 +252,33 @@ def test_start_authenticator_refuses_an_empty_authorized_directory(keys, denials
 
 # ---- endpoints that may run without CURVE ----------------------------------------------------
 
-@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:7700", "tcp://127.8.9.10:7700", "tcp://localhost:7700",
-                                      "tcp://[::1]:7700", "tcp://127.0.0.1:0;127.0.0.1:7700"])
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://127.0.0.1:7700",
+        "tcp://127.8.9.10:7700",
+        "tcp://localhost:7700",
+        "tcp://[::1]:7700",
+        "tcp://127.0.0.1:0;127.0.0.1:7700",
+    ],
+)
 def test_plain_tcp_is_allowed_on_loopback_when_insecure(endpoint):
     check_insecure_endpoint(endpoint, insecure=True)
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:7700", "tcp://*:7700", "tcp://10.0.0.5:7700",
-                                      "tcp://eth0:7700", "tcp://[::]:7700", "tcp://example.org:7700",
-                                      "tcp://10.0.0.5:0;127.0.0.1:7700"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://0.0.0.0:7700",
+        "tcp://*:7700",
+        "tcp://10.0.0.5:7700",
+        "tcp://eth0:7700",
+        "tcp://[::]:7700",
+        "tcp://example.org:7700",
+        "tcp://10.0.0.5:0;127.0.0.1:7700",
+    ],
+)
 def test_plain_tcp_is_refused_off_loopback(endpoint):
     with pytest.raises(SecurityError, match="only on loopback"):
         check_insecure_endpoint(endpoint, insecure=True)

@@ -12,10 +12,13 @@ def build(token_lists, starts):
     return BatchInput.build(token_lists, starts, tables, block_size=4)
 
 
-@pytest.mark.parametrize("token_lists,starts", [
-    ([[5], [6], [7]], [3, 0, 9]),                   # decode: one token each, no query padding
-    ([[1, 2, 3], [4], [5, 6]], [0, 7, 2]),          # mixed prefill and decode: padded queries
-])
+@pytest.mark.parametrize(
+    "token_lists,starts",
+    [
+        ([[5], [6], [7]], [3, 0, 9]),  # decode: one token each, no query padding
+        ([[1, 2, 3], [4], [5, 6]], [0, 7, 2]),  # mixed prefill and decode: padded queries
+    ],
+)
 def test_shared_tensors_rebuild_the_same_layout_and_rope_table(token_lists, starts):
     spec = RopeSpec("default", 10000.0, 8, 64, ())
     first = build(token_lists, starts)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from common.model.spec import ModelSpec, read_config
+from common.model.units import Layout, unit_names
 from dataplane import LLM, SamplingParams
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
 from dataplane.stage.executor import StageExecutor, StageSpec
-from common.model.units import Layout, unit_names
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])

@@ -8,14 +8,13 @@ import time
 import pytest
 
 from common.errors import PipelineError
-from dataplane.transport import messages
 from dataplane.engine.core import EngineCore
+from dataplane.engine.kv_blocks import BlockAllocator
+from dataplane.engine.sampling_params import SamplingParams
 from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.sequence import Sequence
-from dataplane.engine.kv_blocks import BlockAllocator
+from dataplane.transport import Inbox, inbox_address, messages, open_outbox
 from dataplane.transport.messages import SamplingOptions
-from dataplane.engine.sampling_params import SamplingParams
-from dataplane.transport import Inbox, inbox_address, open_outbox
 
 RECV_MS = 50
 
@@ -43,8 +42,9 @@ class ThreadStage:
                 while self.hold.is_set() and not self.stop.is_set():
                     time.sleep(0.005)
                 time.sleep(self.delay_s)
-                reply = messages.SampledTokens(header.batch_id, header.epoch, [s.seq_id for s in header.seqs],
-                                               [7] * len(header.seqs))
+                reply = messages.SampledTokens(
+                    header.batch_id, header.epoch, [s.seq_id for s in header.seqs], [7] * len(header.seqs)
+                )
                 self.to_engine.send(messages.encode(reply))
 
     def close(self) -> None:
@@ -74,9 +74,18 @@ def engine_and_stage(context, session_dir):
 
 def submit(engine: EngineCore, count: int, max_tokens: int) -> list[threading.Event]:
     done = [threading.Event() for _ in range(count)]
-    seqs = [Sequence(i, list(range(3, 3 + 5 + i)), SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                     SamplingOptions(), frozenset(), 1024, on_finish=lambda s, e=done[i]: e.set())
-            for i in range(count)]
+    seqs = [
+        Sequence(
+            i,
+            list(range(3, 3 + 5 + i)),
+            SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            SamplingOptions(),
+            frozenset(),
+            1024,
+            on_finish=lambda s, e=done[i]: e.set(),
+        )
+        for i in range(count)
+    ]
     engine.submit(seqs)
     return done
 
@@ -88,11 +97,17 @@ def test_a_sealed_pause_seals_behind_the_last_launch_and_launches_nothing_until_
     while engine.launched < 6 and time.monotonic() < deadline:
         time.sleep(0.005)
     stage.hold.set()  # the micro-batches now in flight stay there while the pause begins
-    launched, kv = engine.begin_pause(5.0, seal=True, on_paused=lambda: engine.scheduler.kv_in_use(in_flight=True),
-                                      on_parked=lambda: len(engine.scheduler.running))
+    launched, kv = engine.begin_pause(
+        5.0,
+        seal=True,
+        on_paused=lambda: engine.scheduler.kv_in_use(in_flight=True),
+        on_parked=lambda: len(engine.scheduler.running),
+    )
     in_flight = [s for s in engine.scheduler.running if s.in_flight]
     assert in_flight, "the pause began with micro-batches in flight"
-    assert {seq_id: upto for seq_id, _, upto in kv} == {s.seq_id: s.num_computed + s.pending_tokens for s in engine.scheduler.running}
+    assert {seq_id: upto for seq_id, _, upto in kv} == {
+        s.seq_id: s.num_computed + s.pending_tokens for s in engine.scheduler.running
+    }
     stage.hold.clear()
     parked_at = engine.wait_parked(5.0)
     assert parked_at <= time.monotonic()
@@ -102,19 +117,20 @@ def test_a_sealed_pause_seals_behind_the_last_launch_and_launches_nothing_until_
     assert len(seals) == 1
     seal = stage.seen[seals[0]]
     assert (seal.epoch, seal.launched) == (3, launched)
-    before = [h.batch_id for h in stage.seen[:seals[0]]]
+    before = [h.batch_id for h in stage.seen[: seals[0]]]
     assert before == list(range(launched)), "every micro-batch launched before the seal reached the stage ahead of it"
     time.sleep(0.05)
     assert len(stage.seen) == seals[0] + 1 and engine.launched == launched, "nothing launched while parked"
-    assert all(s.num_computed == upto for s in engine.scheduler.running for seq_id, _, upto in kv if seq_id == s.seq_id), \
-        "the KV written by the drained micro-batches is what the pause announced"
+    assert all(
+        s.num_computed == upto for s in engine.scheduler.running for seq_id, _, upto in kv if seq_id == s.seq_id
+    ), "the KV written by the drained micro-batches is what the pause announced"
 
     engine.resume()
     deadline = time.monotonic() + 10
     while engine.launched == launched and time.monotonic() < deadline:
         time.sleep(0.005)
     assert engine.launched > launched, "launching resumes"
-    assert not any(isinstance(h, messages.EpochSeal) for h in stage.seen[seals[0] + 1:])
+    assert not any(isinstance(h, messages.EpochSeal) for h in stage.seen[seals[0] + 1 :])
     engine.stop()
     assert all(event.wait(5) for event in done), "every sequence ended"
 

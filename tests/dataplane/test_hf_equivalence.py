@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from common.model.units import Layout, unit_names
 from dataplane import LLM, SamplingParams
 from dataplane.models.batch import BatchInput
 from dataplane.stage.executor import StageExecutor, StageSpec
-from common.model.units import Layout, unit_names
 
 NEW_TOKENS = 48
 KINDS = {
@@ -45,9 +45,15 @@ def hf_greedy(model_dir, prompts) -> list[list[int]]:
         with torch.no_grad():
             for prompt in prompts:
                 ids = torch.tensor([prompt])
-                generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                           min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=258)
-                outputs.append(generated[0, len(prompt):].tolist())
+                generated = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=258,
+                )
+                outputs.append(generated[0, len(prompt) :].tolist())
         _reference_cache[key] = outputs
     return _reference_cache[key]
 
@@ -70,8 +76,10 @@ def test_greedy_tokens_match_transformers(checkpoint, kind, stages):
 def run_stages(model_dir, sizes, prompts, block_size=4):
     names = unit_names(3)
     layout = Layout.from_sizes(sizes, len(names))
-    stages = [StageExecutor(StageSpec(str(model_dir), tuple(layout.stage_units(s, names)), 64, block_size))
-              for s in range(layout.num_stages)]
+    stages = [
+        StageExecutor(StageSpec(str(model_dir), tuple(layout.stage_units(s, names)), 64, block_size))
+        for s in range(layout.num_stages)
+    ]
     tables, next_block = [], 0
     for prompt in prompts:
         count = -(-(len(prompt) + 1) // block_size)
@@ -91,13 +99,39 @@ def run_stages(model_dir, sizes, prompts, block_size=4):
     return prefill, next_tokens, decode
 
 
-@pytest.mark.parametrize("kind,overrides", [
-    ("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("gpt2", {}),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
-    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                   "original_max_position_embeddings": 128}}),
-])
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        ("llama", {}),
+        ("mistral", {"sliding_window": 6}),
+        ("qwen2", {}),
+        ("gpt2", {}),
+        (
+            "llama",
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 10000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                }
+            },
+        ),
+        (
+            "qwen2",
+            {
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 128,
+                }
+            },
+        ),
+    ],
+)
 @pytest.mark.parametrize("sizes", [[8], [3, 5], [2, 2, 3, 1]])
 def test_next_token_logits_match_transformers(checkpoint, kind, overrides, sizes):
     model_dir = checkpoint(kind, **overrides)

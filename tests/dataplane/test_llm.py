@@ -27,18 +27,26 @@ def test_text_prompts_round_trip_through_the_tokenizer(llm):
     out = llm.generate(["hello pipeline"], GREEDY)[0]
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
     assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-    assert out.usage == {"prompt_tokens": len("hello pipeline"), "completion_tokens": 12,
-                         "total_tokens": len("hello pipeline") + 12}
+    assert out.usage == {
+        "prompt_tokens": len("hello pipeline"),
+        "completion_tokens": 12,
+        "total_tokens": len("hello pipeline") + 12,
+    }
 
 
 def test_partitioner_layout_reads_only_stage_tensors(llm):
     assert llm.layout.num_stages == 3
     read = [set(stage.tensors_read) for stage in llm.stages]
     for i, a in enumerate(read):
-        for b in read[i + 1:]:
+        for b in read[i + 1 :]:
             assert not a & b, "two stages read the same tensor of an untied model"
-    assert set().union(*read) == set(json.loads((llm.model_dir / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
-        (llm.model_dir / "model.safetensors").read_bytes()[:8], "little")])) - {"__metadata__"}
+    assert set().union(*read) == set(
+        json.loads(
+            (llm.model_dir / "model.safetensors").read_bytes()[
+                8 : 8 + int.from_bytes((llm.model_dir / "model.safetensors").read_bytes()[:8], "little")
+            ]
+        )
+    ) - {"__metadata__"}
 
 
 def test_concurrent_generate_calls_share_the_batch(llm):
@@ -62,7 +70,10 @@ def test_seeded_sampling_is_reproducible_and_differs_by_seed(llm):
     params = SamplingParams(max_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
     first = [o.token_ids for o in llm.generate(prompts, params)]
     again = [o.token_ids for o in llm.generate(prompts[::-1], params)][::-1]
-    other = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.9, seed=8, ignore_eos=True))]
+    other = [
+        o.token_ids
+        for o in llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.9, seed=8, ignore_eos=True))
+    ]
     assert first == again
     assert first != other
 
@@ -71,7 +82,7 @@ def test_stop_token_ids_and_logprobs(llm):
     greedy = llm.generate(["xyz"], GREEDY)[0].token_ids
     stop_at = greedy[3]
     out = llm.generate(["xyz"], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_at], logprobs=3))[0]
-    assert out.token_ids == greedy[:greedy.index(stop_at) + 1] and out.finish_reason == "stop"
+    assert out.token_ids == greedy[: greedy.index(stop_at) + 1] and out.finish_reason == "stop"
     for token, entry in zip(out.token_ids, out.outputs[0].logprobs):
         assert max(entry["top"], key=entry["top"].get) == token
         assert entry["logprob"] == pytest.approx(max(entry["top"].values()))
@@ -88,7 +99,7 @@ def test_bad_requests_are_refused_and_the_pipeline_keeps_serving(llm):
     with pytest.raises(InvalidRequestError, match="context"):
         llm.generate([[1] * llm.max_model_len], GREEDY)
     with pytest.raises(InvalidRequestError, match="vocabulary"):
-        llm.generate([[10 ** 6]], GREEDY)
+        llm.generate([[10**6]], GREEDY)
     with pytest.raises(InvalidRequestError):
         llm.generate([[]], GREEDY)
     assert llm.generate([[5, 6, 7]], GREEDY)[0].token_ids == before
@@ -182,6 +193,7 @@ def test_unsupported_architecture_and_transport_are_clear_errors(tmp_path, tiny_
 
 def test_checkpoint_missing_a_stage_tensor_is_refused(tmp_path, checkpoint):
     from safetensors.torch import load_file, save_file
+
     source = checkpoint("llama")
     target = tmp_path / "partial"
     target.mkdir()

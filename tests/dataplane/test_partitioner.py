@@ -15,17 +15,32 @@ from common.model.units import Layout, is_layer_boundary, unit_names
 
 
 def llama_like(num_layers: int, **overrides) -> SimpleNamespace:
-    shape = dict(vocab_size=1000, hidden_size=64, num_layers=num_layers, num_heads=8, num_kv_heads=2,
-                 head_dim=8, intermediate_size=256, tie_word_embeddings=False, dtype_bytes=2)
+    shape = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        num_layers=num_layers,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=256,
+        tie_word_embeddings=False,
+        dtype_bytes=2,
+    )
     shape.update(overrides)
     return SimpleNamespace(**shape)
 
 
 def random_units(num_layers: int, seed: int) -> list[UnitCost]:
     rng = random.Random(seed)
-    return [UnitCost(name, rng.uniform(0.0, 1e9) if name != "embed" else 0.0, rng.randrange(1, 1000),
-                     rng.randrange(1, 10) if name.endswith(".attn") else 0)
-            for name in unit_names(num_layers)]
+    return [
+        UnitCost(
+            name,
+            rng.uniform(0.0, 1e9) if name != "embed" else 0.0,
+            rng.randrange(1, 1000),
+            rng.randrange(1, 10) if name.endswith(".attn") else 0,
+        )
+        for name in unit_names(num_layers)
+    ]
 
 
 def objective(units, layout: Layout, cost_model: CostModel) -> float:
@@ -39,7 +54,8 @@ def objective(units, layout: Layout, cost_model: CostModel) -> float:
 
 def fits(units, layout: Layout, cost_model: CostModel, device_memory) -> bool:
     return device_memory is None or all(
-        stage_memory(units[s:e], cost_model) <= device_memory[k] for k, (s, e) in enumerate(layout.bounds))
+        stage_memory(units[s:e], cost_model) <= device_memory[k] for k, (s, e) in enumerate(layout.bounds)
+    )
 
 
 def brute_force(units, num_stages: int, cost_model: CostModel, device_memory=None) -> float:
@@ -75,8 +91,14 @@ def test_attention_cost_grows_with_context_and_nothing_else_does():
 
 
 def test_stage_cost_and_memory():
-    model = CostModel(flops_per_second=1e9, bandwidth_bytes_per_second=1e6, activation_bytes_per_token=100,
-                      tokens_per_step=10, kv_tokens=7, memory_reserve_bytes=5)
+    model = CostModel(
+        flops_per_second=1e9,
+        bandwidth_bytes_per_second=1e6,
+        activation_bytes_per_token=100,
+        tokens_per_step=10,
+        kv_tokens=7,
+        memory_reserve_bytes=5,
+    )
     embed, attn = UnitCost("embed", 0.0, 40, 0), UnitCost("L0.attn", 1e8, 30, 3)
     assert stage_cost([embed, attn], model) == pytest.approx(1.0), "the embed stage receives no activations"
     assert stage_cost([attn], model) == pytest.approx(1.0 + 1e-3)
@@ -99,7 +121,9 @@ def test_matches_brute_force_optimum(seed, penalty):
     model = CostModel(activation_bytes_per_token=seed * 4000, layer_cut_penalty=penalty)
     for num_stages in range(1, 6):
         layout = partition(units, num_stages, model)
-        assert objective(units, layout, model) == pytest.approx(brute_force(units, num_stages, model), rel=1e-9, abs=1e-12)
+        assert objective(units, layout, model) == pytest.approx(
+            brute_force(units, num_stages, model), rel=1e-9, abs=1e-12
+        )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -128,7 +152,9 @@ def test_prefers_layer_boundaries_among_equally_balanced_layouts():
     penalised = partition(units, 3, CostModel(layer_cut_penalty=0.05))
     assert [e - s for s, e in penalised.bounds] == [3, 4, 3]
     assert all(is_layer_boundary(names, s) for s, _ in penalised.bounds[1:])
-    assert not all(is_layer_boundary(names, s) for s, _ in unpenalised.bounds[1:]), "without lambda the tie goes elsewhere"
+    assert not all(is_layer_boundary(names, s) for s, _ in unpenalised.bounds[1:]), (
+        "without lambda the tie goes elsewhere"
+    )
     no_penalty = CostModel(layer_cut_penalty=0.0)
     assert objective(units, unpenalised, no_penalty) == pytest.approx(objective(units, penalised, no_penalty))
 
@@ -172,11 +198,24 @@ def test_stage_count_out_of_range():
 
 
 def test_realistic_80_layer_model_into_32_stages():
-    spec = llama_like(80, vocab_size=128256, hidden_size=8192, num_heads=64, num_kv_heads=8,
-                      head_dim=128, intermediate_size=28672, dtype_bytes=2)
+    spec = llama_like(
+        80,
+        vocab_size=128256,
+        hidden_size=8192,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=28672,
+        dtype_bytes=2,
+    )
     units = unit_costs(spec)
-    model = CostModel(flops_per_second=400e12, bandwidth_bytes_per_second=50e9, activation_bytes_per_token=8192 * 2,
-                      kv_tokens=32768, memory_reserve_bytes=2 << 30)
+    model = CostModel(
+        flops_per_second=400e12,
+        bandwidth_bytes_per_second=50e9,
+        activation_bytes_per_token=8192 * 2,
+        kv_tokens=32768,
+        memory_reserve_bytes=2 << 30,
+    )
     devices = [40 << 30] * 32
     layout = partition(units, 32, model, devices)
     assert layout.num_stages == 32 and layout.num_units == 162

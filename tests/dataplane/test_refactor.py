@@ -16,8 +16,8 @@ import pytest
 
 from common.errors import RefactorAborted, RefactorRefused
 from common.logging import configure_logging
-from dataplane.llm import LLM
 from dataplane.engine.sampling_params import SamplingParams
+from dataplane.llm import LLM
 
 REBALANCE = ["embed..L0.attn", "L0.mlp..L1.attn", "L1.mlp..head"]
 
@@ -25,8 +25,15 @@ REBALANCE = ["embed..L0.attn", "L0.mlp..L1.attn", "L1.mlp..head"]
 def workload(seed: int = 0, count: int = 64, temperature: float = 0.0):
     rng = random.Random(seed)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(3, 60))] for _ in range(count)]
-    params = [SamplingParams(max_tokens=rng.randrange(64, 129), temperature=temperature, ignore_eos=True,
-                             seed=rng.randrange(1 << 30) if temperature else None) for _ in prompts]
+    params = [
+        SamplingParams(
+            max_tokens=rng.randrange(64, 129),
+            temperature=temperature,
+            ignore_eos=True,
+            seed=rng.randrange(1 << 30) if temperature else None,
+        )
+        for _ in prompts
+    ]
     return prompts, params
 
 
@@ -56,7 +63,7 @@ class Traffic:
             assert time.monotonic() < deadline, "no request got running"
             time.sleep(0.005)
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for thread in self.threads:
             thread.start()
         return self
@@ -89,8 +96,13 @@ def refactor_while_streaming(llm: LLM, prompts, params, steps):
 def test_split_merge_rebalance_migrate_while_streaming_keep_every_token(model, tiny_model, checkpoint):
     model_dir = tiny_model if model == "tiny" else checkpoint("qwen2")
     prompts, params = workload()
-    steps = [dict(num_stages=4), dict(num_stages=1), dict(num_stages=3), dict(layout=REBALANCE),
-             dict(layout=REBALANCE, migrate=[1])]
+    steps = [
+        dict(num_stages=4),
+        dict(num_stages=1),
+        dict(num_stages=3),
+        dict(layout=REBALANCE),
+        dict(layout=REBALANCE, migrate=[1]),
+    ]
     with LLM(model_dir, num_stages=2, spare_workers=2) as llm:
         reports = refactor_while_streaming(llm, prompts, params, steps)
         assert [r.kind for r in reports] == ["split", "merge", "split", "rebalance", "migrate"]
@@ -134,7 +146,7 @@ def test_a_second_refactor_waits_for_the_first(tiny_model):
 
 def killed_during(llm: LLM, phase: str, refactor_kwargs: dict) -> RefactorAborted:
     """Start a refactor, SIGKILL a worker that only the target layout uses once ``phase`` runs."""
-    serving = set(llm.worker_pids[:len(llm.stage_layout)])
+    serving = set(llm.worker_pids[: len(llm.stage_layout)])
     caught: dict = {}
 
     def run():
@@ -142,6 +154,7 @@ def killed_during(llm: LLM, phase: str, refactor_kwargs: dict) -> RefactorAborte
             llm.refactor(**refactor_kwargs)
         except RefactorAborted as exc:
             caught["error"] = exc
+
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 60
@@ -216,8 +229,12 @@ def test_the_timeline_is_rebuilt_from_the_log(tiny_model, tmp_path):
             llm.refactor(num_stages=3)
             with pytest.raises(RefactorRefused):
                 llm.refactor(num_stages=3)
-    result = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", "timeline", "--log", str(log_file), "--json"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli.fpctl", "timeline", "--log", str(log_file), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     committed, refused = json.loads(result.stdout)
     assert committed["outcome"] == "committed" and committed["kind"] == "split" and committed["to_epoch"] == 1
@@ -249,8 +266,12 @@ def test_stall_is_one_quantity_in_the_report_the_outcome_and_the_timeline(tiny_m
             traffic.wait_running()
             report = llm.refactor(num_stages=3)
     (outcome,) = outcomes
-    result = subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", "timeline", "--log", str(log_file), "--json"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli.fpctl", "timeline", "--log", str(log_file), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     (timeline,) = json.loads(result.stdout)
     resumed = [json.loads(line) for line in log_file.read_text().splitlines() if '"engine.resumed"' in line]
     assert report.stall_s == outcome.stall_s == timeline["stall_s"] == resumed[-1]["stall_s"] > 0

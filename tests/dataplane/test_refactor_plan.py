@@ -3,8 +3,8 @@
 import pytest
 
 from common.errors import RefactorRefused
-from controlplane.refactor.plan import SPAWN, ModelSizes, WorkerHoldings, plan_refactor
 from common.model.units import Layout, unit_names
+from controlplane.refactor.plan import SPAWN, ModelSizes, WorkerHoldings, plan_refactor
 
 NAMES = unit_names(4)  # embed, L0.attn, L0.mlp, ..., L3.mlp, head: 10 units
 SIZES = ModelSizes({name: 100 for name in NAMES}, kv_pool_bytes_per_layer=50, kv_bytes_per_token_layer=2)
@@ -37,7 +37,9 @@ def test_a_split_keeps_kv_in_place_where_it_can_and_spawns_the_rest():
 def test_a_merge_prefers_the_worker_with_the_most_kv_and_reads_nothing_twice():
     one = Layout.from_sizes([10], 10)
     plan = plan_refactor(NAMES, SIZES, TWO, [0, 1], holdings(0, 1), one)
-    assert plan.kind == "merge" and len(plan.workers) == 1 and plan.released == [w for w in (0, 1) if w != plan.workers[0]]
+    assert (
+        plan.kind == "merge" and len(plan.workers) == 1 and plan.released == [w for w in (0, 1) if w != plan.workers[0]]
+    )
     moved = {m.layer for m in plan.kv_moves}
     assert moved in ({0, 1}, {2, 3})
     assert set(plan.sources[0].values()) == {"resident", "peer"}

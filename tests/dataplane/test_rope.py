@@ -14,8 +14,14 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from common.errors import CheckpointError, UnsupportedModelError
-from dataplane.models.rope import (SUPPORTED_ROPE_TYPES, RopeSpec, apply_rotary, apply_rotary_interleaved,
-                                   interleave_rotary_rows, rotation)
+from dataplane.models.rope import (
+    SUPPORTED_ROPE_TYPES,
+    RopeSpec,
+    apply_rotary,
+    apply_rotary_interleaved,
+    interleave_rotary_rows,
+    rotation,
+)
 
 HEAD_DIM = 16
 ATOL = 1e-6
@@ -332,8 +338,12 @@ def test_interleaved_rotary_is_the_same_rotation_in_another_order(rotary_dim):
     table = rotation(cos, sin)
     got_q, got_k = apply_rotary_interleaved(q_i, table), apply_rotary_interleaved(k_i, table)
     half = rotary_dim // 2
-    order = torch.cat((torch.stack((torch.arange(half), torch.arange(half) + half), 1).reshape(-1),
-                       torch.arange(rotary_dim, HEAD_DIM)))
+    order = torch.cat(
+        (
+            torch.stack((torch.arange(half), torch.arange(half) + half), 1).reshape(-1),
+            torch.arange(rotary_dim, HEAD_DIM),
+        )
+    )
     torch.testing.assert_close(got_q, ref_q[..., order], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_k, ref_k[..., order], atol=1e-5, rtol=1e-5)
     scores = torch.einsum("thd,tgd->thg", got_q, got_k)

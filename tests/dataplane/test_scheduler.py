@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from dataplane.engine.kv_blocks import BlockAllocator
+from dataplane.engine.sampling_params import SamplingParams
 from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.sequence import Sequence
-from dataplane.engine.kv_blocks import BlockAllocator
 from dataplane.transport.messages import SamplingOptions
-from dataplane.engine.sampling_params import SamplingParams
 
 
 def seq(seq_id: int, prompt_len: int = 8, max_tokens: int = 8) -> Sequence:
-    return Sequence(seq_id, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                    SamplingOptions(), frozenset(), 1024)
+    return Sequence(
+        seq_id,
+        list(range(prompt_len)),
+        SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        SamplingOptions(),
+        frozenset(),
+        1024,
+    )
 
 
 def next_batch(scheduler: Scheduler) -> list[Sequence]:

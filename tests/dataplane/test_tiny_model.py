@@ -1,4 +1,5 @@
 """Tests for the embedded tiny model and the tiny test-checkpoint builders."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,10 @@ import threading
 
 import pytest
 import torch
+from checkpoints import KINDS, write_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from checkpoints import KINDS, write_checkpoint
 from dataplane.models.tiny import BOS_ID, EOS_ID, MODEL_NAME, PAD_ID, VOCAB_SIZE, ensure_tiny_model
 
 TEXTS = ["Hello, world!", "  two leading spaces\n\ttab", "héllo wörld — 世界 🚀", "", "a . b , c 's \x00\x7f"]
@@ -101,7 +102,7 @@ def test_write_checkpoint_kinds(kind, tmp_path):
             logits = model(ids).logits
         assert logits.shape == (1, ids.shape[1], VOCAB_SIZE) and torch.isfinite(logits).all()
         out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD_ID)
-        continuations.add(tuple(out[0, ids.shape[1]:].tolist()))
+        continuations.add(tuple(out[0, ids.shape[1] :].tolist()))
     assert len(continuations) > 1
 
 
@@ -115,7 +116,9 @@ def test_write_checkpoint_seeded(tmp_path):
 
 def test_write_checkpoint_overrides(tmp_path):
     rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-    path = write_checkpoint("llama", tmp_path / "o", rope_parameters=rope, attention_bias=True, tie_word_embeddings=True)
+    path = write_checkpoint(
+        "llama", tmp_path / "o", rope_parameters=rope, attention_bias=True, tie_word_embeddings=True
+    )
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.rope_parameters["rope_type"] == "linear"
     assert model.model.layers[0].self_attn.q_proj.bias is not None and model.config.tie_word_embeddings

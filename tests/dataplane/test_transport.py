@@ -16,18 +16,19 @@ import msgspec
 import pytest
 import torch
 import zmq
+from transport_support import SPAWN, assert_same, free_port, queue_get, spawned
 
 from common.errors import TransportError
 from common.runtime import shared_memory_dir
 from dataplane.transport import TRANSPORTS, Inbox, Outbox, check_transport, inbox_address, open_outbox
 from dataplane.transport.shm import FLAG_BYTES, ShmOutbox
-from transport_support import SPAWN, assert_same, free_port, queue_get, spawned
 
-RECV_MS = 30_000        # the longest any single recv may wait
-CHILD_JOIN_S = 60       # the longest a child may take to finish after the test is done with it
+RECV_MS = 30_000  # the longest any single recv may wait
+CHILD_JOIN_S = 60  # the longest a child may take to finish after the test is done with it
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def sample_tensors(seed: int) -> list[torch.Tensor]:
     """Deterministic tensors of every interesting kind: dtypes, empty, non-contiguous, 0-dim,
@@ -36,15 +37,15 @@ def sample_tensors(seed: int) -> list[torch.Tensor]:
     non_contiguous = torch.randn(6, 8, generator=g)[::2, 1::3]
     assert not non_contiguous.is_contiguous()
     return [
-        torch.randn(3, 5, generator=g),                                     # f32
-        torch.randn(4, 7, generator=g).to(torch.bfloat16),                  # bf16
-        torch.randint(-(2 ** 40), 2 ** 40, (11,), generator=g),             # i64, values beyond 32 bits
-        torch.empty(0, 4),                                                  # empty
-        non_contiguous,                                                     # strided view
-        torch.randint(0, 256, (3,), dtype=torch.uint8, generator=g),        # 3 bytes: misaligns what follows
-        torch.tensor(float(seed) + 0.25, dtype=torch.float64),              # 0-dim
-        torch.randn(2, 3, generator=g).to(torch.float16),                   # f16
-        torch.randint(-1000, 1000, (5,), dtype=torch.int32, generator=g),   # i32
+        torch.randn(3, 5, generator=g),  # f32
+        torch.randn(4, 7, generator=g).to(torch.bfloat16),  # bf16
+        torch.randint(-(2**40), 2**40, (11,), generator=g),  # i64, values beyond 32 bits
+        torch.empty(0, 4),  # empty
+        non_contiguous,  # strided view
+        torch.randint(0, 256, (3,), dtype=torch.uint8, generator=g),  # 3 bytes: misaligns what follows
+        torch.tensor(float(seed) + 0.25, dtype=torch.float64),  # 0-dim
+        torch.randn(2, 3, generator=g).to(torch.float16),  # f16
+        torch.randint(-1000, 1000, (5,), dtype=torch.int32, generator=g),  # i32
     ]
 
 
@@ -77,6 +78,7 @@ def make_pair(kind: str, context: zmq.Context, session_dir: str, name: str = "in
 
 
 # ----------------------------------------------------------------------------- names and addresses
+
 
 def test_check_transport_rejects_unknown_names(context, session_dir):
     for kind in TRANSPORTS:
@@ -115,6 +117,7 @@ def test_inbox_address_per_kind(context, session_dir):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on hosts without CUDA")
 def test_gpu_kinds_refused_without_cuda(context, session_dir):
     from dataplane.transport import torch_dist
+
     inbox = Inbox(context, inbox_address("cuda_ipc", session_dir, "gpu"))
     try:
         with pytest.raises(TransportError, match=r"cuda_ipc.*CUDA") as info:
@@ -127,6 +130,7 @@ def test_gpu_kinds_refused_without_cuda(context, session_dir):
 
 
 # ----------------------------------------------------------------------------- timeouts
+
 
 def test_recv_times_out_with_none(context, session_dir):
     inbox = Inbox(context, inbox_address("tcp", session_dir, "idle"))
@@ -154,6 +158,7 @@ def test_send_without_receiver_times_out(context):
 
 # ----------------------------------------------------------------------------- round trips (shm, tcp)
 
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["shm", "tcp"])
 def test_round_trip_between_threads(kind, context, session_dir):
@@ -161,8 +166,8 @@ def test_round_trip_between_threads(kind, context, session_dir):
     plan = [
         (b"mixed", sample_tensors(1)),
         (b"header only", []),
-        (b"", sample_tensors(2)),                              # empty header
-        (bytes(range(256)) * 4, [torch.arange(10)]),           # binary header, one tensor
+        (b"", sample_tensors(2)),  # empty header
+        (bytes(range(256)) * 4, [torch.arange(10)]),  # binary header, one tensor
         (b"all empty", [torch.empty(0), torch.empty(3, 0, dtype=torch.bfloat16)]),
         (b"scalar", [torch.tensor(7)]),
     ]
@@ -213,7 +218,9 @@ def test_order_of_200_messages_preserved(kind, context, session_dir):
         outbox = open_outbox(kind, context, inbox.address, num_slots=16, slot_bytes=1 << 16)
         try:
             for i in range(count):
-                tensors = [] if i % 7 == 3 else [torch.full((i % 5 + 1, 3), i, dtype=torch.int64), torch.tensor(float(i))]
+                tensors = (
+                    [] if i % 7 == 3 else [torch.full((i % 5 + 1, 3), i, dtype=torch.int64), torch.tensor(float(i))]
+                )
                 outbox.send(f"msg-{i}".encode(), tensors)
             done.wait(60)
         except BaseException as exc:
@@ -259,6 +266,7 @@ def test_unsupported_dtype_is_refused_without_leaking_a_slot(kind, context, sess
 
 
 # ----------------------------------------------------------------------------- shm specifics
+
 
 def test_shm_tensors_are_zero_copy_views_of_the_ring(context, session_dir):
     inbox, outbox = make_pair("shm", context, session_dir, num_slots=4, slot_bytes=1 << 16)
@@ -348,7 +356,7 @@ def test_shm_oversize_message_falls_back_to_inline_frames(context, session_dir):
     inbox = Inbox(context, inbox_address("shm", session_dir, "big"))
     outbox = ShmOutbox(context, inbox.address, num_slots=1, slot_bytes=4096, timeout_s=0.3)
     try:
-        big = torch.randn(64, 64)            # 16 KiB: does not fit a 4 KiB slot
+        big = torch.randn(64, 64)  # 16 KiB: does not fit a 4 KiB slot
         pair = [torch.randn(513), torch.randn(513)]  # 2052 B each: each fits a slot, both do not
         messages = []
         for index, tensors in enumerate([[big], pair, [big.to(torch.bfloat16), torch.arange(3)]]):
@@ -401,6 +409,7 @@ def test_shm_ring_refuses_bad_slot_counts(context):
 
 
 # ----------------------------------------------------------------------------- across processes
+
 
 def _sender_child(kind: str, address: str, count: int, results, done) -> None:
     """Child process: sends ``count`` messages of sample tensors to ``address``."""
@@ -486,7 +495,9 @@ def _gloo_rank(rank: int, init_method: str, addresses, results) -> None:
     if os.path.isdir("/sys/class/net/lo"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch.distributed as dist
+
     from dataplane.transport import torch_dist
+
     context = zmq.Context()
     box = None
     try:
@@ -525,8 +536,9 @@ def test_gloo_point_to_point_between_processes():
     init_method = f"tcp://127.0.0.1:{free_port()}"
     addresses, results = SPAWN.Queue(), SPAWN.Queue()
     try:
-        with spawned((_gloo_rank, (0, init_method, addresses, results)),
-                     (_gloo_rank, (1, init_method, addresses, results))) as ranks:
+        with spawned(
+            (_gloo_rank, (0, init_method, addresses, results)), (_gloo_rank, (1, init_method, addresses, results))
+        ) as ranks:
             reported = sorted(queue_get(results, "ok", timeout_s=120) for _ in ranks)
             assert reported == [0, 1]
             for process in ranks:
@@ -539,6 +551,7 @@ def test_gloo_point_to_point_between_processes():
 
 
 # ----------------------------------------------------------------------------- malformed input
+
 
 def _entry(dtype="f32", shape=(2,), where=("frame", 0)):
     return [dtype, list(shape), list(where)]
@@ -564,9 +577,11 @@ MALFORMED = {
     "shape does not match the frame": lambda victim: [_meta(_entry(shape=(100,))), EIGHT_BYTES],
     "shm file outside shared memory": lambda victim: [_meta(_entry(where=("shm", victim, 0, 0, 64)))],
     "shm path escapes shared memory": lambda victim: [
-        _meta(_entry(where=("shm", f"{shared_memory_dir()}/../..{victim}", 0, 0, 64)))],
+        _meta(_entry(where=("shm", f"{shared_memory_dir()}/../..{victim}", 0, 0, 64)))
+    ],
     "shm file missing": lambda victim: [
-        _meta(_entry(where=("shm", f"{shared_memory_dir()}/flexpipe-0-doesnotexist", 0, 0, 64)))],
+        _meta(_entry(where=("shm", f"{shared_memory_dir()}/flexpipe-0-doesnotexist", 0, 0, 64)))
+    ],
 }
 
 

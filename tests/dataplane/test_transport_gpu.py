@@ -14,11 +14,11 @@ import traceback
 import pytest
 import torch
 import zmq
+from transport_support import SPAWN, assert_same, free_port, queue_get, spawned
 
 from common.errors import TransportError
 from common.runtime import shared_memory_dir
 from dataplane.transport import Inbox, inbox_address, open_outbox
-from transport_support import SPAWN, assert_same, free_port, queue_get, spawned
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,13 +31,14 @@ CHILD_JOIN_S = 90
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def expected_tensors(seed: int) -> list[torch.Tensor]:
     """CPU reference values of message ``seed``: several dtypes, empty, 0-dim and a strided view."""
     g = torch.Generator().manual_seed(seed)
     return [
         torch.randn(3, 5, generator=g),
         torch.randn(4, 7, generator=g).to(torch.bfloat16),
-        torch.randint(-(2 ** 40), 2 ** 40, (11,), generator=g),
+        torch.randint(-(2**40), 2**40, (11,), generator=g),
         torch.empty(0, 4),
         torch.randn(6, 8, generator=g)[::2, 1::3],
         torch.randint(0, 256, (3,), dtype=torch.uint8, generator=g),
@@ -164,7 +165,9 @@ NCCL_PLAN = [(b"n0", 0), (b"n-header-only", None), (b"n1", 1), (b"n2", 2)]
 def _nccl_rank(rank: int, init_method: str, addresses, results) -> None:
     """Child: rank ``r`` runs on cuda:r; rank 0 sends to rank 1's Inbox, rank 1 checks."""
     import torch.distributed as dist
+
     from dataplane.transport import torch_dist
+
     context = zmq.Context()
     box = None
     try:
@@ -206,8 +209,11 @@ def test_nccl_point_to_point_between_processes():
     init_method = f"tcp://127.0.0.1:{free_port()}"
     addresses, results = SPAWN.Queue(), SPAWN.Queue()
     try:
-        with spawned((_nccl_rank, (0, init_method, addresses, results)),
-                     (_nccl_rank, (1, init_method, addresses, results)), join_s=CHILD_JOIN_S) as ranks:
+        with spawned(
+            (_nccl_rank, (0, init_method, addresses, results)),
+            (_nccl_rank, (1, init_method, addresses, results)),
+            join_s=CHILD_JOIN_S,
+        ) as ranks:
             reported = sorted(queue_get(results, "ok", timeout_s=240) for _ in ranks)
             assert reported == [0, 1]
             for process in ranks:

@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from common.errors import TransportError
-from dataplane.models.batch import BatchInput
-from dataplane.models.attention import new_kv_pool
+from common.model.spec import ModelSpec, read_config
 from dataplane.models import adapter_for
+from dataplane.models.attention import new_kv_pool
+from dataplane.models.batch import BatchInput
 from dataplane.models.checkpoint import CheckpointReader
-from common.model.spec import read_config
-from common.model.spec import ModelSpec
 from dataplane.stage.param_cache import ParamCache
 from dataplane.stage.unit_state import fill, skeleton, unit_bytes, unit_tensors, with_pool
 
@@ -30,7 +29,9 @@ def built(parts, unit, pool=None):
 @pytest.mark.parametrize("unit", ["embed", "L0.attn", "L1.mlp", "head"])
 def test_a_unit_rebuilt_from_its_tensors_computes_the_same(parts, unit):
     spec, reader, adapter = parts
-    pool = new_kv_pool(4, 16, spec.num_kv_heads, spec.head_dim, torch.float32, "cpu") if unit.endswith(".attn") else None
+    pool = (
+        new_kv_pool(4, 16, spec.num_kv_heads, spec.head_dim, torch.float32, "cpu") if unit.endswith(".attn") else None
+    )
     original = built(parts, unit, pool)
     copy = skeleton(adapter, unit, {n: reader.shape(n) for n in adapter.tensor_names(unit)}, torch.float32)
     assert all(t.is_meta for t in unit_tensors(copy).values())
@@ -57,7 +58,7 @@ def test_the_parameter_cache_keeps_the_most_recent_units_within_its_budget(parts
     size = unit_bytes(units["L0.mlp"])
     cache = ParamCache(2 * size)
     assert cache.put("L0.mlp", units["L0.mlp"]) and cache.put("L1.mlp", units["L1.mlp"])
-    assert cache.get("L0.mlp") is not None          # L0 is now the most recently used
+    assert cache.get("L0.mlp") is not None  # L0 is now the most recently used
     assert cache.put("L2.mlp", units["L2.mlp"])
     assert cache.names() == ["L0.mlp", "L2.mlp"] and cache.used_bytes == 2 * size
     assert not ParamCache(size - 1).put("L0.mlp", units["L0.mlp"])

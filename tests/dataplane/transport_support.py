@@ -22,7 +22,9 @@ def assert_same(expected: list[torch.Tensor], got: list[torch.Tensor], device: t
         if device is not None:
             assert have.device == device, f"tensor {index} on {have.device}, expected {device}"
         assert have.dtype == want.dtype, f"tensor {index}: dtype {have.dtype} != {want.dtype}"
-        assert tuple(have.shape) == tuple(want.shape), f"tensor {index}: shape {tuple(have.shape)} != {tuple(want.shape)}"
+        assert tuple(have.shape) == tuple(want.shape), (
+            f"tensor {index}: shape {tuple(have.shape)} != {tuple(want.shape)}"
+        )
         assert torch.equal(have.cpu(), want.cpu()), f"tensor {index}: values differ: {have.tolist()} != {want.tolist()}"
 
 
