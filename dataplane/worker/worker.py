@@ -356,13 +356,19 @@ def main(argv: list[str] | None = None) -> None:
 
 def warm_meta_device() -> threading.Thread:
     """The first op on the ``meta`` device imports its kernels (about a second); pay that at start-up,
-    not when a refactor builds a unit received from a peer. Returns the thread doing it."""
-    thread = threading.Thread(
-        target=lambda: torch.cat([torch.empty(1, device="meta")] * 2), name="warm-meta", daemon=True
-    )
+    not when a refactor builds a unit received from a peer. Returns the thread doing it, which runs at
+    the lowest CPU priority so it never delays this or any other process's serving or heartbeats."""
+
+    def warm() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
+        except OSError:
+            pass
+        torch.cat([torch.empty(1, device="meta")] * 2)
+
+    thread = threading.Thread(target=warm, name="warm-meta", daemon=True)
     thread.start()
     return thread
-
 
 if __name__ == "__main__":
     main()
