@@ -11,6 +11,7 @@ the coordinator switches, commits or aborts epochs with bus commands.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
@@ -344,14 +345,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    warming = warm_meta_device()
+    warm_meta_device()
+    code = 0
     try:
         worker.run()
     except FlexPipeError as exc:
         print(f"flexpipe worker {args.worker_id}: {exc}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        warming.join(10.0)  # a C++ thread still running at interpreter exit aborts the process
+        code = 1
+    # Everything this process owns is closed by now. Leave without the interpreter's teardown: torch's
+    # finalisers take about a second, and a warm-up thread still importing would abort it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def warm_meta_device() -> threading.Thread:
