@@ -166,9 +166,9 @@ class Heartbeater:
             self.client.send(ev.Heartbeat(sender=self.client.sender, worker_id=self.member_id, seq=seq))
             for event in self.metrics() if self.metrics else ():
                 self.client.send(event)
-            deadline = time.monotonic() + self.interval_s
-            while (remaining := deadline - time.monotonic()) > 0 and not self._stop.is_set():
-                reply = self.client.receive(min(remaining, 0.1))
+            # one wake-up per interval: in a serving process every extra wake-up competes for the GIL
+            self._stop.wait(self.interval_s)
+            while (reply := self.client.receive(0)) is not None:
                 if isinstance(reply, ev.ErrorReply) and reply.code == "not_registered":
                     self.needs_registration.set()
 

@@ -35,6 +35,8 @@ from dataplane.engine.sampling_params import SamplingParams
 from dataplane.engine.scheduler import Scheduler
 from dataplane.transport import Inbox, inbox_address, open_outbox
 
+STREAMING_POLL_MS = 5
+IDLE_POLL_MS = 100
 MAX_PAUSE_S = 30.0  # a PauseEngine holds this host's loop at most this long
 
 
@@ -176,6 +178,7 @@ class EngineHost:
         self.engines: dict[str, HostedEngine] = {}
         self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self.refill_waits: list[tuple[ev.AwaitRefill, float]] = []
+        self.open_streams: set[int] = set()
         self.heartbeat_interval_s = 1.0
         self.log = get_logger(host_id=host_id)
         self.heartbeater: Heartbeater | None = None
@@ -218,7 +221,7 @@ class EngineHost:
             if self.heartbeater.needs_registration.is_set():
                 self.heartbeater.needs_registration.clear()
                 self.register()
-            ready = dict(poller.poll(5))
+            ready = dict(poller.poll(self._poll_ms()))
             if self.bus.socket in ready:
                 while (event := self.bus.receive(0)) is not None:
                     self._on_command(event)
@@ -228,6 +231,12 @@ class EngineHost:
             if self.refill_waits:
                 self._answer_refilled()
         self.close()
+
+    def _poll_ms(self) -> int:
+        """Short waits while tokens stream or a refill is awaited; otherwise wake only for messages, so an
+        engine sharing this process (the offline ``LLM``) is not interrupted for nothing."""
+        busy = self.open_streams or self.refill_waits or not self.outgoing.empty()
+        return STREAMING_POLL_MS if busy else IDLE_POLL_MS
 
     def _metrics(self) -> list[ev.Event]:
         events = []
@@ -464,7 +473,9 @@ class EngineHost:
                     completion_tokens=len(seq.output_token_ids),
                 )
             self.outgoing.put((identity, reply))
+            self.open_streams.discard(request.cmd_id)
 
+        self.open_streams.add(request.cmd_id)
         seq = hosted.requests.new_sequence(tokens, params, on_finish, on_token=on_token)
         hosted.engine.submit([seq])
         return seq

@@ -3,6 +3,7 @@ supervisor starting the same worker processes. The offline ``LLM`` is its client
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import sys
@@ -24,7 +25,7 @@ from dataplane.engine.host import EngineHost, HostedEngine
 
 ENGINE_HOST_ID = "engine-0"
 SUPERVISOR_ID = "supervisor"
-AGENT_POLL_S = 0.05
+AGENT_POLL_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ class LocalCluster:
         self.agent: SupervisorAgent | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
-        self._client_ids = iter(range(1, 1 << 62))
+        self._client_ids = itertools.count(1)
         extra = {} if "FLEXPIPE_LOG_LEVEL" in os.environ else {"FLEXPIPE_LOG_LEVEL": "warning"}
         self.supervisor = ProcessSupervisor(0, child_environment(extra), self.log)
         try:

@@ -376,5 +376,6 @@ def warm_meta_device() -> threading.Thread:
     thread.start()
     return thread
 
+
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@ carried out command by command, a failed PREPARE aborted, refusals — no socket
 
 import numpy as np
 import pytest
-from test_coordinator import run_to_ready
+from test_deploy_coordinator import run_to_ready
 
 from common import events as ev
 from controlplane.actor import Send, Tell
