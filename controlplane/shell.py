@@ -78,10 +78,13 @@ class ActorShell:
         while not self._stopped.is_set():
             timeout_ms = max(0, int((next_tick - self.clock()) * 1000))
             ready = dict(await poller.poll(timeout_ms))
+            tick_due = self.clock() >= next_tick
             for socket in sockets:
-                if socket in ready:
+                # before time passes, everything already received is handled: a stalled shell must not
+                # see a member as silent while its heartbeats wait in a socket
+                if socket in ready or tick_due:
                     self._drain(socket)
-            if self.clock() >= next_tick:
+            if tick_due:
                 now = self.clock()
                 self._deliver(Tick(now), now)
                 next_tick = now + self.tick_interval_s
