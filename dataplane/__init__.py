@@ -1,5 +1,14 @@
 """FlexPipe data plane: model units, stages, KV cache, engine and transports."""
 
+from common.errors import (
+    CheckpointError,
+    FlexPipeError,
+    InvalidRequestError,
+    PipelineError,
+    RefactorAborted,
+    RefactorRefused,
+    UnsupportedModelError,
+)
 from dataplane.engine.sampling_params import CompletionOutput, RequestOutput, SamplingParams
 
 
@@ -11,4 +20,16 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "FlexPipeError",
+    "InvalidRequestError",
+    "PipelineError",
+    "CheckpointError",
+    "UnsupportedModelError",
+    "RefactorRefused",
+    "RefactorAborted",
+]

@@ -171,6 +171,7 @@ class RefactorCoordinator:
                     moves=list(summary.moves),
                     kv_layers_moved=list(summary.kv_layers_moved),
                     stage_memory=list(summary.stage_memory),
+                    weight_bytes=sum(summary.weight_bytes_by_source.values()),
                     weight_bytes_by_source=dict(summary.weight_bytes_by_source),
                     kv_bytes=summary.kv_bytes_estimate,
                     stall_estimate_s=summary.stall_estimate_s,

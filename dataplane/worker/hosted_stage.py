@@ -52,6 +52,7 @@ class HostedStage:
         self.reported_at = time.monotonic()
         self.reported_busy = 0.0
         self.reported_tokens = 0
+        self.reported_server: StageServer | None = None
         self.log = get_logger(worker_id=worker_id)
 
     @property
@@ -112,6 +113,8 @@ class HostedStage:
         if server is None:
             return None
         now = time.monotonic()
+        if server is not self.reported_server:  # a new epoch's server counts from zero
+            self.reported_server, self.reported_busy, self.reported_tokens = server, 0.0, 0
         elapsed = max(1e-6, now - self.reported_at)
         busy = (server.busy_seconds - self.reported_busy) / elapsed
         tokens = (server.tokens_processed - self.reported_tokens) / elapsed
