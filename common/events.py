@@ -462,7 +462,8 @@ class RefactorPhaseDone(Event, tag="refactor_phase_done"):
 
 class RefactorOutcome(Reply, tag="refactor_outcome"):
     """How a refactor request ended: ``planned`` (dry run), ``committed``, ``aborted`` or ``refused``.
-    ``epoch`` is the epoch serving afterwards; ``phase_seconds`` maps each phase run to its duration."""
+    ``epoch`` is the epoch serving afterwards; ``phase_seconds`` maps each phase run to its duration;
+    ``switch`` is SWITCH as the engine measured it (None when no SWITCH completed)."""
 
     pipeline_id: str
     refactor_id: int
@@ -482,14 +483,23 @@ class RefactorOutcome(Reply, tag="refactor_outcome"):
     kv_bytes_precopy: int = 0
     kv_bytes_delta: int = 0
     precopy_rounds: int = 0
-    stall_s: float = 0.0
-    switch_s: float = 0.0
-    requests_carried: int = 0
     switch: SwitchTiming | None = None
     workers: list[str] = []
     moves: list[str] = []
     stage_memory: list[int] = []
     stall_estimate_s: float = 0.0
+
+    @property
+    def stall_s(self) -> float:
+        return self.switch.stall_s if self.switch is not None else 0.0
+
+    @property
+    def switch_s(self) -> float:
+        return self.switch.switch_s if self.switch is not None else 0.0
+
+    @property
+    def requests_carried(self) -> int:
+        return self.switch.requests_carried if self.switch is not None else 0
 
 
 class PipelineReshaped(Event, tag="pipeline_reshaped"):

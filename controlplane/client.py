@@ -125,6 +125,41 @@ class BusClient:
         self.close()
 
 
+def failure_reply(sender: str, command: ev.Command, exc: Exception) -> ev.ErrorReply:
+    """The ``ErrorReply`` answering ``command`` that failed with ``exc``: FlexPipe errors by their message,
+    anything else by its type too."""
+    detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
+    return ev.ErrorReply(sender=sender, reply_to=command.cmd_id, code="command_failed", message=detail)
+
+
+def missing_members(status: ev.StatusReply, worker_ids, host_ids=()) -> set[str]:
+    """Which of the named workers and engine hosts are not registered and alive in ``status``."""
+    alive = {w.worker_id for w in status.workers if w.state == "alive"}
+    alive |= {h.host_id for h in status.engine_hosts if h.state == "alive"}
+    return {*worker_ids, *host_ids} - alive
+
+
+def wait_for_pipeline(
+    bus: BusClient,
+    pipeline_id: str,
+    states: tuple[str, ...],
+    timeout_s: float,
+    check=lambda: None,
+    interval_s: float = 0.2,
+) -> ev.PipelineView:
+    """Ask for the status every ``interval_s`` until pipeline ``pipeline_id`` is in one of ``states``;
+    ``check()`` runs between asks and may raise. Raises ``BusError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        view = next((p for p in bus.request(ev.StatusRequest).pipelines if p.pipeline_id == pipeline_id), None)
+        if view is not None and view.state in states:
+            return view
+        if time.monotonic() > deadline:
+            raise BusError(f"pipeline {pipeline_id} is {view.state if view else 'unknown'} after {timeout_s:.0f}s")
+        check()
+        time.sleep(interval_s)
+
+
 class Heartbeater:
     """Sends a member's heartbeats (and, optionally, metrics) from its own thread and socket,
     so a long command or a busy serving loop never makes the member look dead.

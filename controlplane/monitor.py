@@ -159,22 +159,12 @@ class Monitor:
 
     def _on_member_exited(self, event: ev.MemberExited, now: float) -> list[Action]:
         """A supervisor saw the process exit: lost at once, without waiting for missed heartbeats."""
-        reason = f"exited with code {event.exit_code}"
         member = self.members.get(event.member_id)
-        if member is not None and member.pid == event.pid:
-            return self._declare_lost(member, now, reason) if member.state == "alive" else []
-        if member is not None:
-            return []  # an older process of a member that registered again since
-        lost = ev.WorkerLost(sender=self.name, worker_id=event.member_id, silent_for_s=0.0, reason=reason)
-        return [
-            Tell("coordinator", lost),
-            Tell("refactor_executor", lost),
-            Log(
-                "worker.lost",
-                {"worker_id": event.member_id, "kind": "unregistered", "member_pid": event.pid, "reason": reason},
-                level="warning",
-            ),
-        ]
+        if member is None:  # it exited before it registered: nobody else knows it, but a refactor may wait for it
+            member = Member(event.member_id, "unregistered", event.pid, "", now)
+        if member.pid != event.pid or member.state != "alive":
+            return []  # an older process of a member that registered again since, or one already lost
+        return self._declare_lost(member, now, f"exited with code {event.exit_code}")
 
     def _on_heartbeat(self, event: ev.Heartbeat, now: float) -> list[Action]:
         member = self.members.get(event.worker_id)

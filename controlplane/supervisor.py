@@ -26,7 +26,7 @@ from common.config import FlexPipeConfig, load_config, with_overrides
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
 from common.runtime import remove_rings_of, runtime_dir
-from controlplane.client import BusClient, BusError, Heartbeater
+from controlplane.client import BusClient, BusError, Heartbeater, missing_members
 
 STATE_FILE = "cluster.json"
 STOP_TIMEOUT_S = 10.0
@@ -37,6 +37,23 @@ WORKER_MODULE = "dataplane.worker"
 # on first touch, which costs more than the attention itself on small models; keeping
 # them on the heap lets freed blocks be reused.
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912"
+
+
+def worker_command(worker_id: str, memory: int, threads: int, *options: str) -> list[str]:
+    """The command line of worker ``worker_id``: a virtual device of ``memory`` bytes on CPU hosts,
+    ``threads`` torch threads, then ``options`` (``--controller``, ``--device``, ``--config``, ...)."""
+    return [
+        sys.executable,
+        "-m",
+        WORKER_MODULE,
+        "--worker-id",
+        worker_id,
+        "--memory",
+        str(memory),
+        "--threads",
+        str(threads),
+        *options,
+    ]
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -284,18 +301,7 @@ class LocalCluster:
         self.stopping = False
 
     def worker_argv(self, worker_id: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            WORKER_MODULE,
-            "--worker-id",
-            worker_id,
-            "--memory",
-            str(self.config.cluster.worker_memory),
-            "--threads",
-            str(self.threads),
-            *self.common,
-        ]
+        return worker_command(worker_id, self.config.cluster.worker_memory, self.threads, *self.common)
 
     def up(self) -> None:
         timeout = self.config.cluster.ready_timeout_s
@@ -339,11 +345,7 @@ class LocalCluster:
         for name in self.supervisor.children:
             self._dead_check(name)
         status = cluster_status(self.config)
-        if status is None:
-            return False
-        alive = {w.worker_id for w in status.workers if w.state == "alive"}
-        hosts = {h.host_id for h in status.engine_hosts if h.state == "alive"}
-        return set(self.worker_ids) <= alive and "engine-0" in hosts
+        return status is not None and not missing_members(status, self.worker_ids, ["engine-0"])
 
     def serve(self) -> None:
         while not self.stopping:

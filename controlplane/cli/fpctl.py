@@ -31,7 +31,7 @@ from common.runtime import runtime_dir
 from controlplane.cli.timeline import build_timelines, read_refactor_events
 from controlplane.cli.timeline_views import print_timelines
 from controlplane.cli.views import pipelines_table, print_refactor_outcome, print_status, to_json, workers_table
-from controlplane.client import BusClient, BusError
+from controlplane.client import BusClient, BusError, wait_for_pipeline
 from controlplane.supervisor import STOP_TIMEOUT_S, child_environment, cluster_state_path
 
 
@@ -164,16 +164,8 @@ class Fpctl:
         return 0 if view.state == "READY" else 1
 
     def _wait_for(self, pipeline_id: str, states: tuple[str, ...], timeout_s: float) -> ev.PipelineView:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            view = next((p for p in self.status().pipelines if p.pipeline_id == pipeline_id), None)
-            if view is not None and view.state in states:
-                return view
-            if time.monotonic() > deadline:
-                raise FlexPipeError(
-                    f"pipeline {pipeline_id} is {view.state if view else 'unknown'} after {timeout_s:.0f}s"
-                )
-            time.sleep(0.2)
+        with self.bus() as bus:
+            return wait_for_pipeline(bus, pipeline_id, states, timeout_s)
 
     def undeploy(self) -> int:
         with self.bus() as bus:

@@ -19,7 +19,6 @@ from controlplane.actor import Action, Log, Send, Tell, Tick
 from controlplane.deploy.plan import PipelinePlan
 
 PHASES = ("PLACING", "PREPARING", "LOADING", "CONNECTING", "STARTING")
-UNSUPPORTED_TRANSPORTS = ("nccl", "gloo")
 
 
 @dataclass
@@ -138,11 +137,6 @@ class DeployCoordinator:
             return refuse("no engine host is registered")
         if event.num_stages < 1 and not event.layout:
             return refuse("give a stage count >= 1 or an explicit layout")
-        if event.transport in UNSUPPORTED_TRANSPORTS:
-            return refuse(
-                f"the {event.transport} transport needs a torch.distributed process group fixed at "
-                "start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp or cuda_ipc"
-            )
         try:
             plan = self.planner(event)
         except FlexPipeError as exc:

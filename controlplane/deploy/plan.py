@@ -6,12 +6,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import events as ev
+from common.errors import InvalidRequestError
 from common.model.partition import partition_model, unit_costs
 from common.model.sizes import dtype_bytes, kv_bytes_per_block
 from common.model.spec import ModelSpec, read_config
 from common.model.units import Layout, unit_names
 
 ACTIVATION_RESERVE_BYTES = 64 << 20
+FIXED_GROUP_TRANSPORTS = ("nccl", "gloo")
+
+
+def check_deployable_transport(transport: str) -> None:
+    """Raise ``InvalidRequestError`` for a transport whose torch.distributed process group is fixed at
+    start-up: a pipeline re-shaped in flight cannot keep it."""
+    if transport in FIXED_GROUP_TRANSPORTS:
+        raise InvalidRequestError(
+            f"the {transport} transport needs a torch.distributed process group fixed at start-up, which a "
+            "pipeline re-shaped in flight cannot keep; use shm, tcp or cuda_ipc"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +46,7 @@ def plan_pipeline(request: ev.DeployPipeline) -> PipelinePlan:
     at most enough for ``max_num_seqs`` requests of the full context.
 
     Raises CheckpointError / UnsupportedModelError / PartitionError / InvalidRequestError."""
+    check_deployable_transport(request.transport)
     spec = ModelSpec.from_config(read_config(Path(request.model_dir)))
     names = unit_names(spec.num_layers)
     element_bytes = dtype_bytes(request.dtype)

@@ -71,6 +71,10 @@ class RefactorRun:
     def stall_s(self) -> float:
         return self.switch.stall_s if self.switch is not None else 0.0
 
+    @property
+    def switch_s(self) -> float:
+        return self.switch.switch_s if self.switch is not None else 0.0
+
 
 @dataclass
 class PipelineRefactors:
@@ -327,7 +331,7 @@ class RefactorCoordinator:
                     "refactor_id": run.refactor_id,
                     "duration_s": duration,
                     "stall_s": run.stall_s,
-                    "switch_s": run.switch.switch_s if run.switch else 0.0,
+                    "switch_s": run.switch_s,
                     "weight_bytes": run.weight_bytes,
                     "kv_bytes": run.kv_bytes,
                 },
@@ -345,7 +349,6 @@ class RefactorCoordinator:
                 "warning",
             )
         summary = run.summary
-        switch = run.switch or ev.SwitchTiming()
         reply = ev.RefactorOutcome(
             reply_to=run.request.cmd_id,
             pipeline_id=pipeline_id,
@@ -366,9 +369,6 @@ class RefactorCoordinator:
             kv_bytes_precopy=run.kv_bytes_precopy,
             kv_bytes_delta=run.kv_bytes_delta,
             precopy_rounds=run.precopy_rounds,
-            stall_s=switch.stall_s,
-            switch_s=switch.switch_s,
-            requests_carried=switch.requests_carried,
             switch=run.switch,
             workers=list(run.workers),
             stage_memory=list(summary.stage_memory) if summary else [],

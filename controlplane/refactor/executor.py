@@ -56,7 +56,6 @@ class ClusterRun:
     precopy_rounds: int = 0
     transfer_stage: dict[int, tuple[int, int]] = field(default_factory=dict)
     started: float = 0.0
-    paused_at: float = 0.0
     switch: ev.SwitchTiming | None = None
     next_transfer: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -197,7 +196,7 @@ class RefactorExecutor:
             run.unit_sources.update(reply.sources)
         elif isinstance(reply, (ev.EnginePaused, ev.KvSnapshot)):
             if isinstance(reply, ev.EnginePaused):
-                run.paused, run.paused_at, run.launched = True, now, reply.launched
+                run.paused, run.launched = True, reply.launched
             run.snapshot = list(zip(reply.seq_ids, reply.block_tables, reply.num_computed))
         elif isinstance(reply, ev.EngineResumed):
             run.switch = reply.switch

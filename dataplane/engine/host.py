@@ -27,7 +27,7 @@ from common.errors import FlexPipeError, InvalidRequestError, PipelineError
 from common.logging import configure_logging, emit, get_logger
 from common.model.spec import ModelSpec, read_config
 from common.runtime import freeze_heap, new_session_dir, notify_systemd, runtime_dir
-from controlplane.client import BusClient, Heartbeater
+from controlplane.client import BusClient, Heartbeater, failure_reply
 from dataplane.engine.core import EngineCore
 from dataplane.engine.kv_blocks import BlockAllocator
 from dataplane.engine.requests import RequestFactory, load_tokenizer
@@ -141,7 +141,7 @@ class HostedEngine:
 
     def kv_tokens(self) -> int:
         """Positions with KV written, summed over running requests (read from another thread: an estimate)."""
-        return sum(seq.num_computed for seq in list(self.scheduler.running))
+        return sum(written for _, _, written in self.scheduler.kv_in_use())
 
     def fail_all(self, reason: str) -> None:
         self.unavailable = reason
@@ -279,8 +279,7 @@ class EngineHost:
         try:
             reply = handler(event)
         except Exception as exc:  # every command gets an answer, failures included
-            detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
-            reply = ev.ErrorReply(sender=self.host_id, reply_to=event.cmd_id, code="command_failed", message=detail)
+            reply = failure_reply(self.host_id, event, exc)
         if reply is not None:
             self.bus.send(reply)
 

@@ -1,13 +1,14 @@
 """The offline API: ``LLM(model, num_stages=...)`` and ``llm.generate(prompts, params)``.
 
 An ``LLM`` is a client of the same runtime ``fpctl up`` runs: it hosts the controller and an
-engine host on threads of this process (``LocalCluster``), whose supervisor starts the same
+engine host on threads of this process (``InProcessCluster``), whose supervisor starts the same
 worker processes; it deploys with ``DeployPipeline`` and refactors with ``RefactorPipeline``,
 and ``generate`` submits straight to the in-process engine.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import threading
@@ -30,14 +31,13 @@ from common.errors import (
 )
 from common.logging import configure_logging
 from common.model.partition import partition_model
-from common.model.sizes import kv_bytes_per_block
 from common.model.spec import ModelSpec, read_config
 from common.model.units import Layout, unit_names
 from common.runtime import freeze_heap, new_session_dir
 from controlplane.client import BusError
-from dataplane.engine.requests import load_tokenizer
+from controlplane.deploy.plan import check_deployable_transport
 from dataplane.engine.sampling_params import RequestOutput, SamplingParams
-from dataplane.llm.local_cluster import LocalCluster, WorkerOptions
+from dataplane.llm.in_process import InProcessCluster, WorkerOptions
 from dataplane.llm.report import RefactorReport
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader
@@ -46,7 +46,6 @@ from dataplane.transport import check_transport
 
 PIPELINE_ID = "llm"
 SPAWN_CAPACITY = 16  # workers a refactor may start beyond the first ones, unless ``max_workers`` says otherwise
-FIXED_GROUP_TRANSPORTS = ("nccl", "gloo")
 
 
 class LLM:
@@ -87,12 +86,7 @@ class LLM:
             model = ensure_tiny_model()
         self.model_dir = Path(model).resolve()
         self.transport = check_transport(transport)
-        if self.transport in FIXED_GROUP_TRANSPORTS:
-            raise InvalidRequestError(
-                f"the {self.transport} transport needs a torch.distributed process group fixed "
-                "at start-up, which a pipeline re-shaped in flight cannot keep; use shm, tcp "
-                "or cuda_ipc"
-            )
+        check_deployable_transport(self.transport)
         self.dtype = dtype
         resolve_dtype(dtype)
         self.spec = ModelSpec.from_config(read_config(self.model_dir))
@@ -105,24 +99,30 @@ class LLM:
         if len(self.devices) != stages:
             raise InvalidRequestError(f"{len(self.devices)} devices given for {stages} stages")
         self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks or self._default_kv_blocks(kv_cache_bytes, max_num_seqs)
-        self.max_num_batched_tokens = max_num_batched_tokens or max(self.max_model_len, 2048)
         self.worker_memory, self.max_workers = worker_memory, max_workers
         self.epoch = 0
         self._closed = False
-        self._cluster: LocalCluster | None = None
+        self._cluster: InProcessCluster | None = None
         if not structlog.is_configured():
             configure_logging("llm", level="warning")
         self._session_dir = new_session_dir("llm-")
+        deploy = dict(
+            pipeline_id=PIPELINE_ID,
+            model_dir=str(self.model_dir),
+            layout=self.layout.describe(self.unit_names),
+            transport=self.transport,
+            dtype=self.dtype,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            workers=[f"worker-{i}" for i in range(stages)],
+            num_kv_blocks=num_kv_blocks or 0,
+            kv_cache_bytes=kv_cache_bytes,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens or 0,
+            step_timeout_s=step_timeout_s,
+        )
         try:
-            self._start(
-                stages + spare_workers,
-                max_num_seqs,
-                step_timeout_s,
-                start_timeout_s,
-                param_cache_bytes,
-                refactor_timeouts_s,
-            )
+            self._start(deploy, stages + spare_workers, start_timeout_s, param_cache_bytes, refactor_timeouts_s)
         except BaseException:
             self.close()
             raise
@@ -143,26 +143,16 @@ class LLM:
     def _default_device(self, stage: int) -> str:
         return f"cuda:{stage}" if self.transport == "cuda_ipc" else "cpu"
 
-    def _default_kv_blocks(self, kv_cache_bytes: int, max_num_seqs: int) -> int:
-        layers_per_stage = max(
-            sum(1 for u in self.layout.stage_units(s, self.unit_names) if u.endswith(".attn"))
-            for s in range(self.layout.num_stages)
-        )
-        per_block = kv_bytes_per_block(
-            self.block_size, self.spec.num_kv_heads, self.spec.head_dim, resolve_dtype(self.dtype).itemsize
-        ) * max(1, layers_per_stage)
-        wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
-        return max(1, min(wanted, kv_cache_bytes // per_block))
-
     def _start(
         self,
+        deploy: dict,
         num_workers: int,
-        max_num_seqs: int,
-        step_timeout_s: float,
         start_timeout_s: float,
         param_cache_bytes: int | None,
         refactor_timeouts_s: dict[str, float] | None,
     ) -> None:
+        """Start the runtime and deploy ``deploy`` (``DeployPipeline`` fields) on it; the deploy plan sizes
+        the KV cache and the micro-batch token budget where they were not given."""
         stages = self.layout.num_stages
         options = WorkerOptions(
             tuple(self.devices),
@@ -172,33 +162,21 @@ class LLM:
             param_cache_bytes,
         )
         spawn = max(0, self.max_workers - num_workers) if self.max_workers is not None else SPAWN_CAPACITY
-        # the engine loads the tokenizer once the workers are up; read it meanwhile (imports, file cache)
-        tokenizer_warm_up = threading.Thread(target=load_tokenizer, args=(self.model_dir,), daemon=True)
-        tokenizer_warm_up.start()
-        self._cluster = LocalCluster(
+        # the engine imports the tokenizer machinery once the workers are up; import it meanwhile
+        warm_up = threading.Thread(target=lambda: importlib.import_module("transformers").AutoTokenizer, daemon=True)
+        warm_up.start()
+        self._cluster = InProcessCluster(
             self._session_dir, num_workers, options, spawn, start_timeout_s, refactor_timeouts_s
         )
-        tokenizer_warm_up.join(start_timeout_s)
+        warm_up.join(start_timeout_s)
         self._finalizer = weakref.finalize(self, self._cluster.close)
-        hosted = self._cluster.deploy(
-            start_timeout_s,
-            pipeline_id=PIPELINE_ID,
-            model_dir=str(self.model_dir),
-            layout=self.layout.describe(self.unit_names),
-            transport=self.transport,
-            dtype=self.dtype,
-            block_size=self.block_size,
-            max_num_seqs=max_num_seqs,
-            workers=[f"worker-{i}" for i in range(stages)],
-            num_kv_blocks=self.num_kv_blocks,
-            max_model_len=self.max_model_len,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            step_timeout_s=step_timeout_s,
-        )
+        hosted = self._cluster.deploy(start_timeout_s, **deploy)
         self.engine, self.requests = hosted.engine, hosted.requests
         self.tokenizer = self.requests.tokenizer
-        loaded = self._cluster.controller.actor("coordinator").pipelines[PIPELINE_ID].loaded
-        self.stages = [loaded[stage] for stage in sorted(loaded)]
+        pipeline = self._cluster.controller.actor("coordinator").pipelines[PIPELINE_ID]
+        self.num_kv_blocks = pipeline.plan.num_kv_blocks
+        self.max_num_batched_tokens = pipeline.plan.max_num_batched_tokens
+        self.stages = [pipeline.loaded[stage] for stage in sorted(pipeline.loaded)]
         freeze_heap()
 
     @property

@@ -28,7 +28,7 @@ from common.config import load_config, parse_bytes
 from common.errors import FlexPipeError
 from common.logging import configure_logging, emit, get_logger
 from common.runtime import freeze_heap, new_session_dir, notify_systemd
-from controlplane.client import BusClient, Heartbeater
+from controlplane.client import BusClient, Heartbeater, failure_reply
 from dataplane.stage.server import set_device
 from dataplane.worker.devices import probe_device
 from dataplane.worker.hosted_stage import HostedStage
@@ -161,15 +161,14 @@ class Worker:
         try:
             reply = handler(event)
         except Exception as exc:  # every command gets an answer, failures included
-            detail = str(exc) if isinstance(exc, FlexPipeError) else f"{type(exc).__name__}: {exc}"
+            reply = failure_reply(self.worker_id, event, exc)
             emit(
                 self.log,
                 "stage.load_failed" if isinstance(event, ev.LoadStage) else "bus.message_rejected",
                 level="error",
                 pipeline_id=getattr(event, "pipeline_id", ""),
-                detail=detail,
+                detail=reply.message,
             )
-            reply = ev.ErrorReply(sender=self.worker_id, reply_to=event.cmd_id, code="command_failed", message=detail)
         if reply is not None:
             self.bus.send(reply)
 

@@ -246,10 +246,10 @@ def test_the_timeline_is_rebuilt_from_the_log(tiny_model, tmp_path):
 @pytest.mark.usefixtures("restore_logging")
 def test_stall_is_one_quantity_in_the_report_the_outcome_and_the_timeline(tiny_model, tmp_path, monkeypatch):
     from common import events as ev
-    from dataplane.llm.local_cluster import LocalCluster
+    from dataplane.llm.in_process import InProcessCluster
 
     outcomes = []
-    request = LocalCluster.request
+    request = InProcessCluster.request
 
     def recording(self, cls, timeout_s, **fields):
         reply = request(self, cls, timeout_s, **fields)
@@ -257,7 +257,7 @@ def test_stall_is_one_quantity_in_the_report_the_outcome_and_the_timeline(tiny_m
             outcomes.append(reply)
         return reply
 
-    monkeypatch.setattr(LocalCluster, "request", recording)
+    monkeypatch.setattr(InProcessCluster, "request", recording)
     log_file = tmp_path / "flexpipe.log"
     prompts, params = workload(count=16)
     with open(log_file, "w") as stream:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from common import events as ev
 from common.config import ControllerConfig, FlexPipeConfig
 from common.errors import FlexPipeError, PipelineError
 from common.logging import get_logger
-from controlplane.client import BusClient
+from controlplane.client import BusClient, BusError, missing_members, wait_for_pipeline
 from controlplane.controller import Controller
-from controlplane.supervisor import WORKER_MODULE, ProcessSupervisor, SupervisorAgent, child_environment
+from controlplane.supervisor import ProcessSupervisor, SupervisorAgent, child_environment, worker_command
 from dataplane.engine.host import EngineHost, HostedEngine
 
 ENGINE_HOST_ID = "engine-0"
@@ -45,7 +44,7 @@ class WorkerOptions:
         return f"cuda:{index}" if self.default_device == "cuda" else self.default_device
 
 
-class LocalCluster:
+class InProcessCluster:
     """A controller, an engine host and ``num_workers`` worker processes, all owned by this object.
 
     Invariants: after construction every worker and the engine host are registered and alive, or
@@ -112,25 +111,10 @@ class LocalCluster:
         self._wait_registered([f"worker-{i}" for i in range(num_workers)], start_timeout_s)
 
     def worker_argv(self, worker_id: str) -> list[str]:
-        index = int(worker_id.rsplit("-", 1)[1])
-        argv = [
-            sys.executable,
-            "-m",
-            WORKER_MODULE,
-            "--controller",
-            self.endpoint,
-            "--worker-id",
-            worker_id,
-            "--device",
-            self.options.device(index),
-            "--memory",
-            str(self.options.memory),
-            "--threads",
-            str(self.options.threads),
-        ]
+        options = ["--controller", self.endpoint, "--device", self.options.device(int(worker_id.rsplit("-", 1)[1]))]
         if self.options.param_cache_bytes is not None:
-            argv += ["--param-cache", str(self.options.param_cache_bytes)]
-        return argv
+            options += ["--param-cache", str(self.options.param_cache_bytes)]
+        return worker_command(worker_id, self.options.memory, self.options.threads, *options)
 
     def _start_thread(self, name: str, target) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -147,18 +131,12 @@ class LocalCluster:
 
     def _wait_registered(self, worker_ids: list[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while True:
-            self._raise_if_a_worker_exited()
-            status = self.request(ev.StatusRequest, timeout_s=5.0)
-            alive = {w.worker_id for w in status.workers if w.state == "alive"}
-            hosts = {h.host_id for h in status.engine_hosts if h.state == "alive"}
-            if set(worker_ids) <= alive and ENGINE_HOST_ID in hosts:
-                return
-            if time.monotonic() > deadline:
-                raise PipelineError(
-                    f"stage workers {sorted(set(worker_ids) - alive)} did not start within {timeout_s:.0f}s"
-                )
-            time.sleep(0.05)
+        with self.bus() as bus:
+            while missing := missing_members(bus.request(ev.StatusRequest), worker_ids, [ENGINE_HOST_ID]):
+                self._raise_if_a_worker_exited()
+                if time.monotonic() > deadline:
+                    raise PipelineError(f"{sorted(missing)} did not start within {timeout_s:.0f}s")
+                time.sleep(0.05)
 
     def _raise_if_a_worker_exited(self) -> None:
         for name, child in list(self.supervisor.children.items()):
@@ -167,34 +145,35 @@ class LocalCluster:
                     f"stage worker {name} (pid {child.process.pid}) exited with code {child.process.returncode}"
                 )
 
-    def request(self, cls: type[ev.Command], timeout_s: float, **fields) -> ev.Event:
-        """Send a command to the controller on a socket of its own (any thread may call) and return the reply.
-        Raises ``BusError`` on an error reply or no reply within ``timeout_s``."""
-        with BusClient(self.endpoint, sender=f"llm-{next(self._client_ids)}", context=self.context) as bus:
-            return bus.request(cls, timeout_s=timeout_s, **fields)
+    def bus(self) -> BusClient:
+        """A client of the controller on a socket of its own (for the calling thread only)."""
+        return BusClient(self.endpoint, sender=f"llm-{next(self._client_ids)}", context=self.context)
 
-    def pipeline_view(self, pipeline_id: str) -> ev.PipelineView | None:
-        status = self.request(ev.StatusRequest, timeout_s=10.0)
-        return next((p for p in status.pipelines if p.pipeline_id == pipeline_id), None)
+    def request(self, cls: type[ev.Command], timeout_s: float, **fields) -> ev.Event:
+        """Send a command to the controller from any thread and return the reply. Raises ``BusError`` on
+        an error reply or no reply within ``timeout_s``."""
+        with self.bus() as bus:
+            return bus.request(cls, timeout_s=timeout_s, **fields)
 
     def deploy(self, timeout_s: float, **fields) -> HostedEngine:
         """Deploy a pipeline and wait until it serves; returns its engine. Raises ``PipelineError`` with the reason."""
-        self.request(ev.DeployPipeline, timeout_s=10.0, **fields)
         pipeline_id = fields["pipeline_id"]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            view = self.pipeline_view(pipeline_id)
-            if view is not None and view.state == "READY":
-                return self.engine_host.engines[pipeline_id]
-            if view is not None and view.state == "FAILED":
-                raise PipelineError(f"pipeline {pipeline_id} failed to deploy: {view.reason}")
-            self._raise_if_a_worker_exited()
-            if time.monotonic() > deadline:
-                raise PipelineError(
-                    f"pipeline {pipeline_id} did not start within {timeout_s:.0f}s "
-                    f"(state {view.state if view else 'unknown'})"
+        with self.bus() as bus:
+            bus.request(ev.DeployPipeline, timeout_s=10.0, **fields)
+            try:
+                view = wait_for_pipeline(
+                    bus,
+                    pipeline_id,
+                    ("READY", "FAILED"),
+                    timeout_s,
+                    check=self._raise_if_a_worker_exited,
+                    interval_s=0.02,
                 )
-            time.sleep(0.02)
+            except BusError as exc:
+                raise PipelineError(f"pipeline {pipeline_id} did not start: {exc}") from exc
+        if view.state == "FAILED":
+            raise PipelineError(f"pipeline {pipeline_id} failed to deploy: {view.reason}")
+        return self.engine_host.engines[pipeline_id]
 
     def worker_pids(self) -> list[int]:
         return self.supervisor.pids("worker-")
