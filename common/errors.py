@@ -29,6 +29,15 @@ class PipelineError(FlexPipeError):
     """The pipeline cannot serve: a stage process died or stopped answering."""
 
 
+class RequestFailed(FlexPipeError):
+    """One request could not be served (its numbers broke the sampler, a stage could not run it,
+    it timed out); the pipeline and every other request go on."""
+
+
+class RequestTimeout(RequestFailed, TimeoutError):
+    """The caller's deadline passed; the request was aborted and its KV blocks freed."""
+
+
 class TransportError(FlexPipeError):
     """A data-plane channel failed or was configured wrongly."""
 

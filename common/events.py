@@ -183,7 +183,8 @@ class StopEngine(Command, tag="stop_engine"):
 
 class EngineMetrics(Event, tag="engine_metrics"):
     """One engine's load: requests, KV blocks, ``kv_tokens`` (positions with KV written, summed over
-    running requests) and ``step_s`` (the smoothed time a micro-batch takes through the pipeline)."""
+    running requests), ``step_s`` (the smoothed time a micro-batch takes through the pipeline) and
+    the requests aborted (caller gave up) and failed on their own since the engine started."""
 
     host_id: str
     pipeline_id: str
@@ -195,6 +196,8 @@ class EngineMetrics(Event, tag="engine_metrics"):
     tokens_per_s: float
     kv_tokens: int = 0
     step_s: float = 0.0
+    requests_aborted: int = 0
+    requests_failed: int = 0
 
 
 # ---- operators ---------------------------------------------------------------------------
@@ -343,8 +346,16 @@ class GenerateRequest(Command, tag="generate"):
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = None
     ignore_eos: bool = False
+
+
+class CancelGenerate(Command, tag="cancel_generate"):
+    """Abort the ``GenerateRequest`` whose ``cmd_id`` is ``request_id``, sent by the same client; the
+    request ends with a final chunk of finish reason ``abort`` and its KV blocks are freed."""
+
+    pipeline_id: str
+    request_id: int
 
 
 class TokenChunk(Reply, tag="tokens"):
@@ -751,6 +762,7 @@ ANY_EVENT = Union[  # noqa: UP007 (a runtime union of every event: msgspec decod
     WorkerLost,
     PipelineStateChanged,
     GenerateRequest,
+    CancelGenerate,
     TokenChunk,
     PlaceStages,
     PlacementDecided,

@@ -75,6 +75,7 @@ LOG_EVENTS: dict[str, str] = {
     "request.finished": "a request completed (`finish_reason`, `output_tokens`, `ttft_s`, `duration_s`)",
     "request.failed": "a request ended with an error (`error`)",
     "request.rejected": "a request was refused before admission (`reason`)",
+    "request.aborted": "a request was stopped because its caller gave up (`seq_id`, `reason`, `output_tokens`)",
     "transport.failed": "a data-plane channel broke (`transport`, `peer`, `error`)",
     "refactor.requested": "a layout change was asked for (`kind`: split, merge, rebalance, migrate; `by`)",
     "refactor.phase_started": "a refactor phase began (`phase`: PLAN, PREPARE, PRECOPY, SWITCH, COMMIT)",

@@ -44,6 +44,7 @@ class BusClient:
         self.sender = sender or f"client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.timeout_s = timeout_s
         self._own_context = context is None
+        self._linger_ms = 0
         self.context = context or zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -113,8 +114,13 @@ class BusClient:
             except WireError:
                 continue
 
+    def send_last(self, event: ev.Event, linger_s: float = 1.0) -> None:
+        """Send ``event`` as this client's last message: closing waits up to ``linger_s`` for it to leave."""
+        self.send(event)
+        self._linger_ms = int(linger_s * 1000)
+
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.socket.close(linger=self._linger_ms)
         if self._own_context:
             self.context.term()
 

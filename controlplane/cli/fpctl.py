@@ -201,13 +201,18 @@ class Fpctl:
                 ignore_eos=self.args.ignore_eos,
             )
             client.send(request)
-            while True:
-                chunk = client.await_reply(request.cmd_id, self.args.timeout)
-                token_ids += chunk.token_ids
-                if not self.args.json and not chunk.finish_reason:
-                    print(" ".join(map(str, chunk.token_ids)), end=" ", flush=True)
-                if chunk.finish_reason:
-                    break
+            try:
+                while True:
+                    chunk = client.await_reply(request.cmd_id, self.args.timeout)
+                    token_ids += chunk.token_ids
+                    if not self.args.json and not chunk.finish_reason:
+                        print(" ".join(map(str, chunk.token_ids)), end=" ", flush=True)
+                    if chunk.finish_reason:
+                        break
+            except BaseException:  # timed out or interrupted: the engine stops decoding for nobody
+                cancel = client.command(ev.CancelGenerate, pipeline_id=view.pipeline_id, request_id=request.cmd_id)
+                client.send_last(cancel)
+                raise
         result = {
             "pipeline": view.pipeline_id,
             "token_ids": token_ids,
@@ -356,7 +361,7 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-tokens", type=int, default=16)
     generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--ignore-eos", action="store_true")
     for name, help_text in (
         ("plan", "show what a refactor would move, the bytes and the estimated stall"),

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import msgspec
 
-from common.errors import PipelineError
+from common.errors import PipelineError, RequestFailed
+from common.logging import emit, get_logger
 from dataplane.engine.scheduler import Scheduler
 from dataplane.engine.sequence import Sequence
 from dataplane.transport import Inbox, Outbox, messages
 
 log = logging.getLogger("flexpipe.engine")
+events = get_logger(component="engine")
 
 
 @dataclass(slots=True)
@@ -44,7 +46,11 @@ class EngineCore:
     stage count, and replies of any other epoch are dropped. A sealed pause sends one
     ``EpochSeal`` behind the last micro-batch it launched, before launching anything else.
     At most ``num_stages`` micro-batches are in flight. Every sequence ends with ``on_finish`` called once:
-    finished normally, failed with its micro-batch, or failed because the pipeline died.
+    finished normally, aborted, failed on its own, or failed because the pipeline died.
+
+    Isolation: a micro-batch that a stage could not serve, or that could not be encoded, is
+    retried with each of its sequences alone (``solo``), so only the request it failed for fails;
+    a micro-batch unanswered for ``step_timeout_s`` fails its own requests, not the engine.
     """
 
     def __init__(
@@ -77,6 +83,9 @@ class EngineCore:
         self.parked_result = None
         self.step_seconds = 0.0
         self.replies_in_epoch = 0
+        self.num_aborted = 0
+        self.num_failed = 0
+        self._aborts: queue.SimpleQueue[tuple[list[int], str]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="flexpipe-engine", daemon=True)
 
     def start(self) -> None:
@@ -90,6 +99,13 @@ class EngineCore:
                 seq.on_finish(seq)
             return
         self.submissions.put(list(seqs))
+
+    def abort(self, seq_ids, reason: str = "the caller gave up") -> None:
+        """Abort requests by seq id (thread-safe, returns at once): each stops before its next step with
+        finish reason ``abort``, its KV blocks freed and ``on_finish`` called; unknown or finished ids
+        are ignored. Aborts queued while a refactor holds the loop parked apply as it resumes."""
+        self._aborts.put((list(seq_ids), reason))
+        self._wakeup.set()
 
     def call(self, fn, timeout_s: float = 30.0):
         """Run ``fn()`` on the loop thread between iterations and return its result."""
@@ -202,6 +218,7 @@ class EngineCore:
                         self._park()
                         continue
                 self._admit_submissions()
+                self._apply_aborts()
                 if not self._pause.is_set():
                     self._launch()
                 self._collect(timeout_ms=5 if self.in_flight else 20)
@@ -248,6 +265,21 @@ class EngineCore:
             except queue.Empty:
                 return
 
+    def _apply_aborts(self) -> None:
+        while True:
+            try:
+                seq_ids, reason = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            for seq_id in seq_ids:
+                seq = self.scheduler.find(seq_id)
+                if seq is None or seq.finished:
+                    continue
+                seq.abort()
+                self.num_aborted += 1
+                emit(events, "request.aborted", seq_id=seq_id, reason=reason, output_tokens=len(seq.output_token_ids))
+                self._finish(seq)
+
     def _launch(self) -> None:
         while len(self.in_flight) < self.scheduler.num_stages:
             scheduled = self.scheduler.next_micro_batch()
@@ -255,10 +287,32 @@ class EngineCore:
                 return
             seqs = [seq for seq, _ in scheduled]
             batch_id = self._next_batch_id
-            self._next_batch_id += 1
             header = messages.MicroBatch(batch_id, self.epoch, [work for _, work in scheduled])
+            try:
+                data = messages.encode(header)
+            except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+                self._on_failed_batch(seqs, f"the request cannot be encoded for the pipeline: {exc}")
+                continue
+            self._next_batch_id += 1
             self.in_flight[batch_id] = InFlight(seqs, time.monotonic())
-            self.to_first_stage.send(messages.encode(header))
+            self.to_first_stage.send(data)
+
+    def _on_failed_batch(self, seqs: list[Sequence], reason: str) -> None:
+        """A micro-batch failed: its only request fails; with several, each goes again alone."""
+        live = [seq for seq in seqs if not seq.finished]
+        if len(seqs) == 1 and live:
+            self._fail_one(live[0], reason)
+            return
+        log.warning("micro-batch of %d requests failed (%s); retrying each alone", len(seqs), reason)
+        for seq in live:
+            seq.retry()
+            seq.solo = True
+
+    def _fail_one(self, seq: Sequence, reason: str) -> None:
+        self.num_failed += 1
+        emit(events, "request.failed", level="warning", seq_id=seq.seq_id, error=reason)
+        seq.fail(RequestFailed(f"request {seq.seq_id} failed: {reason}"))
+        self._finish(seq)
 
     def _collect(self, timeout_ms: int) -> None:
         message = self.from_last_stage.recv(timeout_ms)
@@ -282,19 +336,25 @@ class EngineCore:
         took = time.monotonic() - flight.launched_at
         self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
         if isinstance(reply, messages.StageFailure):
-            error = PipelineError(f"stage {reply.stage} failed micro-batch {reply.batch_id}: {reply.message}")
-            for seq in flight.seqs:
-                seq.fail(error)
-                self._finish(seq)
+            self._on_failed_batch(flight.seqs, f"stage {reply.stage} could not serve it: {reply.message}")
             return
         self.replies_in_epoch += 1
         logprobs = reply.logprobs or [None] * len(reply.token_ids)
         for seq, token, logprob in zip(flight.seqs, reply.token_ids, logprobs):
-            seq.append_token(token, logprob)
-            if seq.on_token is not None:
-                seq.on_token(seq)
             if seq.finished:
-                self._finish(seq)
+                continue  # aborted while its micro-batch was in flight
+            seq.solo = False
+            failure = reply.failures.get(seq.seq_id)
+            if failure is not None:
+                self._fail_one(seq, failure)
+            elif seq.chunk_in_flight:
+                seq.chunk_done()
+            else:
+                seq.append_token(token, logprob)
+                if seq.on_token is not None:
+                    seq.on_token(seq)
+                if seq.finished:
+                    self._finish(seq)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -304,9 +364,11 @@ class EngineCore:
     def _check_health(self) -> None:
         self.liveness_check()
         now = time.monotonic()
-        for batch_id, flight in self.in_flight.items():
-            if now - flight.launched_at > self.step_timeout_s:
-                raise PipelineError(f"micro-batch {batch_id} got no answer within {self.step_timeout_s:.0f}s")
+        late = [batch for batch, flight in self.in_flight.items() if now - flight.launched_at > self.step_timeout_s]
+        for batch_id in late:
+            for seq in self.in_flight.pop(batch_id).seqs:
+                if not seq.finished:
+                    self._fail_one(seq, f"micro-batch {batch_id} got no answer within {self.step_timeout_s:.0f}s")
 
     def _fail_everything(self, error: PipelineError) -> None:
         self.fatal_error = error
@@ -315,5 +377,6 @@ class EngineCore:
         doomed.update({id(s): s for s in [*self.scheduler.running, *self.scheduler.waiting]})
         self.in_flight.clear()
         for seq in doomed.values():
-            seq.fail(error)
-            self._finish(seq)
+            if not seq.finished:
+                seq.fail(error)
+                self._finish(seq)

@@ -23,7 +23,7 @@ import zmq
 
 from common import events as ev
 from common.config import load_config
-from common.errors import FlexPipeError, InvalidRequestError, PipelineError
+from common.errors import FlexPipeError, PipelineError
 from common.logging import configure_logging, emit, get_logger
 from common.model.spec import ModelSpec, read_config
 from common.runtime import freeze_heap, new_session_dir, notify_systemd, runtime_dir
@@ -178,7 +178,7 @@ class EngineHost:
         self.engines: dict[str, HostedEngine] = {}
         self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self.refill_waits: list[tuple[ev.AwaitRefill, float]] = []
-        self.open_streams: set[int] = set()
+        self.open_streams: dict[tuple[bytes, int], tuple[str, int]] = {}
         self.heartbeat_interval_s = 1.0
         self.log = get_logger(host_id=host_id)
         self.heartbeater: Heartbeater | None = None
@@ -255,6 +255,8 @@ class EngineHost:
                     tokens_per_s=0.0,
                     kv_tokens=hosted.kv_tokens(),
                     step_s=hosted.engine.step_seconds if hosted.engine else 0.0,
+                    requests_aborted=hosted.engine.num_aborted if hosted.engine else 0,
+                    requests_failed=hosted.engine.num_failed if hosted.engine else 0,
                 )
             )
         return events
@@ -403,6 +405,9 @@ class EngineHost:
 
         try:
             request = decode(data)
+            if isinstance(request, ev.CancelGenerate):
+                self._cancel(identity, request)
+                return
             if not isinstance(request, ev.GenerateRequest):
                 raise WireError(
                     "unexpected", "this endpoint takes generate requests only", getattr(request, "cmd_id", -1)
@@ -428,14 +433,18 @@ class EngineHost:
             max_tokens=request.max_tokens,
         )
 
+    def _cancel(self, identity: bytes, request: ev.CancelGenerate) -> None:
+        stream = self.open_streams.get((identity, request.request_id))
+        hosted = self.engines.get(request.pipeline_id)
+        if stream is not None and hosted is not None and hosted.engine is not None:
+            hosted.engine.abort([stream[1]], reason="the client cancelled it")
+
     def _submit(self, identity: bytes, request: ev.GenerateRequest):
         hosted = self.engines.get(request.pipeline_id)
         if hosted is None:
             raise PipelineError(f"no pipeline {request.pipeline_id!r} on this engine host")
         if hosted.unavailable:
             raise PipelineError(f"pipeline {request.pipeline_id!r} is unavailable: {hosted.unavailable}")
-        if request.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be >= 1")
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -472,10 +481,10 @@ class EngineHost:
                     completion_tokens=len(seq.output_token_ids),
                 )
             self.outgoing.put((identity, reply))
-            self.open_streams.discard(request.cmd_id)
+            self.open_streams.pop((identity, request.cmd_id), None)
 
-        self.open_streams.add(request.cmd_id)
         seq = hosted.requests.new_sequence(tokens, params, on_finish, on_token=on_token)
+        self.open_streams[(identity, request.cmd_id)] = (request.pipeline_id, seq.seq_id)
         hosted.engine.submit([seq])
         return seq
 

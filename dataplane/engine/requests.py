@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.errors import CheckpointError, InvalidRequestError
 from common.model.spec import ModelSpec
-from dataplane.engine.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from dataplane.engine.sampling_params import CompletionOutput, RequestOutput, SamplingParams, plain_number
 from dataplane.engine.sequence import Sequence
 from dataplane.transport.messages import SamplingOptions
 
@@ -38,12 +38,15 @@ class RequestFactory:
         self._ids = itertools.count()
 
     def tokenize(self, prompt) -> list[int]:
+        """A prompt (text, or a sequence of integer token ids) as token ids; raises ``InvalidRequestError``
+        for anything else (floats, strings or bools among the ids, other types), an empty prompt, ids
+        outside the vocabulary or a prompt that leaves no room in the context."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer; pass token ids instead of text")
             tokens = self.tokenizer.encode(prompt)
         else:
-            tokens = [int(t) for t in prompt]
+            tokens = token_ids(prompt)
         if not tokens:
             raise InvalidRequestError("a prompt must hold at least one token")
         bad = [t for t in tokens if not 0 <= t < self.spec.vocab_size]
@@ -59,8 +62,13 @@ class RequestFactory:
         needed = -(-min(len(tokens) + params.max_tokens, self.max_model_len) // self.block_size)
         if needed > self.num_kv_blocks:
             raise InvalidRequestError(f"request needs {needed} KV blocks but the pipeline has {self.num_kv_blocks}")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        bad = [t for t in params.stop_token_ids if t >= self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids {bad[:5]} are outside the vocabulary of {self.spec.vocab_size}")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        options = SamplingOptions(params.temperature, params.top_k, params.top_p, seed, params.logprobs or 0)
+        options = SamplingOptions(params.temperature, params.top_k, params.top_p, seed, params.logprobs)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(self.spec.eos_token_ids)
@@ -97,6 +105,33 @@ class RequestFactory:
             ],
             metrics,
         )
+
+
+def token_ids(prompt) -> list[int]:
+    """``prompt`` as a list of Python ints: a list, tuple or 1-D array of integers (numpy integers
+    count; bools, floats, strings do not); raises ``InvalidRequestError`` naming the first bad entry."""
+    if not isinstance(prompt, (list, tuple)) and not (hasattr(prompt, "tolist") and getattr(prompt, "ndim", 0) == 1):
+        raise InvalidRequestError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+    values = plain_number(list(prompt))
+    for index, value in enumerate(values):
+        if type(value) is not int:
+            raise InvalidRequestError(
+                f"token id {index} of the prompt is {value!r} ({type(value).__name__}); token ids must be integers"
+            )
+    return values
+
+
+def normalize_prompts(prompts) -> list:
+    """One prompt (text or token ids) or a list of them, as a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if hasattr(prompts, "tolist") and getattr(prompts, "ndim", 0) == 1:
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise InvalidRequestError(f"prompts must be text, token ids or a list of them, got {type(prompts).__name__}")
+    if prompts and not all(isinstance(p, (str, list, tuple)) or hasattr(p, "tolist") for p in prompts):
+        return [prompts]  # a single prompt of token ids; ``token_ids`` judges its entries
+    return list(prompts)
 
 
 def logprob_dict(logprob) -> dict:

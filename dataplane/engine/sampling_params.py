@@ -2,42 +2,78 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
 
 from common.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 1e4  # beyond it float32 sampling is uniform already; the bound keeps temperature finite
+SEED_LIMIT = 2**63
 
-@dataclass(slots=True)
-class SamplingParams:
-    """Sampling and stopping rules of one request, checked on construction.
 
-    ``temperature == 0`` is greedy; ``top_k <= 0`` and ``top_p == 1`` disable those
-    filters; with a ``seed`` the sampled tokens are reproducible whatever the batch
-    or the pipeline layout.
+class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Sampling and stopping rules of one request, validated on construction and on decoding.
+
+    Integers must be integers (numpy integers count; bools and floats are refused), floats finite
+    and in range. ``temperature == 0`` is greedy (and so is any temperature below ``1e-5``, the
+    limit it approaches); ``top_k`` of 0 or -1 and ``top_p == 1`` disable those filters; with a
+    ``seed`` the sampled tokens are reproducible whatever the batch or the pipeline layout.
+    ``logprobs=None`` returns no log-probabilities, ``logprobs=k`` the sampled token's and the top
+    ``k`` alternatives' at every step (``k = 0``: the sampled token's only).
+
+    Raises ``InvalidRequestError`` naming the field and the value; ``from_dict`` also refuses
+    unknown fields.
     """
 
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_LIMIT - 1)] | None = None
+    stop_token_ids: list[Annotated[int, msgspec.Meta(ge=0)]] = []
     ignore_eos: bool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidRequestError(f"logprobs must be between 0 and 20, got {self.logprobs!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        for name, annotation in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            try:
+                checked = msgspec.convert(plain_number(value), annotation, strict=True)
+            except msgspec.ValidationError as exc:
+                raise InvalidRequestError(f"invalid {name}={value!r}: {exc}") from None
+            if checked is not value:
+                setattr(self, name, checked)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:
+        """Build from a mapping (a parsed request body); unknown keys are refused with their names."""
+        unknown = sorted(set(fields) - set(_FIELD_TYPES))
+        if unknown:
+            raise InvalidRequestError(f"unknown sampling parameters {unknown}; known: {sorted(_FIELD_TYPES)}")
+        return cls(**fields)
+
+
+_FIELD_TYPES = {f.name: f.type for f in msgspec.structs.fields(SamplingParams)}
+
+
+def plain_number(value):
+    """``value`` with numpy (or other ``numbers``) integers and reals turned into Python ``int`` and
+    ``float``, inside lists and tuples too; bools and everything else unchanged, for the schema to judge."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain_number(v) for v in value]
+    if isinstance(value, numbers.Integral) and type(value).__name__ not in ("bool_", "bool"):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "tolist") and hasattr(value, "ndim") and value.ndim == 1:
+        return [plain_number(v) for v in value.tolist()]
+    return value
 
 
 @dataclass(slots=True)

@@ -14,7 +14,8 @@ class Scheduler:
 
     Invariants: a sequence is in ``waiting`` or ``running``, never both; only a
     sequence that is not in flight is scheduled or preempted; blocks are allocated
-    before a micro-batch is formed, so a launched micro-batch never runs out of KV.
+    before a micro-batch is formed, so a launched micro-batch never runs out of KV;
+    a micro-batch carries at most ``max_num_batched_tokens`` tokens.
     With K stages each micro-batch takes about 1/K of the active sequences, so K
     micro-batches keep every stage busy.
     """
@@ -38,37 +39,50 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def next_micro_batch(self) -> list[tuple[Sequence, SeqWork]]:
-        """The next micro-batch's sequences with their work, now marked in flight; empty if none is ready."""
+        """The next micro-batch's sequences with their work, now marked in flight; empty if none is ready.
+
+        Running sequences go first (decodes, then prefills), then waiting ones in arrival order. A sequence whose uncomputed
+        tokens exceed what is left of the token budget gets a chunk of that size (chunked prefill,
+        also for a preempted sequence's recompute), so every admitted sequence progresses whatever
+        its length. A ``solo`` sequence goes alone."""
+        solo = next((seq for seq in self.running if seq.solo and not seq.in_flight), None)
+        if solo is not None:
+            tokens = min(solo.num_uncomputed, self.max_num_batched_tokens)
+            return [(solo, solo.work(tokens))] if self._grow(solo, tokens, protect=[]) else []
         active = len(self.running) + min(len(self.waiting), self.max_num_seqs - len(self.running))
         target = max(1, -(-active // self.num_stages))
-        batch: list[Sequence] = []
+        batch: list[tuple[Sequence, int]] = []
         budget = self.max_num_batched_tokens
-        for seq in list(self.running):
+        for seq in sorted(self.running, key=_prefilling):
             if len(batch) >= target or budget < 1:
                 break
-            if seq.in_flight or seq not in self.running:
+            if seq.in_flight or seq.solo or seq not in self.running:
                 continue
-            tokens = seq.num_tokens - seq.num_computed
-            if tokens > budget or not self._grow(seq, protect=batch):
+            tokens = min(seq.num_uncomputed, budget)
+            if not self._grow(seq, tokens, protect=[s for s, _ in batch]):
                 continue
-            batch.append(seq)
+            batch.append((seq, tokens))
             budget -= tokens
-        while self.waiting and len(batch) < target and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(batch) < target and len(self.running) < self.max_num_seqs and budget >= 1:
             seq = self.waiting[0]
-            tokens = seq.num_tokens
-            blocks = self.allocator.blocks_for(seq.num_tokens)
-            if tokens > budget or not self.allocator.can_allocate(blocks):
+            if seq.solo and batch:
+                break
+            tokens = min(seq.num_tokens, budget)
+            blocks = self.allocator.blocks_for(tokens)
+            if not self.allocator.can_allocate(blocks):
                 break
             self.waiting.popleft()
             seq.block_table = self.allocator.allocate(blocks)
             self.running.append(seq)
-            batch.append(seq)
+            batch.append((seq, tokens))
             budget -= tokens
-        return [(seq, seq.work()) for seq in batch]
+            if seq.solo:
+                break
+        return [(seq, seq.work(tokens)) for seq, tokens in batch]
 
-    def _grow(self, seq: Sequence, protect: list[Sequence]) -> bool:
-        """Make the block table cover every token of ``seq``, preempting others if needed."""
-        needed = self.allocator.blocks_for(seq.num_tokens) - len(seq.block_table)
+    def _grow(self, seq: Sequence, tokens: int, protect: list[Sequence]) -> bool:
+        """Make the block table cover the KV of ``seq``'s next ``tokens`` tokens, preempting others if needed."""
+        needed = self.allocator.blocks_for(seq.num_computed + tokens) - len(seq.block_table)
         while needed > 0 and not self.allocator.can_allocate(needed):
             victim = self._preemption_victim(exclude=[seq, *protect])
             if victim is None:
@@ -103,6 +117,10 @@ class Scheduler:
                 held.append((s.seq_id, tuple(s.block_table), upto))
         return held
 
+    def find(self, seq_id: int) -> Sequence | None:
+        """The running or waiting sequence with id ``seq_id``."""
+        return next((s for s in (*self.running, *self.waiting) if s.seq_id == seq_id), None)
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
@@ -110,3 +128,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.allocator.free(seq.block_table)
         seq.block_table = []
+
+
+def _prefilling(seq: Sequence) -> bool:
+    return seq.num_uncomputed > 1

@@ -16,7 +16,9 @@ class Sequence:
 
     Invariants: KV of ``all_token_ids[:num_computed]`` is in the blocks of
     ``block_table``; a sequence is in at most one in-flight micro-batch
-    (``pending_tokens > 0`` exactly while it is).
+    (``pending_tokens > 0`` exactly while it is); a micro-batch that carries only part of
+    the uncomputed tokens (a prefill chunk) samples nothing for it. ``solo`` sequences are
+    scheduled alone, to find which request a failed micro-batch failed for.
     """
 
     seq_id: int
@@ -34,6 +36,7 @@ class Sequence:
     pending_tokens: int = 0
     finish_reason: str | None = None
     error: BaseException | None = None
+    solo: bool = False
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -59,12 +62,32 @@ class Sequence:
     def is_prefill(self) -> bool:
         return self.num_computed == 0
 
-    def work(self) -> SeqWork:
-        tokens = self.all_token_ids[self.num_computed :]
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def chunk_in_flight(self) -> bool:
+        """Whether the in-flight micro-batch carries only part of the uncomputed tokens."""
+        return 0 < self.pending_tokens < self.num_uncomputed
+
+    def work(self, max_tokens: int | None = None) -> SeqWork:
+        """The next ``max_tokens`` (default: all) uncomputed tokens as a micro-batch entry, now in flight."""
+        end = self.num_tokens if max_tokens is None else min(self.num_tokens, self.num_computed + max_tokens)
+        tokens = self.all_token_ids[self.num_computed : end]
         self.pending_tokens = len(tokens)
         return SeqWork(
             self.seq_id, tokens, self.num_computed, list(self.block_table), len(self.output_token_ids), self.sampling
         )
+
+    def chunk_done(self) -> None:
+        """The in-flight prefill chunk's KV is written; the rest of the prompt is still to come."""
+        self.num_computed += self.pending_tokens
+        self.pending_tokens = 0
+
+    def retry(self) -> None:
+        """The in-flight micro-batch failed: nothing it carried counts; the tokens go again."""
+        self.pending_tokens = 0
 
     def append_token(self, token: int, logprob=None) -> None:
         """Record a sampled token; decide whether the sequence is finished."""
@@ -88,4 +111,9 @@ class Sequence:
         self.error = error
         self.pending_tokens = 0
         self.finish_reason = "error"
+        self.finish_time = time.perf_counter()
+
+    def abort(self) -> None:
+        """The caller gave up: finish now with reason ``abort``; any in-flight answer is ignored."""
+        self.finish_reason = "abort"
         self.finish_time = time.perf_counter()

@@ -28,6 +28,7 @@ from common.errors import (
     PipelineError,
     RefactorAborted,
     RefactorRefused,
+    RequestTimeout,
 )
 from common.logging import configure_logging
 from common.model.partition import partition_model
@@ -36,6 +37,7 @@ from common.model.units import Layout, unit_names
 from common.runtime import freeze_heap, new_session_dir
 from controlplane.client import BusError
 from controlplane.deploy.plan import check_deployable_transport
+from dataplane.engine.requests import normalize_prompts
 from dataplane.engine.sampling_params import RequestOutput, SamplingParams
 from dataplane.llm.in_process import InProcessCluster, WorkerOptions
 from dataplane.llm.report import RefactorReport
@@ -190,14 +192,16 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         timeout_s: float | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); blocks until all are done.
+        """Generate for each prompt (text or a list of integer token ids); blocks until all are done.
 
-        Raises ``InvalidRequestError`` for a bad prompt before anything is queued and
-        ``PipelineError`` if the pipeline cannot finish a request."""
+        Raises ``InvalidRequestError`` for a bad prompt or parameter before anything is queued,
+        ``RequestFailed`` naming the reason when one request could not be served (the others are
+        unaffected), ``RequestTimeout`` once ``timeout_s`` passed and ``PipelineError`` if the
+        pipeline cannot serve at all. On a timeout, ``KeyboardInterrupt`` or any other exit before
+        the end, the call's unfinished requests are aborted and their KV blocks freed."""
         if self._closed:
             raise PipelineError("this LLM is closed")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = normalize_prompts(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -209,17 +213,25 @@ class LLM:
             for tokens, p in zip(token_lists, params_list)
         ]
         self.engine.submit(seqs)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for _ in seqs:
-            while not done.acquire(timeout=0.5):
-                if not self.engine.thread.is_alive() and not all(s.finished for s in seqs):
-                    raise PipelineError(f"the engine stopped: {self.engine.fatal_error}")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise PipelineError(f"generate did not finish within {timeout_s}s")
+        try:
+            self._wait(seqs, done, timeout_s)
+        except BaseException:  # a timeout, KeyboardInterrupt or a dead engine: nothing keeps decoding for nobody
+            self.engine.abort([s.seq_id for s in seqs if not s.finished], reason="generate was interrupted")
+            raise
         failed = next((s for s in seqs if s.error is not None), None)
         if failed is not None:
             raise failed.error
         return [self.requests.output(seq, prompt) for seq, prompt in zip(seqs, prompts)]
+
+    def _wait(self, seqs: list, done: threading.Semaphore, timeout_s: float | None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        wait_s = lambda: 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))  # noqa: E731
+        for _ in seqs:
+            while not done.acquire(timeout=wait_s()):
+                if not self.engine.thread.is_alive() and not all(s.finished for s in seqs):
+                    raise PipelineError(f"the engine stopped: {self.engine.fatal_error}")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RequestTimeout(f"generate did not finish within {timeout_s}s; its requests were aborted")
 
     def refactor(
         self,

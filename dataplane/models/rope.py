@@ -11,14 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.errors import CheckpointError, UnsupportedModelError
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+from common.model.spec import SUPPORTED_ROPE_TYPES
 
 _DEFAULT_THETA = 10_000.0
 _USES_ORIGINAL_MAX = ("yarn", "longrope", "llama3")
+_SEQ_LEN_DEPENDENT = ("dynamic", "longrope")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,22 +110,60 @@ class RopeSpec:
             return 1.0 / (ext_factors * self.theta**exponents), p["attention_factor"]
         return _llama3_inv_freq(1.0 / (self.theta**exponents), p), 1.0
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, shape [num_tokens, rotary_dim], for the absolute ``positions`` of a flat token batch."""
-        inv_freq, scaling = _inv_freq_on(self, self._table_seq_len(positions), positions.device)
-        freqs = positions[:, None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+    def cos_sin(
+        self,
+        positions: torch.Tensor,
+        dtype: torch.dtype,
+        context_lens: np.ndarray | None = None,
+        q_lens: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, shape [num_tokens, rotary_dim], for the absolute ``positions`` of a flat token batch.
+
+        With ``context_lens`` and ``q_lens`` (int64 [num_seqs]: sequence b brings ``q_lens[b]`` consecutive
+        tokens whose positions end at ``context_lens[b] - 1``, as in ``BatchInput``), the "dynamic" and "longrope"
+        tables of each sequence come from its own seq_len ``context_lens[b]``, which is what transformers uses when
+        that sequence runs alone; without them, from the largest position of the whole batch."""
+        if context_lens is None or q_lens is None or self.rope_type not in _SEQ_LEN_DEPENDENT or not len(q_lens):
+            inv_freq, scaling = _inv_freq_on(self, self._table_seq_len(positions), positions.device)
+            return _cos_sin(positions, inv_freq, scaling, dtype)
+        keys = self._seq_len_keys(np.asarray(context_lens))
+        if keys.min() == keys.max():
+            inv_freq, scaling = _inv_freq_on(self, int(keys[0]) or None, positions.device)
+            return _cos_sin(positions, inv_freq, scaling, dtype)
+        distinct, group = np.unique(keys, return_inverse=True)
+        tables = [_inv_freq_on(self, int(key) or None, positions.device) for key in distinct]
+        token_group = torch.from_numpy(np.repeat(group.reshape(-1), np.asarray(q_lens))).to(positions.device)
+        inv_freq = torch.stack([table for table, _ in tables])[token_group]
+        scalings = {scaling for _, scaling in tables}
+        if len(scalings) == 1:
+            scaling: float | torch.Tensor = scalings.pop()
+        else:
+            scaling = torch.tensor([s for _, s in tables], dtype=torch.float32, device=positions.device)[token_group]
+            scaling = scaling[:, None]
+        return _cos_sin(positions, inv_freq, scaling, dtype)
 
     def _table_seq_len(self, positions: torch.Tensor) -> int | None:
         """The seq_len to compute inv_freq for, folded to None where it gives the same table as no seq_len."""
-        if self.rope_type not in ("dynamic", "longrope") or positions.numel() == 0:
+        if self.rope_type not in _SEQ_LEN_DEPENDENT or positions.numel() == 0:
             return None
-        seq_len = int(positions.max()) + 1
+        return int(self._seq_len_keys(np.array([int(positions.max()) + 1]))[0]) or None
+
+    def _seq_len_keys(self, seq_lens: np.ndarray) -> np.ndarray:
+        """Per seq_len, the seq_len its table is computed for, 0 where that is the table of no seq_len:
+        "dynamic" rescales beyond ``max_position_embeddings``, "longrope" switches to its long factors beyond
+        ``original_max_position_embeddings`` (as ``dynamic_rope_update`` does)."""
         if self.rope_type == "dynamic":
-            return seq_len if seq_len > self.max_position_embeddings else None
+            return np.where(seq_lens > self.max_position_embeddings, seq_lens, 0)
         original = dict(self.params)["original_max_position_embeddings"]
-        return original + 1 if seq_len > original else None
+        return np.where(seq_lens > original, original + 1, 0)
+
+
+def _cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float | torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions[:, None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def apply_rotary(q_or_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

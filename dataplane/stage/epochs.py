@@ -120,8 +120,12 @@ class StageEpochs:
         """Dispatch one data-plane message by its header."""
         try:
             header = messages.decode(message.header)
-        except Exception as exc:  # a malformed header is dropped, the worker keeps serving
-            log.error("dropping an unreadable data message: %s", exc)
+        except Exception as exc:  # a malformed header is answered or dropped; the worker keeps serving
+            batch_id = messages.micro_batch_id(message.header)
+            if batch_id is not None and self.active is not None:
+                self.active.fail(batch_id, f"unreadable micro-batch: {exc}")
+            else:
+                log.error("dropping an unreadable data message: %s", exc)
             message.release()
             return
         if isinstance(header, messages.MicroBatch) and self.active is not None:

@@ -85,12 +85,15 @@ class StageServer:
             self._forward(header, message)
         except Exception as exc:  # a failed micro-batch is reported, the stage keeps serving
             log.error("micro-batch %s failed: %s", batch_id, traceback.format_exc())
-            if self.engine_out is not None:
-                failure = messages.StageFailure(batch_id, self.stage, f"{type(exc).__name__}: {exc}")
-                self.engine_out.send(messages.encode(failure))
+            self.fail(batch_id, f"{type(exc).__name__}: {exc}")
         finally:
             message.release()
             self.busy_seconds += time.perf_counter() - started
+
+    def fail(self, batch_id: int, reason: str) -> None:
+        """Tell the engine this stage could not serve micro-batch ``batch_id``."""
+        if self.engine_out is not None:
+            self.engine_out.send(messages.encode(messages.StageFailure(batch_id, self.stage, reason)))
 
     def _forward(self, header: messages.MicroBatch, message) -> None:
         seqs = header.seqs
@@ -108,8 +111,15 @@ class StageServer:
         if self.next_out is not None:
             self.next_out.send(message.header, [out, *batch.shared_tensors()])
             return
-        tokens, logprobs = sample(out, [s.sampling for s in seqs], [s.step for s in seqs])
-        reply = messages.SampledTokens(header.batch_id, header.epoch, [s.seq_id for s in seqs], tokens, logprobs)
+        tokens, logprobs, failures = sample(out, [s.sampling for s in seqs], [s.step for s in seqs])
+        reply = messages.SampledTokens(
+            header.batch_id,
+            header.epoch,
+            [s.seq_id for s in seqs],
+            tokens,
+            logprobs,
+            {seqs[row].seq_id: reason for row, reason in failures.items()},
+        )
         self.engine_out.send(messages.encode(reply))
 
     def close(self, keep_inbox: bool = False) -> None:

@@ -10,11 +10,14 @@ import msgspec
 
 
 class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
+    """One request's sampling rules as the last stage applies them; ``logprobs`` None: none
+    returned, k >= 0: the sampled token's and the top k alternatives'."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    logprobs: int = 0
+    logprobs: int | None = None
 
 
 class SeqWork(msgspec.Struct, array_like=True):
@@ -41,11 +44,16 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
 
 
 class SampledTokens(msgspec.Struct, tag="sampled"):
+    """The last stage's answer to a micro-batch: one token per sequence (-1 for a sequence in
+    ``failures``, which maps its seq id to why it could not be sampled); ``logprobs`` has an entry
+    (None where not asked) per sequence when any sequence asked for them."""
+
     batch_id: int
     epoch: int
     seq_ids: list[int]
     token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
+    failures: dict[int, str] = {}
 
 
 class StageFailure(msgspec.Struct, tag="stage_failure"):
@@ -81,8 +89,15 @@ class EpochSeal(msgspec.Struct, tag="epoch_seal"):
 
 DataMessage = MicroBatch | SampledTokens | StageFailure | KvBlocks | UnitWeights | EpochSeal
 
+
+class _MicroBatchEnvelope(msgspec.Struct, tag="micro_batch"):
+    batch_id: int
+    epoch: int
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(DataMessage)
+_envelope_decoder = msgspec.msgpack.Decoder(_MicroBatchEnvelope)
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -91,3 +106,12 @@ def encode(message: msgspec.Struct) -> bytes:
 
 def decode(data: bytes) -> DataMessage:
     return _decoder.decode(data)
+
+
+def micro_batch_id(data: bytes) -> int | None:
+    """The batch id of a micro-batch header whose body does not decode (a bad sequence entry), so the
+    stage can answer it with a failure; None when ``data`` is not a micro-batch header at all."""
+    try:
+        return _envelope_decoder.decode(data).batch_id
+    except msgspec.DecodeError:
+        return None

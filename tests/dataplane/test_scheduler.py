@@ -46,9 +46,60 @@ def test_token_budget_and_block_availability_gate_admission():
     scheduler = Scheduler(BlockAllocator(5, 4), num_stages=1, max_num_seqs=16, max_num_batched_tokens=20)
     for i in range(4):
         scheduler.add(seq(i, prompt_len=8))
-    batch = next_batch(scheduler)
-    assert len(batch) == 2, "5 blocks of 4 hold two 8-token prompts"
-    assert scheduler.allocator.num_free == 1
+    batch = scheduler.next_micro_batch()
+    assert [len(work.token_ids) for _, work in batch] == [8, 8, 4], "the budget's last 4 tokens start a chunk"
+    assert sum(len(work.token_ids) for _, work in batch) == 20
+    assert scheduler.allocator.num_free == 0 and [s.seq_id for s in scheduler.waiting] == [3]
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_and_others_keep_going():
+    scheduler = Scheduler(BlockAllocator(64, 4), num_stages=1, max_num_seqs=16, max_num_batched_tokens=16)
+    long, short = seq(0, prompt_len=40), seq(1, prompt_len=3)
+    scheduler.add(short)
+    complete(next_batch(scheduler))
+    scheduler.add(long)
+    starts = []
+    while not long.output_token_ids:
+        batch = scheduler.next_micro_batch()
+        assert sum(len(work.token_ids) for _, work in batch) <= 16
+        for s, work in batch:
+            if s is long:
+                starts.append((work.start, len(work.token_ids)))
+            if s.chunk_in_flight:
+                s.chunk_done()
+            else:
+                s.append_token(1)
+    assert starts == [(0, 15), (15, 15), (30, 10)], "the decode takes 1 token of 16; three chunks cover the prompt once"
+    assert len(short.output_token_ids) == 4, "the running request decodes at every step of the long prefill"
+    assert len(long.block_table) == 10, "blocks grew with the chunks to the 40 prompt positions"
+
+
+def test_a_preempted_request_recomputes_in_chunks_within_the_budget():
+    scheduler = Scheduler(BlockAllocator(64, 4), num_stages=1, max_num_seqs=16, max_num_batched_tokens=8)
+    s = seq(0, prompt_len=6, max_tokens=64)
+    scheduler.add(s)
+    for _ in range(6):
+        for each, _work in scheduler.next_micro_batch():
+            each.append_token(2)
+    scheduler.preempt(s)
+    assert s.num_computed == 0 and s.num_tokens == 12
+    first = scheduler.next_micro_batch()
+    assert [(w.start, len(w.token_ids)) for _, w in first] == [(0, 8)] and s.chunk_in_flight
+    s.chunk_done()
+    second = scheduler.next_micro_batch()
+    assert [(w.start, len(w.token_ids)) for _, w in second] == [(8, 4)] and not s.chunk_in_flight
+
+
+def test_a_solo_request_is_scheduled_alone():
+    scheduler = Scheduler(BlockAllocator(64, 4), num_stages=1, max_num_seqs=16, max_num_batched_tokens=64)
+    a, b, c = seq(0), seq(1), seq(2)
+    for s in (a, b, c):
+        scheduler.add(s)
+    for s, _ in scheduler.next_micro_batch():
+        s.retry()
+    b.solo = True
+    assert next_batch(scheduler) == [b]
+    assert next_batch(scheduler) == [a, c]
 
 
 def test_preemption_frees_blocks_and_requeues_for_recompute():
