@@ -50,11 +50,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:
-        """Build from a mapping (a parsed request body); unknown keys are refused with their names."""
-        unknown = sorted(set(fields) - set(_FIELD_TYPES))
-        if unknown:
-            raise InvalidRequestError(f"unknown sampling parameters {unknown}; known: {sorted(_FIELD_TYPES)}")
-        return cls(**fields)
+        """Build from a mapping (a parsed request body) through the same schema; unknown keys are refused.
+        Raises ``InvalidRequestError`` naming the field (as ``$.name``) and what was wrong."""
+        if not isinstance(fields, dict):
+            raise InvalidRequestError(f"sampling parameters must be an object, got {type(fields).__name__}")
+        try:
+            return msgspec.convert({k: plain_number(v) for k, v in fields.items()}, cls, strict=True)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequestError(f"invalid sampling parameters: {exc}") from None
 
 
 _FIELD_TYPES = {f.name: f.type for f in msgspec.structs.fields(SamplingParams)}

@@ -41,10 +41,10 @@ class Scheduler:
     def next_micro_batch(self) -> list[tuple[Sequence, SeqWork]]:
         """The next micro-batch's sequences with their work, now marked in flight; empty if none is ready.
 
-        Running sequences go first (decodes, then prefills), then waiting ones in arrival order. A sequence whose uncomputed
-        tokens exceed what is left of the token budget gets a chunk of that size (chunked prefill,
-        also for a preempted sequence's recompute), so every admitted sequence progresses whatever
-        its length. A ``solo`` sequence goes alone."""
+        Running sequences go first (decodes, then prefills), then waiting ones in arrival order.
+        A sequence whose uncomputed tokens exceed what is left of the token budget gets a chunk of
+        that size (chunked prefill, also for a preempted sequence's recompute), so every admitted
+        sequence progresses whatever its length. A ``solo`` sequence goes alone."""
         solo = next((seq for seq in self.running if seq.solo and not seq.in_flight), None)
         if solo is not None:
             tokens = min(solo.num_uncomputed, self.max_num_batched_tokens)
