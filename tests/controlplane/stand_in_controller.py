@@ -43,6 +43,7 @@ class StandInController:
         self.socket.bind(self.endpoint)
         self.routes: dict[str, bytes] = {}
         self.events: list[ev.Event] = []
+        self.engine_metrics: list[ev.EngineMetrics] = []
         self._cmd_ids = itertools.count(1)
 
     def _receive(self, timeout_s: float) -> ev.Event | None:
@@ -58,13 +59,27 @@ class StandInController:
             )
         elif isinstance(event, ev.RegisterEngineHost):
             self._answer(event.sender, ev.Ack(sender="controller", reply_to=event.cmd_id))
-        elif not isinstance(event, (ev.Heartbeat, ev.WorkerMetrics, ev.EngineMetrics)):
+        elif isinstance(event, ev.EngineMetrics):
+            self.engine_metrics.append(event)
+        elif not isinstance(event, (ev.Heartbeat, ev.WorkerMetrics)):
             self.events.append(event)
             return event
         return None
 
     def _answer(self, peer: str, event: ev.Event) -> None:
         self.socket.send_multipart([self.routes[peer], encode(event)])
+
+    def wait_engine_metrics(self, condition, timeout_s: float = 10.0) -> ev.EngineMetrics:
+        """The first engine metrics report, from now on, that satisfies ``condition``."""
+        seen = len(self.engine_metrics)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._receive(0.1)
+            for report in self.engine_metrics[seen:]:
+                if condition(report):
+                    return report
+            seen = len(self.engine_metrics)
+        raise AssertionError(f"no engine metrics satisfied the condition within {timeout_s}s")
 
     def wait_registered(self, peers: list[str], timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -312,3 +312,20 @@ def test_migrating_stage_1_while_a_request_streams_carries_its_kv_and_keeps_ever
             c.request(worker, ev.CommitStageEpoch, pipeline_id="p1", epoch=1)
         tokens += tokens_until_finished(client, request.cmd_id)
     assert tokens == before, "the request went on at worker-2 with the KV it had at worker-1"
+
+
+def test_a_cancelled_request_ends_with_abort_and_frees_its_kv_blocks(cluster):
+    before = cluster.generate()
+    with BusClient(cluster.processes.request_endpoint, timeout_s=60) as client:
+        request = send_request(client, 2000)
+        tokens = list(client.await_reply(request.cmd_id).token_ids)
+        client.send(client.command(ev.CancelGenerate, pipeline_id="p1", request_id=request.cmd_id))
+        while True:
+            chunk = client.await_reply(request.cmd_id)
+            tokens += chunk.token_ids
+            if chunk.finish_reason:
+                break
+    assert chunk.finish_reason == "abort" and 0 < len(tokens) < 2000
+    report = cluster.controller.wait_engine_metrics(lambda m: m.requests_aborted == 1)
+    assert report.kv_blocks_used == 0 and report.running == 0
+    assert cluster.generate() == before
