@@ -7,6 +7,8 @@ from common.errors import (
     PipelineError,
     RefactorAborted,
     RefactorRefused,
+    RequestFailed,
+    RequestTimeout,
     UnsupportedModelError,
 )
 from dataplane.engine.sampling_params import CompletionOutput, RequestOutput, SamplingParams
@@ -32,4 +34,6 @@ __all__ = [
     "UnsupportedModelError",
     "RefactorRefused",
     "RefactorAborted",
+    "RequestFailed",
+    "RequestTimeout",
 ]
