@@ -92,3 +92,40 @@ def write_checkpoint(
     model.save_pretrained(path, **save_kwargs)
     build_byte_tokenizer().save_pretrained(path)
     return path
+
+
+SHAPE_KEYS = {
+    "llama": ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    + ("num_attention_heads", "num_key_value_heads"),
+    "gpt2": ("model_type", "vocab_size", "n_embd", "n_layer", "n_head"),
+}
+SHAPE_KEYS["mistral"] = SHAPE_KEYS["qwen2"] = SHAPE_KEYS["llama"]
+
+
+def edit_config(path: str | os.PathLike, *, keep=None, drop=(), **updates) -> dict:
+    """Rewrite `path`/config.json: keep only the keys in `keep` (all when None), remove those in `drop`, then set
+    `updates`; returns the written dict. `keep=SHAPE_KEYS[kind]` leaves a minimal config whose every other field
+    takes the transformers default."""
+    import json
+
+    config_file = pathlib.Path(path) / "config.json"
+    config = json.loads(config_file.read_text())
+    config = {k: v for k, v in config.items() if (keep is None or k in keep) and k not in drop}
+    config.update(updates)
+    config_file.write_text(json.dumps(config, indent=2))
+    return config
+
+
+def rewrite_tensors(source: str | os.PathLike, target: str | os.PathLike, edit) -> pathlib.Path:
+    """Copy the single-file checkpoint `source` to `target` with its tensors passed through `edit` (a function
+    from the name -> tensor dict to the dict to save)."""
+    from safetensors.torch import load_file, save_file
+
+    source, target = pathlib.Path(source), pathlib.Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            (target / file.name).write_bytes(file.read_bytes())
+    tensors = edit(load_file(source / "model.safetensors"))
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target

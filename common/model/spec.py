@@ -201,7 +201,8 @@ class ModelSpec:
     ``rope_parameters`` (llama family; None for GPT-2) is the RoPE dict in transformers' standard form:
     ``rope_type`` of ``SUPPORTED_ROPE_TYPES``, ``rope_theta`` and, for yarn/longrope/llama3,
     ``original_max_position_embeddings`` always present, no ``partial_rotary_factor`` (the whole head rotates);
-    ``eos_token_ids`` is the union of config.json's and generation_config.json's ids.
+    ``eos_token_ids`` is the union, in order and without repeats, of config.json's ids (the config class
+    default when the field is absent) and generation_config.json's ids.
     """
 
     architecture: str
@@ -309,7 +310,9 @@ def resolve_max_model_len(spec: ModelSpec, requested: int | None) -> int:
     if requested is None or requested == 0:
         return allowed
     if not _is_int(requested) or requested < 0:
-        raise InvalidRequestError(f"max_model_len must be a positive integer (0 or None: the model's), got {requested!r}")
+        raise InvalidRequestError(
+            f"max_model_len must be a positive integer (0 or None: the model's), got {requested!r}"
+        )
     if requested > allowed:
         raise InvalidRequestError(f"max_model_len {requested} exceeds the {allowed} tokens {_context_reason(spec)}")
     return requested
@@ -525,7 +528,9 @@ _SLIDING_WINDOWS = {LLAMA.name: _llama_windows, MISTRAL.name: _mistral_windows, 
 
 def _rope_parameters(f: _Fields, max_pos: int) -> dict:
     """RoPE parameters as ``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`` and ``standardize_rope_params``
-    leave them, for the rotary embedding of LlamaModel, MistralModel and Qwen2Model."""
+    leave them when the rotary embedding of LlamaModel, MistralModel or Qwen2Model is built: for yarn, longrope
+    and llama3, a top-level ``original_max_position_embeddings`` (Phi-3 style) overrides the RoPE dict's, which
+    defaults to ``max_position_embeddings``."""
     config = f.config
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if not isinstance(rope, dict):
@@ -533,8 +538,7 @@ def _rope_parameters(f: _Fields, max_pos: int) -> dict:
     if any(isinstance(value, dict) for value in rope.values()):
         raise UnsupportedModelError(f"rope_parameters per layer type {rope!r} are not supported")
     rope = dict(rope)
-    rope_type = rope.pop("type", None)
-    rope["rope_type"] = rope.get("rope_type", rope_type or "default")
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     if rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope_type {rope['rope_type']!r} is not supported; supported types: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -547,7 +551,7 @@ def _rope_parameters(f: _Fields, max_pos: int) -> dict:
     if partial is not None and partial != 1 and rope["rope_type"] != "default":
         raise UnsupportedModelError(
             f"partial_rotary_factor {partial!r} with rope_type {rope['rope_type']!r} is not supported: "
-            f"{f.arch.name} rotates whole heads (its default RoPE ignores the factor, the scaled ones fail in transformers)"
+            f"{f.arch.name} rotates whole heads (its default RoPE ignores the factor, scaled ones fail in transformers)"
         )
     if rope["rope_type"] in _USES_ORIGINAL_MAX:
         original = config.get("original_max_position_embeddings", rope.get("original_max_position_embeddings"))

@@ -9,7 +9,7 @@ from common import events as ev
 from common.errors import InvalidRequestError
 from common.model.partition import partition_model, unit_costs
 from common.model.sizes import dtype_bytes, kv_bytes_per_block
-from common.model.spec import ModelSpec, read_config
+from common.model.spec import ModelSpec, resolve_max_model_len
 from common.model.units import Layout, unit_names
 
 ACTIVATION_RESERVE_BYTES = 64 << 20
@@ -47,11 +47,10 @@ def plan_pipeline(request: ev.DeployPipeline) -> PipelinePlan:
 
     Raises CheckpointError / UnsupportedModelError / PartitionError / InvalidRequestError."""
     check_deployable_transport(request.transport)
-    spec = ModelSpec.from_config(read_config(Path(request.model_dir)))
+    spec = ModelSpec.from_dir(Path(request.model_dir))
     names = unit_names(spec.num_layers)
     element_bytes = dtype_bytes(request.dtype)
-    limit = spec.max_position_embeddings
-    max_model_len = min(request.max_model_len, limit) if request.max_model_len > 0 else limit
+    max_model_len = resolve_max_model_len(spec, request.max_model_len)
     costs = unit_costs(spec, context_tokens=max_model_len // 2)
     cut = (
         Layout.from_spec(request.layout, names)

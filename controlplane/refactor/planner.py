@@ -14,7 +14,7 @@ from typing import Protocol
 from common import events as ev
 from common.errors import FlexPipeError, RefactorRefused
 from common.model.partition import partition_model
-from common.model.spec import ModelSpec, read_config
+from common.model.spec import ModelSpec
 from common.model.units import Layout, unit_names
 from controlplane.refactor.plan import SPAWN, ModelSizes, RefactorPlan, WorkerHoldings, plan_refactor
 
@@ -100,7 +100,7 @@ class RefactorPlanner:
             raise RefactorRefused(f"pipeline {request.pipeline_id!r} is {pipeline.state}, not READY")
         deploy = pipeline.request
         try:
-            spec = ModelSpec.from_config(read_config(Path(deploy.model_dir)))
+            spec = ModelSpec.from_dir(Path(deploy.model_dir))
         except FlexPipeError as exc:
             raise RefactorRefused(str(exc)) from exc
         names = unit_names(spec.num_layers)

@@ -25,7 +25,7 @@ from common import events as ev
 from common.config import load_config
 from common.errors import FlexPipeError, PipelineError
 from common.logging import configure_logging, emit, get_logger
-from common.model.spec import ModelSpec, read_config
+from common.model.spec import ModelSpec
 from common.runtime import freeze_heap, new_session_dir, notify_systemd, runtime_dir
 from controlplane.client import BusClient, Heartbeater, failure_reply
 from dataplane.engine.core import EngineCore
@@ -51,7 +51,7 @@ class HostedEngine:
         self.pipeline_id, self.epoch = command.pipeline_id, command.epoch
         self.context = context
         self.model_dir = Path(command.model_dir)
-        spec = ModelSpec.from_config(read_config(self.model_dir))
+        spec = ModelSpec.from_dir(self.model_dir)
         self.requests = RequestFactory(
             spec, load_tokenizer(self.model_dir), command.max_model_len, command.block_size, command.num_kv_blocks
         )

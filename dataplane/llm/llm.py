@@ -32,7 +32,7 @@ from common.errors import (
 )
 from common.logging import configure_logging
 from common.model.partition import partition_model
-from common.model.spec import ModelSpec, read_config
+from common.model.spec import ModelSpec, resolve_max_model_len
 from common.model.units import Layout, unit_names
 from common.runtime import freeze_heap, new_session_dir
 from controlplane.client import BusError
@@ -91,10 +91,10 @@ class LLM:
         check_deployable_transport(self.transport)
         self.dtype = dtype
         resolve_dtype(dtype)
-        self.spec = ModelSpec.from_config(read_config(self.model_dir))
+        self.spec = ModelSpec.from_dir(self.model_dir)
         self._check_tensors()
         self.unit_names = unit_names(self.spec.num_layers)
-        self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(self.spec, max_model_len)
         self.layout = self._layout(num_stages, layout, device_memory)
         stages = self.layout.num_stages
         self.devices = list(devices) if devices else [self._default_device(i) for i in range(stages)]

@@ -14,8 +14,9 @@ from dataplane.models.layers import activation, layer_norm, linear
 class Gpt2Adapter:
     """Maps GPT-2 units to checkpoint tensors (with or without the ``transformer.`` prefix).
 
-    Invariant: ``tensor_names(unit)`` lists exactly the tensors ``build(unit, ...)`` reads;
-    Conv1D weights are transposed once at build time so every unit runs ``F.linear``.
+    Invariants: ``tensor_names(unit)`` lists exactly the tensors ``build(unit, ...)`` reads; Conv1D weights
+    are transposed once at build time so every unit runs ``F.linear``; the head is ``lm_head.weight`` when
+    the checkpoint has it or embeddings are untied, else ``wte``.
     """
 
     def __init__(self, spec: ModelSpec, available: set[str]) -> None:
@@ -28,7 +29,8 @@ class Gpt2Adapter:
         if unit == "embed":
             return [f"{p}wte.weight", f"{p}wpe.weight"]
         if unit == "head":
-            head = "lm_head.weight" if "lm_head.weight" in self.available else f"{p}wte.weight"
+            untied = "lm_head.weight" in self.available or not self.spec.tie_word_embeddings
+            head = "lm_head.weight" if untied else f"{p}wte.weight"
             return [f"{p}ln_f.weight", f"{p}ln_f.bias", head]
         h = f"{p}h.{unit_layer(unit)}."
         if unit.endswith(".attn"):
@@ -59,18 +61,23 @@ class Embed:
 
 
 class Attention:
+    """One layer's attention; ``spec.attention_scales[layer]`` carries ``scale_attn_weights`` and
+    ``scale_attn_by_inverse_layer_idx``, ``spec.attention_upcast`` (``reorder_and_upcast_attn``) runs the
+    scores and softmax in float32 whatever the model dtype."""
+
     def __init__(self, spec: ModelSpec, layer: int, norm, qkv, proj, kv_pool) -> None:
         self.spec, self.norm, self.qkv, self.proj, self.kv_pool = spec, norm, qkv, proj, kv_pool
-        config = spec.raw_config
-        self.scale = spec.head_dim**-0.5 if config.get("scale_attn_weights", True) else 1.0
-        if config.get("scale_attn_by_inverse_layer_idx", False):
-            self.scale /= layer + 1
+        self.scale = spec.attention_scales[layer]
+        self.upcast = spec.attention_upcast
 
     def forward(self, hidden: torch.Tensor, batch: BatchInput) -> torch.Tensor:
         spec = self.spec
         x = layer_norm(hidden, *self.norm, spec.norm_eps)
         q, k, v = linear(x, *self.qkv).view(x.shape[0], 3, spec.num_heads, spec.head_dim).unbind(1)
-        out = paged_attention(q, k, v, self.kv_pool, batch, self.scale)
+        if self.upcast and q.dtype != torch.float32:
+            out = paged_attention(q.float(), k, v, self.kv_pool, batch, self.scale).to(q.dtype)
+        else:
+            out = paged_attention(q, k, v, self.kv_pool, batch, self.scale)
         return hidden + linear(out, *self.proj)
 
 

@@ -17,42 +17,39 @@ EMBED = "model.embed_tokens.weight"
 class LlamaAdapter:
     """Maps Llama-family units to checkpoint tensors and builds their executors.
 
-    Invariant: ``tensor_names(unit)`` lists exactly the tensors ``build(unit, ...)`` reads;
-    a tied checkpoint serves the head from the embedding matrix.
+    Invariants: ``tensor_names(unit)`` lists exactly the tensors ``build(unit, ...)`` reads; which biases a
+    unit has comes from the spec (``qkv_bias``, ``o_bias``, ``mlp_bias``), never from what the checkpoint
+    holds; the head is ``lm_head.weight`` when the checkpoint has it or embeddings are untied (transformers
+    does not tie an ``lm_head.weight`` that differs from the embedding), else the embedding matrix.
     """
 
     def __init__(self, spec: ModelSpec, available: set[str]) -> None:
         self.spec = spec
         self.available = available
-        self.rope = RopeSpec.from_hf_config(spec.raw_config, spec.head_dim)
-
-    def _optional(self, *names: str) -> list[str]:
-        return [n for n in names if n in self.available]
+        rope_config = {"rope_parameters": spec.rope_parameters, "max_position_embeddings": spec.max_position_embeddings}
+        self.rope = RopeSpec.from_hf_config(rope_config, spec.head_dim)
 
     def tensor_names(self, unit: str) -> list[str]:
         if unit == "embed":
             return [EMBED]
         if unit == "head":
-            head = "lm_head.weight" if "lm_head.weight" in self.available else EMBED
-            return ["model.norm.weight", head]
-        layer = unit_layer(unit)
-        p = f"model.layers.{layer}."
+            untied = "lm_head.weight" in self.available or not self.spec.tie_word_embeddings
+            return ["model.norm.weight", "lm_head.weight" if untied else EMBED]
+        p = f"model.layers.{unit_layer(unit)}."
         if unit.endswith(".attn"):
             projections = [f"{p}self_attn.{x}_proj" for x in "qkvo"]
-            return (
-                [f"{p}input_layernorm.weight"]
-                + [f"{w}.weight" for w in projections]
-                + self._optional(*(f"{w}.bias" for w in projections))
-            )
+            biased = projections[:3] * self.spec.qkv_bias + projections[3:] * self.spec.o_bias
+            return [f"{p}input_layernorm.weight"] + [f"{w}.weight" for w in projections] + [f"{w}.bias" for w in biased]
         matrices = [f"{p}mlp.{x}_proj" for x in ("gate", "up", "down")]
+        biased = matrices * self.spec.mlp_bias
         return (
-            [f"{p}post_attention_layernorm.weight"]
-            + [f"{w}.weight" for w in matrices]
-            + self._optional(*(f"{w}.bias" for w in matrices))
+            [f"{p}post_attention_layernorm.weight"] + [f"{w}.weight" for w in matrices] + [f"{w}.bias" for w in biased]
         )
 
     def build(self, unit: str, tensors: dict[str, torch.Tensor], kv_pool: torch.Tensor | None = None):
-        pick = lambda names: [tensors.get(n) for n in names]  # noqa: E731
+        pick = lambda names: [tensors[n] for n in names]  # noqa: E731
+        wanted = set(self.tensor_names(unit))
+        bias = lambda name: tensors[name] if name in wanted else None  # noqa: E731
         if unit == "embed":
             return Embed(tensors[EMBED])
         if unit == "head":
@@ -62,13 +59,11 @@ class LlamaAdapter:
         p = f"model.layers.{layer}."
         if unit.endswith(".attn"):
             weights = {
-                x: (tensors[f"{p}self_attn.{x}_proj.weight"], tensors.get(f"{p}self_attn.{x}_proj.bias"))
-                for x in "qkvo"
+                x: (tensors[f"{p}self_attn.{x}_proj.weight"], bias(f"{p}self_attn.{x}_proj.bias")) for x in "qkvo"
             }
             return Attention(self.spec, self.rope, layer, tensors[f"{p}input_layernorm.weight"], weights, kv_pool)
         weights = {
-            x: (tensors[f"{p}mlp.{x}_proj.weight"], tensors.get(f"{p}mlp.{x}_proj.bias"))
-            for x in ("gate", "up", "down")
+            x: (tensors[f"{p}mlp.{x}_proj.weight"], bias(f"{p}mlp.{x}_proj.bias")) for x in ("gate", "up", "down")
         }
         return Mlp(self.spec, tensors[f"{p}post_attention_layernorm.weight"], weights)
 
@@ -112,16 +107,20 @@ class Attention:
         )
         self.o = weights["o"]
         self.window = spec.sliding_windows[layer]
+        self.scale = spec.attention_scales[layer]
 
     def forward(self, hidden: torch.Tensor, batch: BatchInput) -> torch.Tensor:
         spec = self.spec
         heads, kv_heads = spec.num_heads, spec.num_kv_heads
         x = rms_norm(hidden, self.norm, spec.norm_eps)
         qkv = linear(x, *self.qkv).view(x.shape[0], heads + 2 * kv_heads, spec.head_dim)
-        table = batch.memo("rope", lambda: rotation(*self.rope.cos_sin(batch.positions, torch.float32)))
+        table = batch.memo(
+            "rope",
+            lambda: rotation(*self.rope.cos_sin(batch.positions, torch.float32, batch.context_lens, batch.q_lens)),
+        )
         qk = apply_rotary_interleaved(qkv[:, : heads + kv_heads], table)
         q, k, v = qk[:, :heads].contiguous(), qk[:, heads:], qkv[:, heads + kv_heads :]
-        out = paged_attention(q, k, v, self.kv_pool, batch, spec.head_dim**-0.5, self.window)
+        out = paged_attention(q, k, v, self.kv_pool, batch, self.scale, self.window)
         return hidden + linear(out, *self.o)
 
 

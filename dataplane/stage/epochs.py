@@ -16,7 +16,7 @@ import zmq
 
 from common import events as ev
 from common.errors import FlexPipeError, PipelineError
-from common.model.spec import ModelSpec, read_config
+from common.model.spec import ModelSpec
 from dataplane.models import adapter_for
 from dataplane.models.checkpoint import CheckpointReader
 from dataplane.stage.executor import StageExecutor, StageSpec, resolve_dtype
@@ -194,7 +194,7 @@ class StageEpochs:
         command = self.pending.command
         if self.pending.checkpoint is None:
             reader = CheckpointReader(Path(command.model_dir))
-            adapter = adapter_for(ModelSpec.from_config(read_config(command.model_dir)), set(reader.weight_map))
+            adapter = adapter_for(ModelSpec.from_dir(command.model_dir), set(reader.weight_map))
             self.pending.checkpoint = (reader, adapter)
         reader, adapter = self.pending.checkpoint
         shapes = {name: reader.shape(name) for name in adapter.tensor_names(unit)}

@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from common.errors import InvalidRequestError
-from common.model.spec import ModelSpec, read_config
+from common.model.spec import ModelSpec
 from common.model.units import unit_layer
 from dataplane.models import adapter_for
 from dataplane.models.attention import new_kv_pool
@@ -62,7 +62,7 @@ class StageExecutor:
     ) -> None:
         self.spec = spec
         provided = provided or {}
-        self.model = ModelSpec.from_config(read_config(spec.model_dir))
+        self.model = ModelSpec.from_dir(spec.model_dir)
         self.device = torch.device(spec.device)
         dtype = resolve_dtype(spec.dtype)
         reader = CheckpointReader(Path(spec.model_dir))

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from checkpoints import rewrite_tensors
+from test_hf_equivalence import mixed_prompts, run_stages
+from transformers import AutoModelForCausalLM
 
-from common.model.spec import ModelSpec, read_config
+from common.errors import CheckpointError
+from common.model.spec import ModelSpec
 from common.model.units import Layout, unit_names
 from dataplane import LLM, SamplingParams
 from dataplane.models import adapter_for
@@ -17,7 +22,7 @@ def test_each_stage_reads_exactly_its_units_tensors(checkpoint, kind):
     model_dir = checkpoint(kind, max_shard_size="20KB")
     assert (model_dir / "model.safetensors.index.json").is_file()
     reader = CheckpointReader(model_dir)
-    spec = ModelSpec.from_config(read_config(model_dir))
+    spec = ModelSpec.from_dir(model_dir)
     adapter = adapter_for(spec, set(reader.weight_map))
     names = unit_names(spec.num_layers)
     layout = Layout.from_sizes([2, 3, 3], len(names))
@@ -43,3 +48,60 @@ def test_sharded_checkpoint_serves_the_same_tokens(checkpoint):
         expected = [o.token_ids for o in whole.generate(prompts, params)]
     with LLM(checkpoint("qwen2", max_shard_size="20KB"), num_stages=2) as sharded:
         assert [o.token_ids for o in sharded.generate(prompts, params)] == expected
+
+
+def assert_logits_match_transformers(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = mixed_prompts(3, seed=2)
+    prefill, _, _ = run_stages(model_dir, [8], prompts)
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            torch.testing.assert_close(prefill[i], model(torch.tensor([prompt])).logits[0, -1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind,head", [("qwen2", "lm_head.weight"), ("gpt2", "lm_head.weight")])
+def test_a_tied_checkpoint_that_holds_its_own_head_serves_it(tmp_path, checkpoint, kind, head):
+    """transformers does not tie an lm_head.weight that differs from the embedding; neither does FlexPipe."""
+    source = checkpoint(kind)
+    assert ModelSpec.from_dir(source).tie_word_embeddings
+
+    def add_head(tensors):
+        embedding = next(t for name, t in tensors.items() if name.endswith(("embed_tokens.weight", "wte.weight")))
+        return {**tensors, head: torch.randn_like(embedding) * 0.05}
+
+    assert_logits_match_transformers(rewrite_tensors(source, tmp_path / "own_head", add_head))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_an_untied_checkpoint_without_its_head_is_refused(tmp_path, checkpoint, kind):
+    source = checkpoint(kind, tie_word_embeddings=False)
+    target = rewrite_tensors(
+        source, tmp_path / "headless", lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"}
+    )
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        StageExecutor(StageSpec(str(target), ("L2.mlp", "head"), 4, 16))
+
+
+def test_biases_come_from_the_config_not_from_the_checkpoint(tmp_path, checkpoint):
+    """MistralAttention has no biases: transformers ignores bias tensors a checkpoint carries, and so does
+    FlexPipe; a bias the config asks for and the checkpoint lacks is refused."""
+
+    def add_biases(tensors):
+        extra = {
+            name.replace(".weight", ".bias"): torch.randn(t.shape[0]) * 0.5
+            for name, t in tensors.items()
+            if name.endswith("_proj.weight")
+        }
+        return {**tensors, **extra}
+
+    padded = rewrite_tensors(checkpoint("mistral"), tmp_path / "biased", add_biases)
+    executor = StageExecutor(StageSpec(str(padded), tuple(unit_names(3)), 4, 16))
+    assert not any(name.endswith(".bias") for name in executor.tensors_read)
+    assert_logits_match_transformers(padded)
+
+    source = checkpoint("llama", attention_bias=True)
+    target = rewrite_tensors(
+        source, tmp_path / "unbiased", lambda t: {k: v for k, v in t.items() if not k.endswith("o_proj.bias")}
+    )
+    with pytest.raises(CheckpointError, match="o_proj.bias"):
+        StageExecutor(StageSpec(str(target), ("L0.attn",), 4, 16))

@@ -183,9 +183,9 @@ def test_unsupported_architecture_and_transport_are_clear_errors(tmp_path, tiny_
     odd = tmp_path / "odd"
     odd.mkdir()
     config = json.loads((tiny_model / "config.json").read_text())
-    config["architectures"] = ["FalconForCausalLM"]
+    config["architectures"], config["model_type"] = ["FalconForCausalLM"], "falcon"
     (odd / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+    with pytest.raises(UnsupportedModelError, match="falcon.*LlamaForCausalLM"):
         LLM(odd)
     with pytest.raises(TransportError, match="shm"):
         LLM(tiny_model, transport="carrier-pigeon")

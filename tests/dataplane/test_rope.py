@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPTNeoXConfig, LlamaConfig, Phi3Config
@@ -113,6 +114,15 @@ CASES = {
         256,
         200,
     ),
+    # positions beyond max_position_embeddings, up to the context resolve_max_model_len allows
+    "default_beyond": ({"rope_type": "default", "rope_theta": 10000.0}, 64, 150),
+    "linear_beyond": ({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, 64, 255),
+    "dynamic_far_beyond": ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, 64, 127),
+    "yarn_beyond": (
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+        64,
+        255,
+    ),
 }
 
 
@@ -185,6 +195,42 @@ def test_v5_config_matches_transformers(name):
     assert spec.rotary_dim == int(HEAD_DIM * rope_parameters.get("partial_rotary_factor", 1.0))
     assert spec.max_position_embeddings == max_pos
     assert_matches_transformers(spec, config, largest)
+
+
+def sequence_batch(context_lens, q_lens):
+    """Flat positions of sequences laid out as BatchInput lays them out, with each sequence's slice."""
+    context_lens, q_lens = np.array(context_lens), np.array(q_lens)
+    pieces = [torch.arange(c - q, c) for c, q in zip(context_lens, q_lens)]
+    bounds = np.cumsum([0, *q_lens])
+    return torch.cat(pieces), context_lens, q_lens, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.mark.parametrize("name", ["dynamic_long", "longrope_long"])
+def test_tables_are_chosen_per_sequence(name):
+    """Each sequence of a flat batch gets the table transformers computes when it runs alone (seq_len = its
+    context length), whatever it is batched with."""
+    rope_parameters, max_pos, _ = CASES[name]
+    config = llama_config(rope_parameters, max_pos)
+    spec = RopeSpec.from_hf_config(config.to_dict(), HEAD_DIM)
+    # prefills and decodes on both sides of the threshold (64 for dynamic, 32 for longrope)
+    positions, context_lens, q_lens, slices = sequence_batch([200, 7, 64, 33, 32, 150, 90], [9, 7, 1, 1, 5, 1, 90])
+    cos, sin = spec.cos_sin(positions, torch.float32, context_lens, q_lens)
+    for rows in slices:
+        ref_cos, ref_sin = reference_cos_sin(config, torch.arange(0, int(positions[rows][-1]) + 1))
+        torch.testing.assert_close(cos[rows], ref_cos[positions[rows]], atol=ATOL, rtol=0)
+        torch.testing.assert_close(sin[rows], ref_sin[positions[rows]], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["dynamic_short", "longrope_short", "longrope_long", "llama3", "default"])
+def test_one_table_when_every_sequence_shares_it(name):
+    rope_parameters, max_pos, _ = CASES[name]
+    spec = RopeSpec.from_hf_config(llama_config(rope_parameters, max_pos).to_dict(), HEAD_DIM)
+    contexts = [40, 50, 60] if name != "longrope_long" else [40, 50, 100]
+    positions, context_lens, q_lens, _ = sequence_batch(contexts, [3, 1, 20])
+    per_sequence = spec.cos_sin(positions, torch.float32, context_lens, q_lens)
+    whole_batch = spec.cos_sin(positions, torch.float32)
+    for got, expected in zip(per_sequence, whole_batch):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 def test_dynamic_recomputes_only_beyond_max_position_embeddings():
