@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dataplane.models.batch import BatchInput
+from dataplane.models.batch import AttentionLayout, BatchInput
 
 
 def paged_attention(
@@ -25,14 +25,30 @@ def paged_attention(
     keys_pool, values_pool = kv_pool[0], kv_pool[1]
     keys_pool.index_copy_(0, batch.slot_mapping, k if k.dtype == kv_pool.dtype else k.to(kv_pool.dtype))
     values_pool.index_copy_(0, batch.slot_mapping, v if v.dtype == kv_pool.dtype else v.to(kv_pool.dtype))
-    layout = batch.attention_layout(window)
-    num_seqs, heads, dim = batch.num_seqs, q.shape[1], q.shape[2]
+    groups = batch.attention_groups(window)
+    if groups is None:
+        return _attend(q, keys_pool, values_pool, batch.attention_layout(window), scale)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for tokens, layout in groups:
+        out[tokens] = _attend(q[tokens], keys_pool, values_pool, layout, scale)
+    return out
+
+
+def _attend(
+    q: torch.Tensor,
+    keys_pool: torch.Tensor,
+    values_pool: torch.Tensor,
+    layout: AttentionLayout,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the sequences laid out by ``layout``; q: [T, heads, dim] -> [T, heads * dim]."""
+    num_seqs, heads, dim, kv_heads = layout.mask.shape[0], q.shape[1], q.shape[2], keys_pool.shape[1]
     if layout.query_rows is None:
         padded_q = q.reshape(num_seqs, layout.max_q, heads, dim)
     else:
         padded_q = q.new_zeros(num_seqs, layout.max_q, heads, dim)
         padded_q[layout.query_rows, layout.query_cols] = q
-    grid = (num_seqs, layout.max_ctx, k.shape[1], dim)
+    grid = (num_seqs, layout.max_ctx, kv_heads, dim)
     keys = keys_pool.index_select(0, layout.key_slots).view(grid)
     values = values_pool.index_select(0, layout.key_slots).view(grid)
     if keys.dtype != q.dtype:
@@ -44,7 +60,7 @@ def paged_attention(
         values.transpose(1, 2),
         attn_mask=mask,
         scale=scale,
-        enable_gqa=heads != k.shape[1],
+        enable_gqa=heads != kv_heads,
     ).transpose(1, 2)
     if layout.query_rows is not None:
         out = out[layout.query_rows, layout.query_cols]

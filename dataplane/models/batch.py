@@ -133,14 +133,40 @@ class BatchInput:
                 position += 4
 
     def attention_layout(self, window: int | None) -> AttentionLayout:
-        return self.memo(("attention", window), lambda: self._attention_layout(window))
+        """The whole micro-batch as one padded grid (every sequence padded to the longest query and context)."""
+        return self.memo(("attention", window), lambda: self._layout(np.arange(self.num_seqs), window))
 
-    def _attention_layout(self, window: int | None) -> AttentionLayout:
-        device = self.token_ids.device
+    def attention_groups(self, window: int | None) -> list[tuple[torch.Tensor | slice, AttentionLayout]] | None:
+        """Where one padded grid would waste most of its work (a long prefill next to decodes), the batch
+        in groups that need no query padding: all one-token sequences together, and each longer one
+        alone; as (the group's flat token indices, its layout). None where one grid is as good."""
+        return self.memo(("attention-groups", window), lambda: self._groups(window))
+
+    def _groups(self, window: int | None) -> list[tuple[torch.Tensor | slice, AttentionLayout]] | None:
         q_lens, ctx = self.q_lens, self.context_lens
+        if self.num_seqs == 1 or int(q_lens.min()) == int(q_lens.max()):
+            return None
+        single = q_lens == 1
+        grouped_cost = int(single.sum()) * int(ctx[single].max(initial=0)) + int((q_lens * ctx)[~single].sum())
+        if self.num_seqs * int(q_lens.max()) * int(ctx.max()) <= 2 * grouped_cost:
+            return None
+        first = np.cumsum(q_lens) - q_lens
+        groups: list[tuple[torch.Tensor | slice, AttentionLayout]] = []
+        if single.any():
+            members = np.flatnonzero(single)
+            tokens = torch.from_numpy(first[members]).to(self.token_ids.device)
+            groups.append((tokens, self._layout(members, window)))
+        for b in np.flatnonzero(~single):
+            groups.append((slice(int(first[b]), int(first[b] + q_lens[b])), self._layout(np.array([b]), window)))
+        return groups
+
+    def _layout(self, members: np.ndarray, window: int | None) -> AttentionLayout:
+        """The padded grid of the sequences ``members`` (indices into the batch, in batch order)."""
+        device = self.token_ids.device
+        q_lens, ctx, tables = self.q_lens[members], self.context_lens[members], self.block_tables[members]
         max_q, max_ctx = int(q_lens.max()), int(ctx.max())
         key_pos = np.arange(max_ctx)
-        key_slots = self.block_tables[:, key_pos // self.block_size] * self.block_size + key_pos % self.block_size
+        key_slots = tables[:, key_pos // self.block_size] * self.block_size + key_pos % self.block_size
         query_pos = (ctx - q_lens)[:, None, None] + np.arange(max_q)[None, :, None]
         keys = key_pos[None, None, :]
         mask = (keys <= query_pos) & (keys < ctx[:, None, None])
