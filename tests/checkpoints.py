@@ -129,3 +129,25 @@ def rewrite_tensors(source: str | os.PathLike, target: str | os.PathLike, edit) 
     tensors = edit(load_file(source / "model.safetensors"))
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
     return target
+
+
+def hf_greedy_tokens(model_dir, prompts, new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy ``generate`` of exactly ``new_tokens`` tokens for each prompt, one at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            generated = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=PAD_ID,
+            )
+            outputs.append(generated[0, len(prompt) :].tolist())
+    return outputs

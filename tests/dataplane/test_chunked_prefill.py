@@ -7,30 +7,11 @@ import random
 
 import msgspec
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
+from checkpoints import hf_greedy_tokens
 
 from dataplane import LLM, SamplingParams
 
 NEW_TOKENS = 12
-
-
-def hf_greedy(model_dir, prompts, new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            generated = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=258,
-            )
-            outputs.append(generated[0, len(prompt) :].tolist())
-    return outputs
 
 
 @pytest.mark.parametrize("num_stages", [1, 2])
@@ -43,7 +24,7 @@ def test_prompts_longer_than_the_budget_match_transformers(checkpoint, num_stage
         assert llm.max_num_batched_tokens == 16
         together = [o.token_ids for o in llm.generate(prompts, greedy)]
         alone = [llm.generate([p], greedy)[0].token_ids for p in prompts]
-    assert together == alone == hf_greedy(path, prompts)
+    assert together == alone == hf_greedy_tokens(path, prompts, NEW_TOKENS)
 
 
 def random_requests(seed: int, count: int, vocab: int = 256) -> list[tuple[list[int], SamplingParams]]:

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from checkpoints import hf_greedy_tokens
 from transformers import AutoModelForCausalLM
 
 from common.model.units import Layout, unit_names
@@ -40,21 +41,7 @@ _reference_cache: dict = {}
 def hf_greedy(model_dir, prompts) -> list[list[int]]:
     key = str(model_dir)
     if key not in _reference_cache:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        outputs = []
-        with torch.no_grad():
-            for prompt in prompts:
-                ids = torch.tensor([prompt])
-                generated = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    pad_token_id=258,
-                )
-                outputs.append(generated[0, len(prompt) :].tolist())
-        _reference_cache[key] = outputs
+        _reference_cache[key] = hf_greedy_tokens(model_dir, prompts, NEW_TOKENS)
     return _reference_cache[key]
 
 
