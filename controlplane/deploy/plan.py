@@ -7,9 +7,10 @@ from pathlib import Path
 
 from common import events as ev
 from common.errors import InvalidRequestError
+from common.model.context import resolve_max_model_len
 from common.model.partition import partition_model, unit_costs
 from common.model.sizes import dtype_bytes, kv_bytes_per_block
-from common.model.spec import ModelSpec, resolve_max_model_len
+from common.model.spec import ModelSpec
 from common.model.units import Layout, unit_names
 
 ACTIVATION_RESERVE_BYTES = 64 << 20

@@ -31,8 +31,9 @@ from common.errors import (
     RequestTimeout,
 )
 from common.logging import configure_logging
+from common.model.context import resolve_max_model_len
 from common.model.partition import partition_model
-from common.model.spec import ModelSpec, resolve_max_model_len
+from common.model.spec import ModelSpec
 from common.model.units import Layout, unit_names
 from common.runtime import freeze_heap, new_session_dir
 from controlplane.client import BusError

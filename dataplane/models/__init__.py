@@ -1,6 +1,7 @@
 """Architecture adapters: which checkpoint tensors each unit needs and how it runs."""
 
-from common.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
+from common.model.architectures import SUPPORTED_ARCHITECTURES
+from common.model.spec import ModelSpec
 
 
 def adapter_for(spec: ModelSpec, available: set[str]):

@@ -71,7 +71,7 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
 }
 """The functions of ``transformers.activations.ACT2FN``, by name, computed as it computes them; the names are
-``common.model.spec.SUPPORTED_ACTIVATIONS``."""
+``common.model.architectures.SUPPORTED_ACTIVATIONS``."""
 
 
 def activation(name: str):

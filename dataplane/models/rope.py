@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common.errors import CheckpointError, UnsupportedModelError
-from common.model.spec import SUPPORTED_ROPE_TYPES
+from common.model.architectures import SUPPORTED_ROPE_TYPES
 
 _DEFAULT_THETA = 10_000.0
 _USES_ORIGINAL_MAX = ("yarn", "longrope", "llama3")

@@ -15,7 +15,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from common import events as ev
 from common.errors import CheckpointError, InvalidRequestError, UnsupportedModelError
-from common.model.spec import ARCHITECTURES, SUPPORTED_ACTIVATIONS, ModelSpec, resolve_max_model_len
+from common.model.architectures import ARCHITECTURES, SUPPORTED_ACTIVATIONS
+from common.model.context import resolve_max_model_len
+from common.model.spec import ModelSpec
 from controlplane.deploy.plan import plan_pipeline
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")

@@ -13,7 +13,8 @@ from test_hf_equivalence import mixed_prompts, run_stages
 from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
-from common.model.spec import SUPPORTED_ACTIVATIONS, ModelSpec
+from common.model.architectures import SUPPORTED_ACTIVATIONS
+from common.model.spec import ModelSpec
 from dataplane.models.layers import ACTIVATIONS
 
 ROPE_THETA = 10000.0
