@@ -70,7 +70,7 @@ def plain_number(value):
         return value
     if isinstance(value, (list, tuple)):
         return [plain_number(v) for v in value]
-    if isinstance(value, numbers.Integral) and type(value).__name__ not in ("bool_", "bool"):
+    if isinstance(value, numbers.Integral):  # numpy integers; numpy bools are not Integral
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
