@@ -15,7 +15,7 @@ MAX_TEMPERATURE = 1e4  # beyond it float32 sampling is uniform already; the boun
 SEED_LIMIT = 2**63
 
 
-class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """Sampling and stopping rules of one request, validated on construction and on decoding.
 
     Integers must be integers (numpy integers count; bools and floats are refused), floats finite
@@ -26,7 +26,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``k`` alternatives' at every step (``k = 0``: the sampled token's only).
 
     Raises ``InvalidRequestError`` naming the field and the value; ``from_dict`` also refuses
-    unknown fields.
+    unknown fields. Frozen, so that a validated value stays valid (``msgspec.structs.replace``
+    validates the copy).
     """
 
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16
@@ -34,7 +35,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     top_k: Annotated[int, msgspec.Meta(ge=-1)] = 0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_LIMIT - 1)] | None = None
-    stop_token_ids: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    stop_token_ids: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = ()
     ignore_eos: bool = False
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
@@ -46,7 +47,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             except msgspec.ValidationError as exc:
                 raise InvalidRequestError(f"invalid {name}={value!r}: {exc}") from None
             if checked is not value:
-                setattr(self, name, checked)
+                msgspec.structs.force_setattr(self, name, checked)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:

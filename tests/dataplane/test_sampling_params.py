@@ -75,7 +75,7 @@ def test_stop_token_ids_are_a_list_of_non_negative_integers(value):
         not isinstance(v, (bool, np.bool_)) and type(plain(v)) is int and plain(v) >= 0 for v in items
     )
     if ok:
-        assert SamplingParams(stop_token_ids=value).stop_token_ids == [plain(v) for v in items]
+        assert SamplingParams(stop_token_ids=value).stop_token_ids == tuple(plain(v) for v in items)
     else:
         with pytest.raises(InvalidRequestError, match="stop_token_ids"):
             SamplingParams(stop_token_ids=value)
