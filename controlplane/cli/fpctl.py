@@ -200,7 +200,10 @@ class Fpctl:
                 seed=self.args.seed,
                 ignore_eos=self.args.ignore_eos,
             )
-            client.send(request)
+            try:
+                client.send(request)
+            except (OverflowError, TypeError, ValueError) as exc:  # msgpack cannot carry the value
+                raise FlexPipeError(f"request_refused: a value cannot be sent: {exc}") from None
             try:
                 while True:
                     chunk = client.await_reply(request.cmd_id, self.args.timeout)
@@ -403,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FlexPipeError, BusError) as exc:
         print(f"fpctl: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("fpctl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ class RequestFactory:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer; pass token ids instead of text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(f"the prompt text is not valid Unicode: {exc}") from None
             tokens = self.tokenizer.encode(prompt)
         else:
             tokens = token_ids(prompt)
@@ -59,11 +63,11 @@ class RequestFactory:
         return tokens
 
     def new_sequence(self, tokens: list[int], params: SamplingParams, on_finish, on_token=None) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         needed = -(-min(len(tokens) + params.max_tokens, self.max_model_len) // self.block_size)
         if needed > self.num_kv_blocks:
             raise InvalidRequestError(f"request needs {needed} KV blocks but the pipeline has {self.num_kv_blocks}")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         bad = [t for t in params.stop_token_ids if t >= self.spec.vocab_size]
         if bad:
             raise InvalidRequestError(f"stop_token_ids {bad[:5]} are outside the vocabulary of {self.spec.vocab_size}")
@@ -111,7 +115,7 @@ def token_ids(prompt) -> list[int]:
     """``prompt`` as a list of Python ints: a list, tuple or 1-D array of integers (numpy integers
     count; bools, floats, strings do not); raises ``InvalidRequestError`` naming the first bad entry."""
     if not isinstance(prompt, (list, tuple)) and not (hasattr(prompt, "tolist") and getattr(prompt, "ndim", 0) == 1):
-        raise InvalidRequestError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+        raise InvalidRequestError(f"a prompt must be text or a list of token ids, got {prompt!r:.40}")
     values = plain_number(list(prompt))
     for index, value in enumerate(values):
         if type(value) is not int:
@@ -122,16 +126,20 @@ def token_ids(prompt) -> list[int]:
 
 
 def normalize_prompts(prompts) -> list:
-    """One prompt (text or token ids) or a list of them, as a list of prompts."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if hasattr(prompts, "tolist") and getattr(prompts, "ndim", 0) == 1:
+    """One prompt (text or token ids) or a list of them, as a list of prompts: a list holding any
+    text or sequence is a list of prompts (each judged on its own, so an error names the bad one),
+    any other list is one prompt of token ids."""
+    if isinstance(prompts, str) or _is_sequence(prompts) and not isinstance(prompts, (list, tuple)):
         return [prompts]
     if not isinstance(prompts, (list, tuple)):
         raise InvalidRequestError(f"prompts must be text, token ids or a list of them, got {type(prompts).__name__}")
-    if prompts and not all(isinstance(p, (str, list, tuple)) or hasattr(p, "tolist") for p in prompts):
-        return [prompts]  # a single prompt of token ids; ``token_ids`` judges its entries
-    return list(prompts)
+    if any(isinstance(p, str) or _is_sequence(p) for p in prompts):
+        return list(prompts)
+    return [prompts]
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) >= 1
 
 
 def logprob_dict(logprob) -> dict:

@@ -11,8 +11,8 @@ import msgspec
 from common.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+INT64_MAX = 2**63 - 1  # what every integer must fit to travel in a MessagePack header
 MAX_TEMPERATURE = 1e4  # beyond it float32 sampling is uniform already; the bound keeps temperature finite
-SEED_LIMIT = 2**63
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -30,12 +30,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     validates the copy).
     """
 
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)] = 16
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=INT64_MAX)] = 0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_LIMIT - 1)] | None = None
-    stop_token_ids: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = ()
+    seed: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] | None = None
+    stop_token_ids: tuple[Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)], ...] = ()
     ignore_eos: bool = False
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
@@ -67,7 +67,7 @@ _FIELD_TYPES = {f.name: f.type for f in msgspec.structs.fields(SamplingParams)}
 def plain_number(value):
     """``value`` with numpy (or other ``numbers``) integers and reals turned into Python ``int`` and
     ``float``, inside lists and tuples too; bools and everything else unchanged, for the schema to judge."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
+    if type(value) in (bool, int, float, str) or value is None:
         return value
     if isinstance(value, (list, tuple)):
         return [plain_number(v) for v in value]

@@ -9,6 +9,8 @@ and ``generate`` submits straight to the in-process engine.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 import shutil
 import threading
@@ -49,6 +51,14 @@ from dataplane.transport import check_transport
 
 PIPELINE_ID = "llm"
 SPAWN_CAPACITY = 16  # workers a refactor may start beyond the first ones, unless ``max_workers`` says otherwise
+
+
+def check_timeout(timeout_s) -> None:
+    """``timeout_s`` is None (no deadline) or a finite number of seconds > 0; raises ``InvalidRequestError``."""
+    if timeout_s is None:
+        return
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < math.inf:
+        raise InvalidRequestError(f"timeout_s must be None or a finite number of seconds > 0, got {timeout_s!r}")
 
 
 class LLM:
@@ -207,7 +217,16 @@ class LLM:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        token_lists = [self.requests.tokenize(p) for p in prompts]
+        params_list = [SamplingParams.from_dict(p) if isinstance(p, dict) else p for p in params_list]
+        check_timeout(timeout_s)
+        token_lists = []
+        for index, prompt in enumerate(prompts):
+            try:
+                token_lists.append(self.requests.tokenize(prompt))
+            except InvalidRequestError as exc:
+                if len(prompts) == 1:
+                    raise
+                raise InvalidRequestError(f"prompt {index}: {exc}") from None
         done = threading.Semaphore(0)
         seqs = [
             self.requests.new_sequence(tokens, p, lambda _seq: done.release())

@@ -80,6 +80,7 @@ def _sample_row(row: torch.Tensor, option: SamplingOptions, step: int) -> int:
         sorted_logits, order = torch.sort(row, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(-1) - probs >= option.top_p
+        drop[0] = False  # the most likely token always stays, whatever float32 makes of a tiny top_p
         row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(row, dim=-1)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:

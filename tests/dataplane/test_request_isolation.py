@@ -104,6 +104,26 @@ def test_a_request_that_breaks_fails_alone_beside_greedy_requests(llm, expected,
     assert wait_all_free(llm) == llm.num_kv_blocks
 
 
+def test_odd_arguments_are_refused_naming_what_is_wrong(llm, expected):
+    cases = [
+        ((["h\ud800"], GREEDY), "Unicode"),
+        (([[1, 2], None], GREEDY), "prompt 1"),
+        (([[1, 2]], [None]), "SamplingParams"),
+        (([[1, 2]], {"max_tokens": 2, "bogus": 1}), "bogus"),
+    ]
+    for (prompts, params), message in cases:
+        with pytest.raises(InvalidRequestError, match=message):
+            llm.generate(prompts, params)
+    for timeout in ("5", math.nan, -1, 0, True):
+        with pytest.raises(InvalidRequestError, match="timeout_s"):
+            llm.generate([[1, 2]], GREEDY, timeout_s=timeout)
+    assert (
+        llm.generate([[5, 6, 7]], {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True})[0].token_ids
+        == (expected[0])
+    )
+    assert wait_all_free(llm) == llm.num_kv_blocks
+
+
 def test_a_vanishing_temperature_gives_the_greedy_tokens(llm, expected):
     params = SamplingParams(max_tokens=6, temperature=1e-12, ignore_eos=True, seed=5)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expected

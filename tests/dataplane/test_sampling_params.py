@@ -81,6 +81,13 @@ def test_stop_token_ids_are_a_list_of_non_negative_integers(value):
             SamplingParams(stop_token_ids=value)
 
 
+def test_numpy_reals_are_floats_and_integers_beyond_64_bits_are_refused():
+    assert SamplingParams(temperature=np.float64(0.5), top_p=np.float16(0.5)).temperature == 0.5
+    for field in ("max_tokens", "top_k", "seed"):
+        with pytest.raises(InvalidRequestError, match=field):
+            SamplingParams(**{field: 2**63})
+
+
 def test_a_request_body_goes_through_the_same_schema_and_unknown_fields_are_refused_by_name():
     with pytest.raises(InvalidRequestError, match="frequency_penalty"):
         SamplingParams.from_dict({"max_tokens": 3, "frequency_penalty": 0.5})
@@ -104,6 +111,8 @@ def test_token_ids_must_be_integers(prompt):
 def test_prompt_shapes_are_recognised():
     assert normalize_prompts("hi") == ["hi"]
     assert normalize_prompts([1, 2]) == [[1, 2]]
+    assert normalize_prompts(list(np.array([1, 2]))) == [[1, 2]], "a list of numpy integers is one prompt"
+    assert normalize_prompts([[1, 2], None]) == [[1, 2], None], "each prompt judged on its own"
     assert normalize_prompts([[1], "a"]) == [[1], "a"]
     assert normalize_prompts([1.5, 2.5]) == [[1.5, 2.5]], "a single prompt; its entries are judged later"
     assert token_ids(np.array([3, 4])) == [3, 4]
@@ -126,6 +135,13 @@ def test_a_nan_row_fails_alone_and_the_greedy_row_beside_it_is_unchanged():
     tokens, _, failures = sample(broken, [options(temperature=0.7, seed=1), options(), options()], [0, 0, 0])
     assert set(failures) == {0, 2} and tokens[0] == tokens[2] == -1
     assert tokens[1] == alone[0] == int(logits[1].argmax())
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token():
+    logits = torch.randn(2, 60)
+    for top_p in (1e-50, 1e-320):
+        tokens, _, failures = sample(logits, [options(temperature=1.0, top_p=top_p, seed=4)] * 2, [0, 0])
+        assert not failures and tokens == logits.argmax(-1).tolist()
 
 
 def test_a_vanishing_temperature_is_greedy_and_never_overflows():
