@@ -82,9 +82,8 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
         (offline,) = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
     assert result["token_ids"] == offline.outputs[0].token_ids
     assert result["usage"]["completion_tokens"] == len(result["token_ids"])
-    for field, value in (("--max-tokens", "0"), ("--max-tokens", str(10**30)), ("--seed", "-1")):
-        refused = fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, field, value, check=False)
-        assert refused.returncode == 1 and "request_refused" in refused.stderr and "Traceback" not in refused.stderr
+    refused = fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", str(10**30), check=False)
+    assert refused.returncode == 1 and "request_refused" in refused.stderr and "Traceback" not in refused.stderr
 
     snapshot = status(env)
     assert sorted(w["worker_id"] for w in snapshot["workers"] if w["state"] == "alive") == [

@@ -28,7 +28,7 @@ def test_a_stop_id_only_generation_config_lists_ends_generation_as_in_transforme
     with torch.no_grad():  # transformers' generate reads the stop ids from generation_config.json itself
         reference = model.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False)[0, len(PROMPT) :]
     assert reference.tolist() == unstopped[: unstopped.index(stop) + 1]
-    with LLM(path, num_stages=2) as llm:
+    with LLM(path) as llm:
         out = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0]
     assert out.token_ids == reference.tolist() and out.finish_reason == "stop"
 

@@ -65,7 +65,7 @@ def wait_all_free(llm, timeout_s: float = 5.0) -> int:
     return llm.num_free_kv_blocks()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fields=param_fields, prompt=prompt_values)
 def test_every_generated_request_is_refused_or_served_and_greedy_is_served_after(llm, expected, fields, prompt):
     try:
