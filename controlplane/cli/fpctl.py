@@ -132,11 +132,11 @@ class Fpctl:
             payload = {"status": status, "workers": status.workers, "pipelines": status.pipelines}[what]
             print(to_json(payload))
         elif what == "workers":
-            self.console.print(workers_table(status))
+            self.console.print(workers_table(status, self.args.wide))
         elif what == "pipelines":
-            self.console.print(pipelines_table(status))
+            self.console.print(pipelines_table(status, self.args.wide))
         else:
-            print_status(self.console, status)
+            print_status(self.console, status, self.args.wide)
         return 0
 
     # ---- pipelines --------------------------------------------------------------------------
@@ -349,7 +349,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, help="number of workers (default: from the configuration)")
     sub.add_parser("down", help="stop the local cluster")
     for name in ("status", "workers", "pipelines"):
-        sub.add_parser(name, help=f"show {name}")
+        shown = sub.add_parser(name, help=f"show {name}")
+        shown.add_argument("--wide", action="store_true", help="every column (default: what fits 80 columns)")
     deploy = sub.add_parser("deploy", help="deploy a model as a pipeline")
     deploy.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     deploy.add_argument("--stages", type=int, help="number of stages (the partitioner cuts)")

@@ -24,39 +24,51 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def workers_table(status: ev.StatusReply) -> Table:
+def workers_table(status: ev.StatusReply, wide: bool = False) -> Table:
+    """Workers (and engine hosts): id, state, device, free memory, stages; ``wide`` adds pid, host, total
+    memory, heartbeat age and each stage's queue and busy fraction. Cells never wrap: a table wider
+    than the terminal is cropped at its right edge, so every row stays one line."""
     table = Table(title="workers")
-    for column in ("worker", "state", "pid", "host", "device", "memory free / total", "heartbeat age", "stages"):
-        table.add_column(column)
+    columns = ("worker", "state", "pid", "host", "device", "memory free / total", "heartbeat", "stages")
+    narrow = ("worker", "state", "device", "mem free", "stages")
+    for column in columns if wide else narrow:
+        table.add_column(column, no_wrap=True)
     for w in status.workers:
-        stages = ", ".join(f"{s.pipeline_id}#{s.stage} q={s.queue_length} busy={s.busy_fraction:.0%}" for s in w.stages)
         state = w.state if w.state == "alive" else f"[red]{w.state}[/red]"
-        table.add_row(
-            w.worker_id,
-            state,
-            str(w.pid),
-            w.host,
-            f"{w.device.kind}:{w.device.name}",
-            f"{_bytes(w.device.memory_free)} / {_bytes(w.device.memory_total)}",
-            f"{w.last_heartbeat_age_s:.1f}s",
-            stages or "-",
-        )
+        device = f"{w.device.kind}:{w.device.name}"
+        if wide:
+            stages = ", ".join(
+                f"{s.pipeline_id}#{s.stage} q={s.queue_length} busy={s.busy_fraction:.0%}" for s in w.stages
+            )
+            memory = f"{_bytes(w.device.memory_free)} / {_bytes(w.device.memory_total)}"
+            table.add_row(
+                w.worker_id, state, str(w.pid), w.host, device, memory, f"{w.last_heartbeat_age_s:.1f}s", stages or "-"
+            )
+        else:
+            stages = ",".join(f"{s.pipeline_id}#{s.stage}" for s in w.stages)
+            table.add_row(w.worker_id, state, device, _bytes(w.device.memory_free), stages or "-")
     for h in status.engine_hosts:
-        table.add_row(h.host_id, h.state, str(h.pid), "", "engine host", "", "", h.request_address)
+        if wide:
+            table.add_row(h.host_id, h.state, str(h.pid), "", "engine host", "", "", h.request_address)
+        else:
+            table.add_row(h.host_id, h.state, "engine host", "", "-")
     return table
 
 
-def pipelines_table(status: ev.StatusReply) -> Table:
+def pipelines_table(status: ev.StatusReply, wide: bool = False) -> Table:
+    """One row per stage: pipeline, state, epoch, stage, worker, units, queue; ``wide`` adds the busy
+    fraction and KV blocks used/free. Cells never wrap (see ``workers_table``)."""
     table = Table(title="pipelines")
-    for column in ("pipeline", "state", "epoch", "stage", "worker", "units", "queue", "busy", "KV used/free"):
-        table.add_column(column)
+    columns = ("pipeline", "state", "epoch", "stage", "worker", "units", "queue")
+    for column in columns + (("busy", "KV used/free") if wide else ()):
+        table.add_column(column, no_wrap=True)
     for p in status.pipelines:
         state = p.state if p.state == "READY" else f"[yellow]{p.state}[/yellow]"
-        if p.reason:
+        if p.reason and wide:
             state += f" ({p.reason})"
         for i, s in enumerate(p.stages):
             units = f"{s.units[0]}..{s.units[-1]}" if s.units else ""
-            table.add_row(
+            row = [
                 p.pipeline_id if i == 0 else "",
                 state if i == 0 else "",
                 str(p.epoch) if i == 0 else "",
@@ -64,17 +76,26 @@ def pipelines_table(status: ev.StatusReply) -> Table:
                 s.worker_id,
                 units,
                 str(s.queue_length),
-                f"{s.busy_fraction:.0%}",
-                f"{s.kv_blocks_used}/{s.kv_blocks_free}",
-            )
+            ]
+            if wide:
+                row += [f"{s.busy_fraction:.0%}", f"{s.kv_blocks_used}/{s.kv_blocks_free}"]
+            table.add_row(*row)
         if not p.stages:
-            table.add_row(p.pipeline_id, state, str(p.epoch), "", "", "", "", "", "")
+            table.add_row(p.pipeline_id, state, str(p.epoch), *[""] * (len(table.columns) - 3))
     return table
 
 
-def print_status(console: Console, status: ev.StatusReply) -> None:
-    console.print(workers_table(status))
-    console.print(pipelines_table(status))
+def print_status(console: Console, status: ev.StatusReply, wide: bool = False) -> None:
+    """Both tables, then what does not fit a narrow table: why a pipeline is not READY, where engine
+    hosts take requests, and how many control messages were rejected."""
+    console.print(workers_table(status, wide))
+    console.print(pipelines_table(status, wide))
+    if not wide:
+        for p in status.pipelines:
+            if p.reason:
+                console.print(f"{p.pipeline_id}: {p.reason}", soft_wrap=True)
+        for h in status.engine_hosts:
+            console.print(f"{h.host_id} takes requests at {h.request_address}", soft_wrap=True)
     if status.rejected_messages:
         console.print(f"rejected messages: {status.rejected_messages}")
 
