@@ -354,7 +354,6 @@ class CancelGenerate(Command, tag="cancel_generate"):
     """Abort the ``GenerateRequest`` whose ``cmd_id`` is ``request_id``, sent by the same client; the
     request ends with a final chunk of finish reason ``abort`` and its KV blocks are freed."""
 
-    pipeline_id: str
     request_id: int
 
 

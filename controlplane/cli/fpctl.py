@@ -213,8 +213,7 @@ class Fpctl:
                     if chunk.finish_reason:
                         break
             except BaseException:  # timed out or interrupted: the engine stops decoding for nobody
-                cancel = client.command(ev.CancelGenerate, pipeline_id=view.pipeline_id, request_id=request.cmd_id)
-                client.send_last(cancel)
+                client.send_last(client.command(ev.CancelGenerate, request_id=request.cmd_id))
                 raise
         result = {
             "pipeline": view.pipeline_id,

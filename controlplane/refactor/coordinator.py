@@ -67,14 +67,6 @@ class RefactorRun:
     def kv_bytes(self) -> int:
         return self.kv_bytes_precopy + self.kv_bytes_delta
 
-    @property
-    def stall_s(self) -> float:
-        return self.switch.stall_s if self.switch is not None else 0.0
-
-    @property
-    def switch_s(self) -> float:
-        return self.switch.switch_s if self.switch is not None else 0.0
-
 
 @dataclass
 class PipelineRefactors:
@@ -323,6 +315,7 @@ class RefactorCoordinator:
         state.active = None
         duration = now - run.started
         if outcome == "committed":
+            timing = run.switch or ev.SwitchTiming()
             log = Log(
                 "refactor.committed",
                 {
@@ -330,8 +323,8 @@ class RefactorCoordinator:
                     "epoch": run.epoch,
                     "refactor_id": run.refactor_id,
                     "duration_s": duration,
-                    "stall_s": run.stall_s,
-                    "switch_s": run.switch_s,
+                    "stall_s": timing.stall_s,
+                    "switch_s": timing.switch_s,
                     "weight_bytes": run.weight_bytes,
                     "kv_bytes": run.kv_bytes,
                 },

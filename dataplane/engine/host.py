@@ -435,8 +435,8 @@ class EngineHost:
 
     def _cancel(self, identity: bytes, request: ev.CancelGenerate) -> None:
         stream = self.open_streams.get((identity, request.request_id))
-        hosted = self.engines.get(request.pipeline_id)
-        if stream is not None and hosted is not None and hosted.engine is not None:
+        hosted = self.engines.get(stream[0]) if stream is not None else None
+        if hosted is not None and hosted.engine is not None:
             hosted.engine.abort([stream[1]], reason="the client cancelled it")
 
     def _submit(self, identity: bytes, request: ev.GenerateRequest):

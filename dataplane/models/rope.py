@@ -123,9 +123,11 @@ class RopeSpec:
         tokens whose positions end at ``context_lens[b] - 1``, as in ``BatchInput``), the "dynamic" and "longrope"
         tables of each sequence come from its own seq_len ``context_lens[b]``, which is what transformers uses when
         that sequence runs alone; without them, from the largest position of the whole batch."""
-        if context_lens is None or q_lens is None or self.rope_type not in _SEQ_LEN_DEPENDENT or not len(q_lens):
-            inv_freq, scaling = _inv_freq_on(self, self._table_seq_len(positions), positions.device)
+        if self.rope_type not in _SEQ_LEN_DEPENDENT or positions.numel() == 0:
+            inv_freq, scaling = _inv_freq_on(self, None, positions.device)
             return _cos_sin(positions, inv_freq, scaling, dtype)
+        if context_lens is None or q_lens is None:  # the whole batch as one sequence
+            context_lens, q_lens = np.array([int(positions.max()) + 1]), np.array([positions.numel()])
         keys = self._seq_len_keys(np.asarray(context_lens))
         if keys.min() == keys.max():
             inv_freq, scaling = _inv_freq_on(self, int(keys[0]) or None, positions.device)
@@ -141,12 +143,6 @@ class RopeSpec:
             scaling = torch.tensor([s for _, s in tables], dtype=torch.float32, device=positions.device)[token_group]
             scaling = scaling[:, None]
         return _cos_sin(positions, inv_freq, scaling, dtype)
-
-    def _table_seq_len(self, positions: torch.Tensor) -> int | None:
-        """The seq_len to compute inv_freq for, folded to None where it gives the same table as no seq_len."""
-        if self.rope_type not in _SEQ_LEN_DEPENDENT or positions.numel() == 0:
-            return None
-        return int(self._seq_len_keys(np.array([int(positions.max()) + 1]))[0]) or None
 
     def _seq_len_keys(self, seq_lens: np.ndarray) -> np.ndarray:
         """Per seq_len, the seq_len its table is computed for, 0 where that is the table of no seq_len:

@@ -319,7 +319,7 @@ def test_a_cancelled_request_ends_with_abort_and_frees_its_kv_blocks(cluster):
     with BusClient(cluster.processes.request_endpoint, timeout_s=60) as client:
         request = send_request(client, 2000)
         tokens = list(client.await_reply(request.cmd_id).token_ids)
-        client.send(client.command(ev.CancelGenerate, pipeline_id="p1", request_id=request.cmd_id))
+        client.send(client.command(ev.CancelGenerate, request_id=request.cmd_id))
         while True:
             chunk = client.await_reply(request.cmd_id)
             tokens += chunk.token_ids
