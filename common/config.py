@@ -20,6 +20,11 @@ overridden by ``FLEXPIPE_<SECTION>_<FIELD>`` (upper case), e.g. ``FLEXPIPE_CONTR
     worker_memory = "4GiB"        # the virtual device of each CPU worker
     restart_limit = 3
     ready_timeout_s = 60.0
+
+    [gateway]                     # the OpenAI-compatible HTTP front end (with the engines it hosts)
+    host = "127.0.0.1"            # loopback unless you mean to expose it
+    port = 8000                   # 0 = any free port (shown by `fpctl status`)
+    max_waiting_requests = 256    # per pipeline, admitted beyond those running; more get 429
 """
 
 from __future__ import annotations
@@ -121,16 +126,39 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Invariant: ``0 <= port <= 65535`` and ``max_waiting_requests >= 0``.
+
+    A pipeline admits ``max_num_seqs`` running requests plus ``max_waiting_requests`` waiting ones;
+    the gateway answers 429 beyond that (vLLM's API server has no bound; SGLang's is
+    ``--max-queued-requests``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_waiting_requests: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.host or not 0 <= self.port <= 65535 or self.max_waiting_requests < 0:
+            raise ConfigError(f"invalid [gateway] settings: {self}")
+
+
+@dataclass(frozen=True, slots=True)
 class FlexPipeConfig:
     """The root configuration, passed explicitly to every process."""
 
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     source: str = "defaults"
 
 
-SECTIONS = {"controller": ControllerConfig, "security": SecurityConfig, "cluster": ClusterConfig}
+SECTIONS = {
+    "controller": ControllerConfig,
+    "security": SecurityConfig,
+    "cluster": ClusterConfig,
+    "gateway": GatewayConfig,
+}
 
 
 def default_config_path() -> Path:

@@ -141,10 +141,13 @@ class UnloadStage(Command, tag="unload_stage"):
 
 
 class RegisterEngineHost(Command, tag="register_engine_host"):
+    """An engine host joins; ``http_address`` is where its gateway serves the OpenAI API ("" = none)."""
+
     host_id: str
     host: str
     pid: int
     request_address: str
+    http_address: str = ""
 
 
 class PrepareEngine(Command, tag="prepare_engine"):
@@ -222,6 +225,7 @@ class EngineHostView(msgspec.Struct, kw_only=True):
     state: str
     pid: int
     request_address: str
+    http_address: str = ""
 
 
 class StageView(msgspec.Struct, kw_only=True):

@@ -45,7 +45,7 @@ LOG_EVENTS: dict[str, str] = {
     "worker.lost": "a worker missed enough heartbeats, or its supervisor saw it exit (`reason`): it is lost, its stages are gone",
     "worker.heartbeat_late": "a worker's heartbeat is overdue but it is not yet lost",
     "worker.metrics": "a worker's periodic metrics (queues, busy fraction, memory, KV usage)",
-    "engine_host.registered": "an engine host joined (`host_id`, `request_address`)",
+    "engine_host.registered": "an engine host joined (`host_id`, `request_address`, `http_address` of its gateway)",
     "engine_host.lost": "an engine host missed enough heartbeats to be declared lost",
     "monitor.congestion": "a stage's input queue kept growing over the monitor's window (`stage`, `queue_length`)",
     "policy.decided": "the policy chose a granularity and replica count (`stages`, `replicas`, `rate`, `cv`, `duration_s`)",

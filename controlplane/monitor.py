@@ -21,6 +21,7 @@ class Member:
     state: str = "alive"
     device: ev.DeviceInfo | None = None
     request_address: str = ""
+    http_address: str = ""
     spawn_capacity: int = 0
     stages: list[ev.StageMetrics] = field(default_factory=list)
 
@@ -128,14 +129,25 @@ class Monitor:
     def _on_register_engine_host(self, event: ev.RegisterEngineHost, now: float) -> list[Action]:
         actions = self._replace_member(event.host_id, event.pid, now)
         self.members[event.host_id] = Member(
-            event.host_id, "engine_host", event.pid, event.host, now, request_address=event.request_address
+            event.host_id,
+            "engine_host",
+            event.pid,
+            event.host,
+            now,
+            request_address=event.request_address,
+            http_address=event.http_address,
         )
         return actions + [
             Tell("coordinator", event),
             Send(event.sender, ev.Ack(sender=self.name, reply_to=event.cmd_id)),
             Log(
                 "engine_host.registered",
-                {"host_id": event.host_id, "host_pid": event.pid, "request_address": event.request_address},
+                {
+                    "host_id": event.host_id,
+                    "host_pid": event.pid,
+                    "request_address": event.request_address,
+                    "http_address": event.http_address,
+                },
             ),
         ]
 
@@ -256,7 +268,13 @@ class Monitor:
             if m.kind == "worker"
         ]
         hosts = [
-            ev.EngineHostView(host_id=m.member_id, state=m.state, pid=m.pid, request_address=m.request_address)
+            ev.EngineHostView(
+                host_id=m.member_id,
+                state=m.state,
+                pid=m.pid,
+                request_address=m.request_address,
+                http_address=m.http_address,
+            )
             for m in self.members.values()
             if m.kind == "engine_host"
         ]

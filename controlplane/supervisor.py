@@ -312,10 +312,8 @@ class LocalCluster:
         )
         for worker_id in self.worker_ids:
             self.supervisor.start(worker_id, self.worker_argv(worker_id))
-        self.supervisor.start(
-            "engine-0", [python, "-m", "dataplane.engine.host", "--host-id", "engine-0", *self.common]
-        )
-        wait_until(self._all_registered, timeout, "workers and engine host")
+        self.supervisor.start("engine-0", [python, "-m", "dataplane.gateway", "--host-id", "engine-0", *self.common])
+        wait_until(self._all_registered, timeout, "workers and gateway")
         security = self.config.security
         bus = BusClient(
             self.config.controller.ipc_endpoint,

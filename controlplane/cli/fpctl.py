@@ -1,11 +1,13 @@
 """fpctl: the operator's command line, a peer on the control bus like any other.
 
-fpctl up [--workers N]          start a local cluster (controller, workers, engine host)
+fpctl up [--workers N] [--host H] [--port P] [--stages N [--model DIR]]
+                                start a local cluster (controller, workers, gateway) and deploy
 fpctl down                      stop it
 fpctl status | workers | pipelines [--json]
 fpctl deploy [--model DIR] (--stages N | --layout A..B,C..D) [--pipeline ID]
 fpctl undeploy PIPELINE
-fpctl generate --pipeline P --prompt TEXT --max-tokens N
+fpctl generate [--model M] --prompt TEXT [--max-tokens N]   through the gateway's OpenAI API
+fpctl chat [--model M] [--system TEXT] [--message TEXT]      a conversation through the gateway
 fpctl keys init [--force]
 fpctl timeline [--log FILE] [--pipeline ID] [--json]   refactors rebuilt from a JSON log; no cluster needed
 """
@@ -28,6 +30,7 @@ from common import events as ev
 from common.config import load_config
 from common.errors import FlexPipeError
 from common.runtime import runtime_dir
+from controlplane.cli.gateway_client import GatewayClient
 from controlplane.cli.timeline import build_timelines, read_refactor_events
 from controlplane.cli.timeline_views import print_timelines
 from controlplane.cli.views import pipelines_table, print_refactor_outcome, print_status, to_json, workers_table
@@ -88,6 +91,10 @@ class Fpctl:
         argv += ["--config", self.args.config] if self.args.config else []
         argv += ["--insecure"] if self.args.insecure else []
         env = dict(os.environ, FLEXPIPE_LOG_FORMAT=os.environ.get("FLEXPIPE_LOG_FORMAT", "json"))
+        if self.args.host is not None:
+            env["FLEXPIPE_GATEWAY_HOST"] = self.args.host
+        if self.args.port is not None:
+            env["FLEXPIPE_GATEWAY_PORT"] = str(self.args.port)
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
         )
@@ -102,16 +109,29 @@ class Fpctl:
                     f"the cluster failed to start (exit {supervisor.returncode}); last log lines:\n{_tail(log_path)}"
                 )
             if state.exists() and json.loads(state.read_text() or "{}").get("pid") == supervisor.pid:
-                status = self.status()
-                if self.args.json:
-                    print(to_json({"supervisor_pid": supervisor.pid, "log": str(log_path), "status": status}))
-                else:
-                    self.console.print(f"cluster up (supervisor pid {supervisor.pid}, log {log_path})")
-                    print_status(self.console, status)
-                return 0
+                return self._serve_after_up(supervisor.pid, log_path)
             time.sleep(0.2)
         _stop_pid(supervisor.pid)
         raise FlexPipeError(f"the cluster was not ready in time; last log lines:\n{_tail(log_path)}")
+
+    def _serve_after_up(self, supervisor_pid: int, log_path: Path) -> int:
+        """Deploy what ``up`` was asked to serve (``--stages``/``--model``), then show the cluster."""
+        deployed = None
+        if self.args.stages or self.args.model:
+            deployed = self._deploy(self.args.model, self.args.stages or 1, [], self.args.pipeline or "p0", "shm")
+        status = self.status()
+        if self.args.json:
+            print(to_json({"supervisor_pid": supervisor_pid, "log": str(log_path), "status": status}))
+        else:
+            self.console.print(f"cluster up (supervisor pid {supervisor_pid}, log {log_path})")
+            print_status(self.console, status)
+            if deployed is not None:
+                self.console.print(
+                    f"pipeline {deployed.pipeline_id}: {deployed.state}"
+                    f"{' - ' + deployed.reason if deployed.reason else ''}; model "
+                    f"{Path(deployed.model_dir).name!r}"
+                )
+        return 0 if deployed is None or deployed.state == "READY" else 1
 
     def down(self) -> int:
         state = cluster_state_path()
@@ -142,26 +162,28 @@ class Fpctl:
     # ---- pipelines --------------------------------------------------------------------------
 
     def deploy(self) -> int:
-        model = self.args.model
-        if model is None:
-            model = default_model_dir()
         layout = [part.strip() for part in self.args.layout.split(",")] if self.args.layout else []
         pipeline_id = self.args.pipeline or f"p{int(time.time()) % 100000}"
-        with self.bus() as bus:
-            bus.request(
-                ev.DeployPipeline,
-                pipeline_id=pipeline_id,
-                model_dir=str(Path(model).resolve()),
-                num_stages=self.args.stages or 0,
-                layout=layout,
-                transport=self.args.transport,
-            )
-        view = self._wait_for(pipeline_id, ("READY", "FAILED"), self.args.wait_timeout)
+        view = self._deploy(self.args.model, self.args.stages or 0, layout, pipeline_id, self.args.transport)
         if self.args.json:
             print(to_json(view))
         else:
             self.console.print(f"pipeline {pipeline_id}: {view.state}{' - ' + view.reason if view.reason else ''}")
         return 0 if view.state == "READY" else 1
+
+    def _deploy(self, model: str | None, stages: int, layout: list[str], pipeline_id: str, transport: str):
+        """Deploy ``model`` (default: the embedded model) and wait for READY or FAILED."""
+        model = model if model is not None else default_model_dir()
+        with self.bus() as bus:
+            bus.request(
+                ev.DeployPipeline,
+                pipeline_id=pipeline_id,
+                model_dir=str(Path(model).resolve()),
+                num_stages=stages,
+                layout=layout,
+                transport=transport,
+            )
+        return self._wait_for(pipeline_id, ("READY", "FAILED"), self.args.wait_timeout)
 
     def _wait_for(self, pipeline_id: str, states: tuple[str, ...], timeout_s: float) -> ev.PipelineView:
         with self.bus() as bus:
@@ -173,62 +195,73 @@ class Fpctl:
         self.console.print(f"pipeline {self.args.pipeline_id} undeployed")
         return 0
 
+    def gateway(self) -> GatewayClient:
+        """The gateway named by ``--url``, else the first one the controller knows."""
+        url = self.args.url
+        if not url:
+            url = next((h.http_address for h in self.status().engine_hosts if h.http_address), "")
+        if not url:
+            raise FlexPipeError("no gateway is registered with the controller; give its address with --url")
+        return GatewayClient(url, self.args.timeout)
+
+    def _model(self, client: GatewayClient) -> str:
+        """``--model`` (a model name or a pipeline id), else the only model served."""
+        if self.args.model:
+            return self.args.model
+        models = client.models()
+        if len(models) != 1:
+            raise FlexPipeError(f"name the model with --model; served: {models}")
+        return models[0]
+
     def generate(self) -> int:
-        status = self.status()
-        view = next((p for p in status.pipelines if p.pipeline_id == self.args.pipeline), None)
-        if view is None:
-            raise FlexPipeError(
-                f"no pipeline {self.args.pipeline!r}; deployed: {[p.pipeline_id for p in status.pipelines]}"
-            )
-        host = next((h for h in status.engine_hosts if h.host_id == view.engine_host), None)
-        if host is None:
-            raise FlexPipeError(f"engine host {view.engine_host!r} of pipeline {view.pipeline_id} is not registered")
-        token_ids: list[int] = []
-        with BusClient(
-            host.request_address,
-            sender=f"fpctl-{os.getpid()}",
-            key_dir=self.config.security.key_path,
-            insecure=self.args.insecure or self.config.security.insecure,
-            timeout_s=self.args.timeout,
-        ) as client:
-            request = client.command(
-                ev.GenerateRequest,
-                pipeline_id=view.pipeline_id,
-                prompt=self.args.prompt,
-                max_tokens=self.args.max_tokens,
-                temperature=self.args.temperature,
-                seed=self.args.seed,
-                ignore_eos=self.args.ignore_eos,
-            )
-            try:
-                client.send(request)
-            except (OverflowError, TypeError, ValueError) as exc:  # msgpack cannot carry the value
-                raise FlexPipeError(f"request_refused: a value cannot be sent: {exc}") from None
-            try:
-                while True:
-                    chunk = client.await_reply(request.cmd_id, self.args.timeout)
-                    token_ids += chunk.token_ids
-                    if not self.args.json and not chunk.finish_reason:
-                        print(" ".join(map(str, chunk.token_ids)), end=" ", flush=True)
-                    if chunk.finish_reason:
-                        break
-            except BaseException:  # timed out or interrupted: the engine stops decoding for nobody
-                client.send_last(client.command(ev.CancelGenerate, request_id=request.cmd_id))
-                raise
-        result = {
-            "pipeline": view.pipeline_id,
-            "token_ids": token_ids,
-            "text": chunk.text,
-            "finish_reason": chunk.finish_reason,
-            "usage": {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens},
+        body = {
+            "prompt": self.args.prompt,
+            "max_tokens": self.args.max_tokens,
+            "temperature": self.args.temperature,
+            "ignore_eos": self.args.ignore_eos,
+            "stream_options": {"include_usage": True},
         }
+        if self.args.seed is not None:
+            body["seed"] = self.args.seed
+        with self.gateway() as client:
+            body["model"] = self._model(client)
+            text, finish_reason, usage = [], None, {}
+            for event in client.stream("/v1/completions", body):
+                for choice in event["choices"]:
+                    text.append(choice["text"])
+                    finish_reason = choice["finish_reason"] or finish_reason
+                    if not self.args.json:
+                        print(choice["text"], end="", flush=True)
+                usage = event.get("usage") or usage
         if self.args.json:
-            print(json.dumps(result))
-        else:
-            print(" ".join(map(str, chunk.token_ids)))
-            self.console.print(
-                f"[bold]text[/bold]: {chunk.text!r}  ({chunk.finish_reason}, {chunk.completion_tokens} tokens)"
+            print(
+                json.dumps(
+                    {"model": body["model"], "text": "".join(text), "finish_reason": finish_reason, "usage": usage}
+                )
             )
+        else:
+            print()
+            self.console.print(f"({finish_reason}, {usage.get('completion_tokens', 0)} tokens)", style="dim")
+        return 0
+
+    def chat(self) -> int:
+        """A conversation: each line read is a user turn, each answer streams as it is generated."""
+        messages = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        with self.gateway() as client:
+            model = self._model(client)
+            turns = [self.args.message] if self.args.message is not None else _read_turns(self.console)
+            for turn in turns:
+                messages.append({"role": "user", "content": turn})
+                body = {"model": model, "messages": messages, "max_tokens": self.args.max_tokens}
+                body["temperature"] = self.args.temperature
+                answer = []
+                for event in client.stream("/v1/chat/completions", body):
+                    for choice in event["choices"]:
+                        piece = choice["delta"].get("content") or ""
+                        answer.append(piece)
+                        print(piece, end="", flush=True)
+                print()
+                messages.append({"role": "assistant", "content": "".join(answer)})
         return 0
 
     def plan(self) -> int:
@@ -273,6 +306,19 @@ class Fpctl:
                 )
             )
         return 0
+
+
+def _read_turns(console: Console):
+    """User turns from the terminal (or a pipe) until end of input or ``/exit``."""
+    while True:
+        try:
+            line = console.input("[bold]you>[/bold] ") if sys.stdin.isatty() else input()
+        except EOFError:
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip():
+            yield line
 
 
 def timeline(args: argparse.Namespace) -> int:
@@ -344,8 +390,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plain TCP to a loopback endpoint, without CURVE")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start a local cluster")
+    up = sub.add_parser("up", help="start a local cluster and its gateway; with --stages or --model, serve a model")
     up.add_argument("--workers", type=int, help="number of workers (default: from the configuration)")
+    up.add_argument("--host", help="address the gateway listens on (default: [gateway] host, 127.0.0.1)")
+    up.add_argument("--port", type=int, help="the gateway's HTTP port (default: [gateway] port, 8000; 0 = any)")
+    up.add_argument("--model", help="checkpoint directory to deploy (default: the embedded SmolLM2-135M-Instruct)")
+    up.add_argument("--stages", type=int, help="deploy the model on this many stages")
+    up.add_argument("--pipeline", help="id of the deployed pipeline (default: p0)")
+    up.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the pipeline")
     sub.add_parser("down", help="stop the local cluster")
     for name in ("status", "workers", "pipelines"):
         shown = sub.add_parser(name, help=f"show {name}")
@@ -359,13 +411,22 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--wait-timeout", type=float, default=120.0, help="seconds to wait for READY")
     undeploy = sub.add_parser("undeploy", help="remove a pipeline")
     undeploy.add_argument("pipeline_id")
-    generate = sub.add_parser("generate", help="send one request through a pipeline and stream the tokens")
-    generate.add_argument("--pipeline", required=True)
+    generate = sub.add_parser("generate", help="complete a prompt through the gateway, streaming the text")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-tokens", type=int, default=16)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--ignore-eos", action="store_true")
+    chat = sub.add_parser("chat", help="talk to a model through the gateway (each input line is a turn)")
+    chat.add_argument("--system", help="a system message first")
+    chat.add_argument("--message", help="send this one message and exit (default: read turns from standard input)")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    for command in (generate, chat):
+        command.add_argument(
+            "--model", "--pipeline", dest="model", help="model name or pipeline id (default: the only one)"
+        )
+        command.add_argument("--url", help="the gateway's address, http://HOST:PORT (default: from the controller)")
     for name, help_text in (
         ("plan", "show what a refactor would move, the bytes and the estimated stall"),
         ("refactor", "re-shape a serving pipeline in flight"),

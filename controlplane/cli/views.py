@@ -49,9 +49,11 @@ def workers_table(status: ev.StatusReply, wide: bool = False) -> Table:
             table.add_row(w.worker_id, state, device, _bytes(w.device.memory_free), stages or "-")
     for h in status.engine_hosts:
         if wide:
-            table.add_row(h.host_id, h.state, str(h.pid), "", "engine host", "", "", h.request_address)
+            table.add_row(
+                h.host_id, h.state, str(h.pid), "", "engine host", "", "", h.http_address or h.request_address
+            )
         else:
-            table.add_row(h.host_id, h.state, "engine host", "", "-")
+            table.add_row(h.host_id, h.state, "gateway" if h.http_address else "engine host", "", "-")
     return table
 
 
@@ -86,10 +88,14 @@ def pipelines_table(status: ev.StatusReply, wide: bool = False) -> Table:
 
 
 def print_status(console: Console, status: ev.StatusReply, wide: bool = False) -> None:
-    """Both tables, then what does not fit a narrow table: why a pipeline is not READY, where engine
-    hosts take requests, and how many control messages were rejected."""
+    """Both tables, then what does not fit a narrow table: why a pipeline is not READY, where the
+    gateway serves the OpenAI API and engine hosts take requests, and how many control messages were
+    rejected."""
     console.print(workers_table(status, wide))
     console.print(pipelines_table(status, wide))
+    for h in status.engine_hosts:
+        if h.http_address:
+            console.print(f"OpenAI API: {h.http_address}/v1 (gateway {h.host_id})", soft_wrap=True)
     if not wide:
         for p in status.pipelines:
             if p.reason:

@@ -35,6 +35,7 @@ class PlanSummary(Protocol):
     kv_bytes_estimate: int
     stall_estimate_s: float
     from_epoch: int | None  # the epoch serving now; None: the coordinator's own count
+    engine_host: str  # told the outcome too (its gateway counts refactors); "" = nobody
 
 
 @dataclass
@@ -367,6 +368,8 @@ class RefactorCoordinator:
             stage_memory=list(summary.stage_memory) if summary else [],
         )
         actions = [log, Send(run.requester, reply)]
+        if summary is not None and summary.engine_host and summary.engine_host != run.requester:
+            actions.append(Send(summary.engine_host, reply))
         if state.queued:
             request, _ = state.queued.popleft()
             actions += self._start(request, state, now)

@@ -46,6 +46,7 @@ class ClusterPlanSummary:
     kv_bytes_estimate: int = 0
     stall_estimate_s: float = 0.0
     from_epoch: int = 0
+    engine_host: str = ""
 
 
 @dataclass
@@ -153,6 +154,7 @@ class RefactorPlanner:
             plan.kv_bytes_estimate,
             plan.stall_estimate_s,
             pipeline.epoch,
+            pipeline.engine_host,
         )
         return ClusterPlan(plan, worker_ids, names, summary, spawner)
 

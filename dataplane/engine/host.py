@@ -3,8 +3,9 @@
 Run as ``python -m dataplane.engine.host --controller ENDPOINT --host-id ID``. It
 registers with the controller, prepares/starts/stops engines on the coordinator's
 commands, pauses and resumes them (maybe on a new first stage and epoch) while a
-pipeline is refactored, and serves ``GenerateRequest``s on its own ROUTER endpoint (``fpctl generate``
-and the gateway), streaming ``TokenChunk`` replies as tokens arrive.
+pipeline is refactored, and serves ``GenerateRequest``s on its own ROUTER endpoint, streaming ``TokenChunk`` replies
+as tokens arrive. The gateway (``dataplane.gateway``) runs one in its process and serves the same
+engines over HTTP; it is told how each refactor of its pipelines ended (``RefactorOutcome``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket as pysocket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import zmq
 
@@ -165,9 +167,18 @@ class EngineHost:
     """
 
     def __init__(
-        self, bus: BusClient, host_id: str, request_endpoint: str, key_dir=None, insecure: bool = False
+        self,
+        bus: BusClient,
+        host_id: str,
+        request_endpoint: str,
+        key_dir=None,
+        insecure: bool = False,
+        http_address: str = "",
+        on_refactor_outcome: Callable[[ev.RefactorOutcome], None] | None = None,
     ) -> None:
         self.bus, self.host_id = bus, host_id
+        self.http_address = http_address
+        self.on_refactor_outcome = on_refactor_outcome
         self.key_dir, self.insecure = key_dir, insecure
         self.context = bus.context
         self.requests_socket = self.context.socket(zmq.ROUTER)
@@ -196,6 +207,7 @@ class EngineHost:
             host=pysocket.gethostname(),
             pid=os.getpid(),
             request_address=self.request_endpoint,
+            http_address=self.http_address,
         )
 
     def run(self, notify: bool = True) -> None:
@@ -262,6 +274,10 @@ class EngineHost:
         return events
 
     def _on_command(self, event) -> None:
+        if isinstance(event, ev.RefactorOutcome):
+            if self.on_refactor_outcome is not None:
+                self.on_refactor_outcome(event)
+            return
         if isinstance(event, ev.PipelineStateChanged):
             hosted = self.engines.get(event.pipeline_id)
             if hosted is not None and event.state == "DEGRADED":

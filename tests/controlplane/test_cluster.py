@@ -2,65 +2,17 @@
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
-import pytest
+from cluster_support import HEARTBEAT_S, cluster_env, cluster_pids, fpctl, status  # noqa: F401 (fixture)
 
 from common import events as ev
 from common.runtime import shared_memory_dir
 from controlplane.client import BusClient
 from dataplane import LLM, SamplingParams
-
-REPO = Path(__file__).resolve().parents[2]
-HEARTBEAT_S = 0.5
-
-
-@pytest.fixture
-def cluster_env(tmp_path):
-    runtime = Path(f"/tmp/fp-{os.getpid()}-{tmp_path.name[-12:]}")
-    runtime.mkdir(mode=0o700)
-    env = dict(
-        os.environ,
-        FLEXPIPE_RUNTIME_DIR=str(runtime),
-        FLEXPIPE_CONTROLLER_HEARTBEAT_INTERVAL_S=str(HEARTBEAT_S),
-        FLEXPIPE_CLUSTER_WORKER_MEMORY="1GiB",
-        FLEXPIPE_CONFIG=str(tmp_path / "none.toml"),
-        PYTHONPATH=str(REPO),
-        FLEXPIPE_LOG_FORMAT="json",
-    )
-    (tmp_path / "none.toml").write_text("")
-    yield env
-    fpctl(env, "down", check=False)
-    shutil.rmtree(runtime, ignore_errors=True)
-
-
-def fpctl(env, *args, check=True, timeout=180):
-    result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli.fpctl", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"fpctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def status(env) -> dict:
-    return json.loads(fpctl(env, "status", "--json").stdout)
-
-
-def cluster_pids(env) -> list[int]:
-    state = json.loads((Path(env["FLEXPIPE_RUNTIME_DIR"]) / "cluster.json").read_text())
-    return [state["pid"], *state["children"].values()]
 
 
 def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
@@ -80,10 +32,11 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
     )
     with LLM(tiny_model, num_stages=1) as llm:
         (offline,) = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
-    assert result["token_ids"] == offline.outputs[0].token_ids
-    assert result["usage"]["completion_tokens"] == len(result["token_ids"])
+    assert result["text"] == offline.text
+    assert result["usage"]["completion_tokens"] == len(offline.token_ids)
     refused = fpctl(env, "generate", "--pipeline", "p1", "--prompt", prompt, "--max-tokens", str(10**30), check=False)
-    assert refused.returncode == 1 and "request_refused" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 1 and "400 invalid_request_error" in refused.stderr
+    assert "max_tokens" in refused.stderr and "Traceback" not in refused.stderr
 
     snapshot = status(env)
     assert sorted(w["worker_id"] for w in snapshot["workers"] if w["state"] == "alive") == [

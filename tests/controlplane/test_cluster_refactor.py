@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from test_cluster import cluster_env, fpctl, status  # noqa: F401 (cluster_env is a fixture)
+from cluster_support import cluster_env, fpctl, status  # noqa: F401 (cluster_env is a fixture)
 
 from common import events as ev
 from controlplane.client import BusClient

@@ -23,6 +23,7 @@ class Summary:
     kv_bytes_estimate: int = 0
     stall_estimate_s: float = 0.0
     from_epoch: int | None = None
+    engine_host: str = ""
 
 
 def planner(request, refactor_id):
@@ -86,6 +87,16 @@ def test_phases_run_in_order_and_commit_advances_the_epoch():
     assert set(outcome.phase_seconds) == {"PLAN", "PREPARE", "PRECOPY", "SWITCH", "COMMIT"}
     assert "refactor.committed" in logs(actions)
     assert not machine.busy("p") and machine.pipelines["p"].epoch == 4
+
+
+def test_the_pipelines_engine_host_is_told_the_outcome_too():
+    machine = RefactorCoordinator(lambda request, _id: Summary("split", ["a", "b"], engine_host="engine-0"))
+    actions = machine.handle(request(), 0.0)
+    for step in range(4):
+        actions = machine.handle(done(last_tell(actions)), 1.0 + step)
+    told = {a.peer: a.event for a in actions if isinstance(a, Send) and isinstance(a.event, ev.RefactorOutcome)}
+    assert set(told) == {"client", "engine-0"}
+    assert told["engine-0"] is told["client"] and told["client"].outcome == "committed"
 
 
 @pytest.mark.parametrize("failing", ["PREPARE", "PRECOPY", "SWITCH"])

@@ -208,7 +208,10 @@ def test_a_migrate_runs_every_command_in_order_and_reshapes_the_pipeline(tiny_mo
                 cached_units=["L1.mlp"] if s.peer == "w1" else [],
             )
         )
-    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome) and s.peer != "e0"]
+    assert [s.peer for s in sends if isinstance(s.event, ev.RefactorOutcome) and s.peer == "e0"] == ["e0"], (
+        "the engine host hears the outcome too"
+    )
     assert outcome.outcome == "committed" and outcome.epoch == 1 and outcome.kind == "migrate"
     assert outcome.weight_bytes == 200 and outcome.weight_bytes_by_source == {"peer": 200}
     assert outcome.kv_bytes == outcome.kv_bytes_precopy + outcome.kv_bytes_delta
@@ -234,7 +237,7 @@ def test_an_error_in_prepare_aborts_and_every_worker_drops_the_epoch(tiny_model)
         sends += h.step(
             ev.StageEpochSettled(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1, outcome="aborted")
         )
-    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome) and s.peer != "e0"]
     assert outcome.outcome == "aborted" and "disk full" in outcome.reason and outcome.epoch == 0
     assert h.coordinator.pipelines["p1"].workers == ["w0", "w1"] and h.coordinator.pipelines["p1"].epoch == 0
     assert "p1" not in h.allocator.holds, "an aborted refactor holds nothing"
@@ -252,7 +255,7 @@ def test_refusals_move_nothing(tiny_model, request_fields, reason):
     h = Harness(str(tiny_model))
     fields = dict(sender="op", cmd_id=1, pipeline_id="p1") | request_fields
     sends = h.step(ev.RefactorPipeline(**fields))
-    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome) and s.peer != "e0"]
     assert outcome.outcome == "refused" and reason in outcome.reason
     assert len(sends) == 1 and not h.executor.runs
 
@@ -260,7 +263,7 @@ def test_refusals_move_nothing(tiny_model, request_fields, reason):
 def test_a_stage_that_does_not_fit_its_workers_free_memory_is_refused(tiny_model):
     h = Harness(str(tiny_model), memory={"w2": 1000})
     sends = h.step(ev.RefactorPipeline(sender="op", cmd_id=1, pipeline_id="p1", num_stages=3))
-    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome)]
+    (outcome,) = [s.event for s in sends if isinstance(s.event, ev.RefactorOutcome) and s.peer != "e0"]
     assert outcome.outcome == "refused" and "on w2, which has 1000 free" in outcome.reason
     assert len(sends) == 1
 

@@ -1,0 +1,3 @@
+from dataplane.gateway.server import main
+
+main()
