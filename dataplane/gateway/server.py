@@ -16,6 +16,7 @@ import threading
 import time
 
 import uvicorn
+from prometheus_client import disable_created_metrics
 
 from common.config import FlexPipeConfig, load_config, with_overrides
 from common.errors import FlexPipeError
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"host": args.http_host, "port": args.http_port}
     config = with_overrides(config, gateway={k: v for k, v in overrides.items() if v is not None})
     configure_logging("gateway")
+    disable_created_metrics()  # the ``*_created`` companions only repeat the process start time
     insecure = args.insecure or config.security.insecure
     endpoint = args.request_endpoint or f"ipc://{runtime_dir()}/requests-{args.host_id}.sock"
     try:
