@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -164,3 +165,19 @@ def test_a_full_admission_queue_answers_429_at_once(tmp_path, tiny_model):
         refused = next(r for r in results if r["status"] == 429)
         assert refused["body"]["error"]["code"] == "queue_full"
         assert all(r["done"] for r in results if r["status"] == 200)
+
+
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_request(cluster):
+    _, url = cluster
+    before = metric_values(url)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
+    for _ in range(50):
+        values = metric_values(url)
+        aborted = total(values, "flexpipe_requests_total", outcome="abort")
+        if aborted > total(before, "flexpipe_requests_total", outcome="abort"):
+            break
+        time.sleep(0.1)
+    assert aborted == total(before, "flexpipe_requests_total", outcome="abort") + 1
+    assert total(values, "flexpipe_requests_running") == 0 and total(values, "flexpipe_kv_cache_blocks_used") == 0
