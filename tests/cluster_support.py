@@ -16,8 +16,8 @@ HEARTBEAT_S = 0.5
 
 @contextmanager
 def local_cluster_env(tmp_path: Path, **settings: str):
-    """The environment of a cluster with its own runtime directory and no configuration file
-    (``settings``: more ``FLEXPIPE_*`` variables); the cluster is brought down on exit."""
+    """The environment of a cluster with its own runtime directory, no configuration file and its gateway
+    on any free port (``settings``: more ``FLEXPIPE_*`` variables); the cluster is brought down on exit."""
     runtime = Path(f"/tmp/fp-{os.getpid()}-{tmp_path.name[-12:]}")
     runtime.mkdir(mode=0o700)
     env = dict(
@@ -28,6 +28,7 @@ def local_cluster_env(tmp_path: Path, **settings: str):
         FLEXPIPE_CONFIG=str(tmp_path / "none.toml"),
         PYTHONPATH=str(REPO),
         FLEXPIPE_LOG_FORMAT="json",
+        FLEXPIPE_GATEWAY_PORT="0",
         **settings,
     )
     (tmp_path / "none.toml").write_text("")
