@@ -3,48 +3,36 @@ a clean exit on SIGTERM."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from cluster_support import REPO, local_cluster_env
 
 from common import events as ev
 from controlplane.client import BusClient, BusError
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
 def controller(tmp_path):
-    runtime = Path(f"/tmp/fpg-{os.getpid()}-{tmp_path.name[-10:]}")
-    runtime.mkdir(mode=0o700)
-    (tmp_path / "empty.toml").write_text("")
-    env = dict(
-        os.environ,
-        FLEXPIPE_RUNTIME_DIR=str(runtime),
-        FLEXPIPE_CONFIG=str(tmp_path / "empty.toml"),
-        PYTHONPATH=str(REPO),
-        FLEXPIPE_LOG_FORMAT="json",
-    )
-    process = subprocess.Popen([sys.executable, "-m", "controlplane.controller"], env=env, cwd=REPO)
-    endpoint = f"ipc://{runtime}/controller.sock"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with BusClient(endpoint, timeout_s=0.5) as bus:
-                bus.request(ev.StatusRequest)
-            break
-        except BusError:
-            assert time.monotonic() < deadline and process.poll() is None, "the controller did not start"
-    yield env, endpoint
-    process.terminate()
-    process.wait(10)
+    with local_cluster_env(tmp_path) as env:
+        process = subprocess.Popen([sys.executable, "-m", "controlplane.controller"], env=env, cwd=REPO)
+        endpoint = f"ipc://{env['FLEXPIPE_RUNTIME_DIR']}/controller.sock"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with BusClient(endpoint, timeout_s=0.5) as bus:
+                    bus.request(ev.StatusRequest)
+                break
+            except BusError:
+                assert time.monotonic() < deadline and process.poll() is None, "the controller did not start"
+        yield env, endpoint
+        process.terminate()
+        process.wait(10)
 
 
 def start_gateway(env, tmp_path, port: int) -> tuple[subprocess.Popen, socket.socket]:
