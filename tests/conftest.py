@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+_USER_CACHE = Path(os.environ.get("FLEXPIPE_CACHE_DIR") or Path.home() / ".cache" / "flexpipe")
 _CACHE = Path(tempfile.mkdtemp(prefix="flexpipe-test-cache-"))
 os.environ.setdefault("FLEXPIPE_CACHE_DIR", str(_CACHE))
 
@@ -23,6 +24,15 @@ def tiny_model() -> Path:
     from dataplane.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """SmolLM2-135M-Instruct in the user's model cache, where ``make install`` prepared it (converted there
+    first, about 45 s on 2 cores, when it is missing); conversion itself is tested in its own cache."""
+    from dataplane.models.default_model import ensure_default_model
+
+    return ensure_default_model(_USER_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -39,18 +39,22 @@ from controlplane.supervisor import STOP_TIMEOUT_S, child_environment, cluster_s
 
 
 def default_model_dir() -> str:
-    """The embedded default model's directory, written on first use by the data plane's own command
-    (run as a child process: the control plane never imports torch)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "dataplane.models.tiny"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=child_environment(),
-    )
-    if result.returncode != 0:
-        raise FlexPipeError(f"could not write the default model: {result.stderr.strip()[-500:]}")
-    return result.stdout.strip().splitlines()[-1]
+    """The directory of the embedded default model, SmolLM2-135M-Instruct, converted into the model cache on first
+    use (about 40 s on 2 cores) by the data plane's own command, run as a child process: the control plane never
+    imports torch. The child's progress bar and errors go straight to this process's stderr; its last stdout line
+    is the directory. Raises FlexPipeError when the child fails or runs past 10 minutes."""
+    command = [sys.executable, "-m", "dataplane.models.default_model"]
+    try:
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=600, env=child_environment())
+    except subprocess.TimeoutExpired:
+        raise FlexPipeError("preparing the default model SmolLM2-135M-Instruct took over 600 s; stopped") from None
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise FlexPipeError(
+            f"could not prepare the default model SmolLM2-135M-Instruct: python {' '.join(command[1:])} exited with "
+            f"{result.returncode} (its error is printed above); pass --model DIR to deploy another checkpoint"
+        )
+    return lines[-1]
 
 
 class Fpctl:
@@ -403,7 +407,7 @@ def parser() -> argparse.ArgumentParser:
         shown = sub.add_parser(name, help=f"show {name}")
         shown.add_argument("--wide", action="store_true", help="every column (default: what fits 80 columns)")
     deploy = sub.add_parser("deploy", help="deploy a model as a pipeline")
-    deploy.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    deploy.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     deploy.add_argument("--stages", type=int, help="number of stages (the partitioner cuts)")
     deploy.add_argument("--layout", help="explicit unit ranges, e.g. embed..L1.mlp,L2.attn..head")
     deploy.add_argument("--pipeline", help="pipeline id (default: generated)")

@@ -94,9 +94,9 @@ class LLM:
         refactor_timeouts_s: dict[str, float] | None = None,
     ) -> None:
         if model is None:
-            from dataplane.models.tiny import ensure_tiny_model
+            from dataplane.models.default_model import ensure_default_model
 
-            model = ensure_tiny_model()
+            model = ensure_default_model()
         self.model_dir = Path(model).resolve()
         self.transport = check_transport(transport)
         check_deployable_transport(self.transport)

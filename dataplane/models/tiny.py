@@ -1,13 +1,14 @@
-"""The embedded default model: a deterministic tiny Llama checkpoint with a byte-level tokenizer."""
+"""The embedded tiny model: a deterministic tiny Llama checkpoint with a byte-level tokenizer, for tests and
+benchmarks (the default model is SmolLM2-135M-Instruct, `dataplane.models.default_model`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
-import shutil
-import tempfile
-import uuid
+
+from dataplane.models.model_cache import default_cache_dir as default_cache_dir
+from dataplane.models.model_cache import install_atomically, is_installed, models_dir
 
 MODEL_NAME = "flexpipe-tiny-llama-v1"
 SEED = 1234
@@ -22,13 +23,6 @@ REQUIRED_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
-_COMPLETE_MARKER = ".complete"
-
-
-def default_cache_dir() -> pathlib.Path:
-    """Return `$FLEXPIPE_CACHE_DIR` if set, else `~/.cache/flexpipe`."""
-    env = os.environ.get("FLEXPIPE_CACHE_DIR")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "flexpipe"
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -119,13 +113,11 @@ def _write_tiny_model(target: pathlib.Path) -> None:
     )
     model.save_pretrained(target)
     build_byte_tokenizer().save_pretrained(target)
-    (target / _COMPLETE_MARKER).write_text(MODEL_NAME + "\n")
 
 
 def is_complete(path: os.PathLike | str) -> bool:
     """Return True if `path` holds a fully written tiny model."""
-    p = pathlib.Path(path)
-    return all((p / f).is_file() for f in (*REQUIRED_FILES, _COMPLETE_MARKER))
+    return is_installed(path, REQUIRED_FILES)
 
 
 def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -134,37 +126,12 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> pathlib.Pat
     The checkpoint is built in a temporary sibling directory and renamed into place, so concurrent
     callers never observe a partially written model.
     """
-    models_dir = (pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "models"
-    target = models_dir / MODEL_NAME
-    if is_complete(target):
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=models_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        _write_tiny_model(tmp)
-        if target.exists() and not is_complete(target):
-            stale = models_dir / f".{MODEL_NAME}.stale-{uuid.uuid4().hex}"
-            try:
-                os.rename(target, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except OSError:
-                pass
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return install_atomically(models_dir(cache_dir) / MODEL_NAME, _write_tiny_model, REQUIRED_FILES)
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: write the tiny model if needed and print its path."""
-    parser = argparse.ArgumentParser(description="Write the FlexPipe tiny default model and print its path.")
+    parser = argparse.ArgumentParser(description="Write the FlexPipe tiny model and print its path.")
     parser.add_argument(
         "--cache-dir", default=None, help="cache directory (default: $FLEXPIPE_CACHE_DIR or ~/.cache/flexpipe)"
     )
