@@ -33,7 +33,7 @@ def fpctl(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedPr
     command = [sys.executable, "-m", "controlplane.cli.fpctl", *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if result.returncode != 0:
-        raise SystemExit(f"fpctl {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        raise SystemExit(f"fpctl {' '.join(args)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     return result
 
 
@@ -66,6 +66,7 @@ def main() -> None:
     env = dict(os.environ, FLEXPIPE_RUNTIME_DIR=str(runtime), FLEXPIPE_CONFIG=str(runtime / "none.toml"))
     (runtime / "none.toml").write_text("")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    succeeded = False
     try:
         console.rule("[bold]1. fpctl up --workers 3 --port 0 --stages 2")
         up = ["up", "--workers", "3", "--port", "0", "--stages", "2"] + (["--model", args.model] if args.model else [])
@@ -102,9 +103,13 @@ def main() -> None:
             console.print(f"[bold cyan]Q:[/bold cyan] {question}\n[bold green]A:[/bold green] {answers[question]}\n")
         console.rule("[bold]5. fpctl status")
         print(fpctl(env, "status").stdout)
+        succeeded = True
     finally:
         subprocess.run([sys.executable, "-m", "controlplane.cli.fpctl", "down"], env=env, cwd=REPO, timeout=120)
-        subprocess.run(["rm", "-rf", str(runtime)], check=False)
+        if succeeded:
+            subprocess.run(["rm", "-rf", str(runtime)], check=False)
+        else:
+            console.print(f"the cluster's log is kept: {runtime / 'cluster.log'}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataplane.transport import Inbox, Outbox, messages, open_outbox
 
 log = logging.getLogger("flexpipe.stage")
 
-PEER_SEND_TIMEOUT_S = 2.0
+PEER_SEND_TIMEOUT_S = 30.0  # a receiver installing a large stage on a busy host drains slowly; PREPARE has 120 s
 
 
 class EpochListener(Protocol):
