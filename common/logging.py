@@ -63,6 +63,7 @@ LOG_EVENTS: dict[str, str] = {
     "stage.epoch_prepared": "a worker built the stage it will serve at a new epoch (`stage`, `sources`, `seconds`)",
     "stage.epoch_activated": "a worker serves the stage of a new epoch (`epoch`)",
     "stage.epoch_settled": "a worker committed or aborted an epoch (`outcome`, `cached_units`)",
+    "stage.message_unreadable": "a data message could not be read (e.g. its shared-memory ring is gone) and was dropped; the epoch being prepared fails (`reason`)",
     "stage.epoch_failed": "acknowledged epoch work on a worker failed: a KV send, a stage built from received weights (`reason`)",
     "engine.started": "an engine began serving a pipeline replica",
     "engine.stopped": "an engine stopped; requests still pending were failed",

@@ -9,7 +9,7 @@ from typing import Callable
 import zmq
 
 from common import events as ev
-from common.errors import PipelineError
+from common.errors import PipelineError, TransportError
 from common.logging import emit, get_logger
 from dataplane.stage.epochs import StageEpochs
 from dataplane.stage.executor import StageSpec
@@ -49,6 +49,7 @@ class HostedStage:
         )
         self.settled_epoch = epoch - 1
         self.queue: deque = deque()
+        self.unreadable_epochs: set[int] = set()  # epochs already failed for an unreadable message
         self.reported_at = time.monotonic()
         self.reported_busy = 0.0
         self.reported_tokens = 0
@@ -96,8 +97,24 @@ class HostedStage:
         self.epochs.slot_bytes = command.slot_bytes
 
     def receive(self) -> None:
-        while (message := self.inbox.recv(0)) is not None:
+        """Queue every message waiting; one that cannot be read (e.g. it points into a shared-memory ring its
+        sender removed after giving up) is dropped and fails the epoch being prepared, never the worker."""
+        while True:
+            try:
+                message = self.inbox.recv(0)
+            except TransportError as exc:
+                self._unreadable(exc)
+                continue
+            if message is None:
+                return
             self.queue.append(message)
+
+    def _unreadable(self, exc: TransportError) -> None:
+        emit(self.log, "stage.message_unreadable", level="error", pipeline_id=self.pipeline_id, reason=str(exc))
+        pending = self.epochs.pending
+        if pending is not None and pending.command.epoch not in self.unreadable_epochs:
+            self.unreadable_epochs.add(pending.command.epoch)
+            self.replies.failed(pending.command.epoch, f"a message from a peer could not be read: {exc}")
 
     def serve_next(self) -> None:
         """Hand the oldest queued data message to the stages; a failure of epoch work is reported, not raised."""
