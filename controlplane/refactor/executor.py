@@ -147,9 +147,20 @@ class RefactorExecutor:
     def _on_worker_lost(self, event: ev.WorkerLost, now: float) -> list[Action]:
         self.cached_units.pop(event.worker_id, None)
         reason = f"worker {event.worker_id} was lost" + (f": {event.reason}" if event.reason else "")
-        return [
-            a for run in list(self.runs.values()) if run.involves(event.worker_id) for a in self._fail(run, reason, now)
-        ]
+        actions: list[Action] = []
+        for run in [r for r in self.runs.values() if r.involves(event.worker_id)]:
+            if run.phase == "ABORT":
+                actions += self._forget_peer(run, event.worker_id, now)
+            else:
+                actions += self._fail(run, reason, now)
+        return actions
+
+    def _forget_peer(self, run: ClusterRun, worker_id: str, now: float) -> list[Action]:
+        """ABORT waits for no worker that is gone: its commands count as answered."""
+        for cmd_id in [cmd_id for cmd_id, peer in run.pending.items() if peer == worker_id]:
+            run.pending.pop(cmd_id)
+            self._owner.pop(cmd_id, None)
+        return self._advance_if_done(run, now)
 
     def _on_register_worker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
         self.cached_units.pop(event.worker_id, None)

@@ -243,6 +243,27 @@ def test_an_error_in_prepare_aborts_and_every_worker_drops_the_epoch(tiny_model)
     assert "p1" not in h.allocator.holds, "an aborted refactor holds nothing"
 
 
+def test_abort_does_not_wait_for_a_worker_lost_meanwhile(tiny_model):
+    h = Harness(str(tiny_model))
+    sends = h.step(ev.RefactorPipeline(sender="op", cmd_id=1, pipeline_id="p1", num_stages=3))
+    (first, *_) = of(sends, ev.OpenStageInbox)
+    aborts = of(
+        h.step(ev.ErrorReply(sender=first.peer, reply_to=first.event.cmd_id, code="x", message="boom")),
+        ev.AbortStageEpoch,
+    )
+    sends = []
+    for s in aborts[:-1]:
+        sends += h.step(
+            ev.StageEpochSettled(sender=s.peer, reply_to=s.event.cmd_id, pipeline_id="p1", epoch=1, outcome="aborted")
+        )
+    assert not of(sends, ev.RefactorOutcome), "one worker has not answered yet"
+    sends = h.step(
+        ev.WorkerLost(sender="monitor", worker_id=aborts[-1].peer, silent_for_s=0.0, reason="exited with code 1"), 11.0
+    )
+    (outcome,) = [s.event for s in of(sends, ev.RefactorOutcome) if s.peer == "op"]
+    assert outcome.outcome == "aborted" and "boom" in outcome.reason and outcome.phase_seconds["ABORT"] == 1.0
+
+
 @pytest.mark.parametrize(
     "request_fields, reason",
     [
