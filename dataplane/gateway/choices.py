@@ -41,14 +41,14 @@ class Timing:
     inter_token: list[float] = field(default_factory=list)
     last_token: float | None = None
 
-    def observe(self, at: float, num_tokens: int) -> None:
-        if num_tokens == 0:
-            return
-        if self.last_token is None:
-            self.first_token = at - self.arrival
-        else:
-            self.inter_token += [(at - self.last_token) / num_tokens] * num_tokens
-        self.last_token = at
+    def observe(self, times: list[float]) -> None:
+        """Account for tokens that arrived at ``times``."""
+        for at in times:
+            if self.last_token is None:
+                self.first_token = at - self.arrival
+            else:
+                self.inter_token.append(at - self.last_token)
+            self.last_token = at
 
 
 async def choice_deltas(
@@ -60,7 +60,7 @@ async def choice_deltas(
     async for step in generation.steps():
         if step.error is not None or step.finish_reason in ("error", "abort"):
             raise RequestFailed(str(step.error or "the request was aborted"))
-        timing.observe(step.at, len(step.token_ids))
+        timing.observe(step.times)
         text = detokenizer.add(step.token_ids)
         if step.finish_reason is not None:
             text += detokenizer.flush()

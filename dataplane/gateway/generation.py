@@ -16,14 +16,22 @@ from dataplane.engine.sampling_params import SamplingParams
 
 @dataclass(slots=True)
 class Step:
-    """Tokens a choice gained since the last step, stamped on the engine thread (``time.perf_counter``,
-    seconds); the last step has ``finish_reason`` (``stop``, ``length``, ``abort``, ``error``)."""
+    """Tokens a choice gained since the last step, each stamped when the engine thread got it
+    (``times``, ``time.perf_counter`` seconds); the last step has ``finish_reason`` (``stop``,
+    ``length``, ``abort``, ``error``)."""
 
     token_ids: list[int]
     logprobs: list = field(default_factory=list)
-    at: float = 0.0
+    times: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
+
+    def absorb(self, later: Step) -> None:
+        """Take ``later``'s tokens and ending as this step's own."""
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.times += later.times
+        self.finish_reason, self.error = later.finish_reason, later.error
 
 
 class Generation:
@@ -43,8 +51,12 @@ class Generation:
         self.hosted.engine.submit([self.seq])
 
     async def steps(self) -> AsyncIterator[Step]:
+        """Steps as they come; when a reader falls behind, the steps waiting are merged into one, so a
+        slow client gets fewer, larger events instead of a growing backlog."""
         while True:
             step = await self.queue.get()
+            while step.finish_reason is None and not self.queue.empty():
+                step.absorb(self.queue.get_nowait())
             if step.finish_reason is not None:
                 self.done = True
             yield step
@@ -68,7 +80,8 @@ class Generation:
     def _new_step(self, seq) -> Step:
         start, self.sent = self.sent, len(seq.output_token_ids)
         logprobs = seq.logprobs[start : self.sent] if seq.params.logprobs is not None else []
-        return Step(seq.output_token_ids[start : self.sent], logprobs, time.perf_counter())
+        new = seq.output_token_ids[start : self.sent]
+        return Step(new, logprobs, [time.perf_counter()] * len(new))
 
     def _deliver(self, step: Step) -> None:
         try:

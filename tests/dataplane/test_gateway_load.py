@@ -147,6 +147,30 @@ def test_metrics_parse_and_carry_every_documented_name(cluster):
     assert set(documented()) <= exposed, set(documented()) - exposed
 
 
+def test_requests_for_a_model_spread_over_its_replicas(cluster, tiny_model):
+    env, url = cluster
+    fpctl(env, "deploy", "--model", str(tiny_model), "--stages", "1", "--pipeline", "p1")
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], sorted(m["pipelines"])) for m in models] == [(MODEL, ["p0", "p1"])]
+    seen: dict[str, float] = {}
+
+    async def main() -> list[dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            streams = [asyncio.create_task(stream_completion(client, 300)) for _ in range(16)]
+            while not all(stream.done() for stream in streams):
+                values = metric_values(url)
+                for pipeline in ("p0", "p1"):
+                    running = total(values, "flexpipe_requests_running", pipeline=pipeline)
+                    seen[pipeline] = max(seen.get(pipeline, 0), running)
+                await asyncio.sleep(0.2)
+            return [stream.result() for stream in streams]
+
+    results = asyncio.run(main())
+    assert all(r["done"] and r["usage"]["completion_tokens"] == 300 for r in results)
+    assert seen["p0"] >= 4 and seen["p1"] >= 4, seen
+    fpctl(env, "undeploy", "p1")
+
+
 def test_a_full_admission_queue_answers_429_at_once(tmp_path, tiny_model):
     with local_cluster_env(tmp_path, FLEXPIPE_GATEWAY_MAX_WAITING_REQUESTS="2") as env:
         fpctl(env, "up", "--workers", "1", "--port", "0", "--stages", "1", "--model", str(tiny_model))

@@ -4,6 +4,8 @@ logprobs, n, the typed errors, and greedy text equal to the offline ``LLM``'s.""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from cluster_support import fpctl, gateway_url, local_cluster_env
@@ -17,12 +19,17 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, default_model):
+def cluster(tmp_path_factory, default_model):
     """A cluster serving the default model on 2 stages (``fpctl up`` finds it in the model cache)."""
     cache = str(default_model.parent.parent)
     with local_cluster_env(tmp_path_factory.mktemp("openai"), FLEXPIPE_CACHE_DIR=cache) as env:
         fpctl(env, "up", "--workers", "2", "--port", "0", "--stages", "2", timeout=600)
-        yield openai.OpenAI(base_url=f"{gateway_url(env)}/v1", api_key="unused", max_retries=0, timeout=300)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def served(cluster):
+    return openai.OpenAI(base_url=f"{gateway_url(cluster)}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +153,12 @@ def test_bad_requests_raise_the_clients_typed_errors(served):
         served.completions.create(model=MODEL, prompt="hi", extra_body={"frequency_penalty": 0.5})
     with pytest.raises(openai.BadRequestError):
         served.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"no_such_field": 1})
+
+
+def test_fpctl_chat_and_generate_go_through_the_gateway(cluster, served):
+    answer = fpctl(cluster, "chat", "--message", "What is the capital of France?", "--max-tokens", "32").stdout
+    assert "Paris" in answer
+    completion = served.completions.create(model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=8)
+    generated = json.loads(fpctl(cluster, "generate", "--prompt", PROMPTS[0], "--max-tokens", "8", "--json").stdout)
+    assert generated["text"] == completion.choices[0].text and generated["model"] == MODEL
+    assert generated["usage"] == completion.usage.model_dump(exclude_none=True)
