@@ -179,7 +179,7 @@ def test_a_full_admission_queue_answers_429_at_once(tmp_path, tiny_model):
         async def main() -> list[dict]:
             limits = httpx.Limits(max_connections=128)
             async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-                return await asyncio.gather(*(stream_completion(client, 200) for _ in range(100)))
+                return await asyncio.gather(*(stream_completion(client, 40) for _ in range(100)))
 
         results = asyncio.run(main())
         statuses = [r["status"] for r in results]
