@@ -168,7 +168,10 @@ def test_engine_abort_ends_running_and_waiting_requests_with_reason_abort(llm):
     seqs = [llm.requests.new_sequence([i + 1, i + 2], long, lambda _s: done.release()) for i in range(3)]
     llm.engine.submit(seqs)
     llm.engine.abort([seqs[2].seq_id])
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while not seqs[0].token_times:  # running: it has generated something
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
     llm.engine.abort([s.seq_id for s in seqs[:2]] + [10**9])
     for _ in seqs:
         assert done.acquire(timeout=10)
