@@ -296,7 +296,8 @@ class LocalCluster:
         self.common = (["--config", config_path] if config_path else []) + (["--insecure"] if insecure else [])
         self.insecure = insecure
         self.worker_ids = [f"worker-{i}" for i in range(config.cluster.workers)]
-        self.threads = max(1, (os.cpu_count() or 1) // max(1, len(self.worker_ids)))
+        # one core is left to the gateway and the controller: an oversubscribed torch thread pool stalls
+        self.threads = max(1, ((os.cpu_count() or 1) - 1) // max(1, len(self.worker_ids)))
         self.agent: SupervisorAgent | None = None
         self.stopping = False
 
