@@ -56,6 +56,14 @@ def worker_command(worker_id: str, memory: int, threads: int, *options: str) -> 
     ]
 
 
+def worker_threads(num_workers: int) -> int:
+    """Torch threads per worker on a CPU host: the cores but one, shared out. The core left over runs
+    the engine (the gateway, or the offline ``LLM``'s process) and the controller; measured on 2
+    cores, a worker given both cores stalled for seconds whenever anything else ran
+    (scripts/bench/gateway.py: TPOT p99 28 s, 16 instead of 98 tokens/s)."""
+    return max(1, ((os.cpu_count() or 1) - 1) // max(1, num_workers))
+
+
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a FlexPipe child process: importable sources, unbuffered output, heap tuning."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
@@ -296,8 +304,7 @@ class LocalCluster:
         self.common = (["--config", config_path] if config_path else []) + (["--insecure"] if insecure else [])
         self.insecure = insecure
         self.worker_ids = [f"worker-{i}" for i in range(config.cluster.workers)]
-        # one core is left to the gateway and the controller: an oversubscribed torch thread pool stalls
-        self.threads = max(1, ((os.cpu_count() or 1) - 1) // max(1, len(self.worker_ids)))
+        self.threads = worker_threads(len(self.worker_ids))
         self.agent: SupervisorAgent | None = None
         self.stopping = False
 

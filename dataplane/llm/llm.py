@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
-import os
 import shutil
 import threading
 import time
@@ -40,6 +39,7 @@ from common.model.units import Layout, unit_names
 from common.runtime import freeze_heap, new_session_dir
 from controlplane.client import BusError
 from controlplane.deploy.plan import check_deployable_transport
+from controlplane.supervisor import worker_threads
 from dataplane.engine.requests import normalize_prompts
 from dataplane.engine.sampling_params import RequestOutput, SamplingParams
 from dataplane.llm.in_process import InProcessCluster, WorkerOptions
@@ -171,7 +171,7 @@ class LLM:
             tuple(self.devices),
             "cuda" if self.transport == "cuda_ipc" else "cpu",
             self.worker_memory or psutil.virtual_memory().total,
-            max(1, (os.cpu_count() or 1) // stages),
+            worker_threads(stages),
             param_cache_bytes,
         )
         spawn = max(0, self.max_workers - num_workers) if self.max_workers is not None else SPAWN_CAPACITY
