@@ -26,7 +26,6 @@ from controlplane.client import BusClient
 from dataplane.engine.host import EngineHost
 from dataplane.gateway.app import build_app
 from dataplane.gateway.cluster_view import ClusterView
-from dataplane.gateway.metrics import GatewayMetrics
 from dataplane.gateway.service import Gateway
 
 HTTP_START_TIMEOUT_S = 30.0
@@ -69,8 +68,7 @@ class GatewayProcess:
             insecure,
             http_address=self.address,
         )
-        self.gateway = Gateway(lambda: self.host.engines, config.gateway)
-        self.gateway.metrics = GatewayMetrics(engines=self.gateway.engine_snapshots, cluster=self.cluster_view.latest)
+        self.gateway = Gateway(lambda: self.host.engines, config.gateway, cluster=self.cluster_view.latest)
         self.host.on_refactor_outcome = self.gateway.metrics.refactor_finished
         server_config = uvicorn.Config(
             build_app(self.gateway), log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5

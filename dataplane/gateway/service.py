@@ -93,18 +93,19 @@ class Run:
 
 class Gateway:
     """Admits OpenAI requests onto the engines this process hosts (``engines()``: pipeline id ->
-    hosted engine) and accounts for them in ``metrics``."""
+    hosted engine) and accounts for them in ``metrics`` (with ``cluster()``: the controller's latest
+    ``StatusReply`` or None)."""
 
     def __init__(
         self,
         engines: Callable[[], dict],
         config: GatewayConfig,
-        metrics: GatewayMetrics | None = None,
+        cluster: Callable[[], object] = lambda: None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.engines, self.config, self.clock = engines, config, clock
         self.router = ReplicaRouter(self.replicas)
-        self.metrics = metrics if metrics is not None else GatewayMetrics(engines=self.engine_snapshots)
+        self.metrics = GatewayMetrics(engines=self.engine_snapshots, cluster=cluster)
 
     def replicas(self) -> list[Replica]:
         return [

