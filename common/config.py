@@ -25,6 +25,13 @@ overridden by ``FLEXPIPE_<SECTION>_<FIELD>`` (upper case), e.g. ``FLEXPIPE_CONTR
     host = "127.0.0.1"            # loopback unless you mean to expose it
     port = 8000                   # 0 = any free port (shown by `fpctl status`)
     max_waiting_requests = 256    # per pipeline, admitted beyond those running; more get 429
+
+    [policy]                      # the autoscaler: granularity and replicas follow the traffic
+    mode = "flexpipe"             # or "static": keep what was deployed
+    interval_s = 5.0              # how often it decides
+    window_s = 30.0               # arrivals the rate and CV are measured over
+    cooldown_s = 30.0             # between two changes of one model's granularity
+    ...                           # every field of PolicyConfig; per model: [[policy.model]] name = "...", ...
 """
 
 from __future__ import annotations
@@ -143,6 +150,97 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """Bounds the policy keeps one model within; ``name`` is the checkpoint directory's name.
+    Invariant: ``0 <= min_replicas <= max_replicas`` and ``1 <= min_stages <= max_stages``."""
+
+    name: str
+    min_replicas: int = 1
+    max_replicas: int = 4
+    min_stages: int = 1
+    max_stages: int = 4
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.min_replicas <= self.max_replicas and 1 <= self.min_stages <= self.max_stages):
+            raise ConfigError(f"invalid [[policy.model]] limits: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """The autoscaling policy's settings (FlexPipe Eqs. 4, 5, 11; the paper gives no values, these are ours).
+
+    Signals: ``window_s`` of arrivals give the rate and the CV of inter-arrival times (the paper's evaluation
+    uses 15 s windows; 30 s halves the variance of the CV estimate at a few requests per second).
+    Eq. 4: ``alpha`` weighs throughput against latency; a candidate of K stages suits the CV
+    ``suited_cv_base * K ** suited_cv_exponent`` (the latency-optimal depth grows like sqrt(CV), Eq. 1's
+    reading, so the suited CV grows like K^2); ``sigma`` is the CV distance that costs a factor e.
+    Eq. 5: ``beta1 + beta2 * K`` is the coordination overhead per replica of K stages; demand is sized
+    for ``target_utilization`` of each replica's throughput. Eq. 11: ``queue_capacity`` requests is a
+    full queue (q-hat = 1), ``queue_beta``/``queue_gamma`` shape how fast a full, bursty queue expands.
+    Stability: a change needs a score ``hysteresis`` better than the current one on ``confirm_intervals``
+    consecutive decisions and ``cooldown_s`` since the model's last change; a replica is added within
+    ``interval_s`` of the demand exceeding capacity and removed after ``scale_in_idle_s`` of less demand.
+    SLO: TTFT and TPOT targets (p99 over the window)."""
+
+    mode: str = "flexpipe"
+    interval_s: float = 5.0
+    window_s: float = 30.0
+    cooldown_s: float = 30.0
+    confirm_intervals: int = 2
+    hysteresis: float = 0.1
+    scale_in_idle_s: float = 120.0
+    alpha: float = 0.5
+    sigma: float = 2.0
+    suited_cv_base: float = 1.0
+    suited_cv_exponent: float = 2.0
+    beta1: float = 1.0
+    beta2: float = 0.05
+    target_utilization: float = 0.7
+    queue_capacity: int = 32
+    queue_beta: float = 0.0
+    queue_gamma: float = 1.0
+    congestion_intervals: int = 2
+    congestion_min_queue: int = 2
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.5
+    min_replicas: int = 1
+    max_replicas: int = 4
+    min_stages: int = 1
+    max_stages: int = 4
+    model: tuple[ModelLimits, ...] = ()
+
+    def __post_init__(self) -> None:
+        models = tuple(m if isinstance(m, ModelLimits) else _model_limits(m) for m in self.model)
+        object.__setattr__(self, "model", models)
+        positive = (self.interval_s, self.window_s, self.sigma, self.target_utilization, self.queue_capacity)
+        if self.mode not in ("flexpipe", "static"):
+            raise ConfigError(f"policy.mode must be 'flexpipe' or 'static', not {self.mode!r}")
+        if min(positive) <= 0 or self.target_utilization > 1 or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"invalid [policy] settings: {self}")
+        if min(self.cooldown_s, self.hysteresis, self.scale_in_idle_s, self.beta1, self.beta2, self.queue_beta) < 0:
+            raise ConfigError(f"invalid [policy] settings: {self}")
+        if self.confirm_intervals < 1 or self.congestion_intervals < 1:
+            raise ConfigError("policy.confirm_intervals and congestion_intervals must be >= 1")
+        ModelLimits("*", self.min_replicas, self.max_replicas, self.min_stages, self.max_stages)
+
+    def limits(self, model_name: str) -> ModelLimits:
+        """The bounds for ``model_name``: its ``[[policy.model]]`` entry, else the section's defaults."""
+        for limits in self.model:
+            if limits.name == model_name:
+                return limits
+        return ModelLimits(model_name, self.min_replicas, self.max_replicas, self.min_stages, self.max_stages)
+
+
+def _model_limits(entry) -> ModelLimits:
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ConfigError(f"each [[policy.model]] needs a name: {entry!r}")
+    try:
+        return ModelLimits(**entry)
+    except TypeError as exc:
+        raise ConfigError(f"invalid [[policy.model]] entry {entry!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
 class FlexPipeConfig:
     """The root configuration, passed explicitly to every process."""
 
@@ -150,6 +248,7 @@ class FlexPipeConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     source: str = "defaults"
 
 
@@ -158,6 +257,7 @@ SECTIONS = {
     "security": SecurityConfig,
     "cluster": ClusterConfig,
     "gateway": GatewayConfig,
+    "policy": PolicyConfig,
 }
 
 

@@ -249,10 +249,13 @@ class PipelineView(msgspec.Struct, kw_only=True):
 
 
 class StatusReply(Reply, tag="status_reply"):
+    """The cluster as the monitor sees it; ``policy`` is the autoscaling policy's latest view (None: no policy)."""
+
     workers: list[WorkerView]
     engine_hosts: list[EngineHostView]
     pipelines: list[PipelineView]
     rejected_messages: int
+    policy: PolicyView | None = None
 
 
 class DeployPipeline(Command, tag="deploy"):
@@ -261,7 +264,8 @@ class DeployPipeline(Command, tag="deploy"):
     ``workers`` pins stage k to ``workers[k]`` (empty: the allocator places them). The KV cache
     has ``num_kv_blocks`` blocks, or (0) as many as ``kv_cache_bytes`` per stage holds for
     ``max_num_seqs`` requests; ``max_model_len`` 0 means the model's own context, and
-    ``max_num_batched_tokens`` 0 means max(context, 2048)."""
+    ``max_num_batched_tokens`` 0 means max(context, 2048). With ``replica_of``, every setting but the id, the
+    stage count and the layout is copied from that pipeline's deploy (a replica; ``model_dir`` may be empty)."""
 
     pipeline_id: str
     model_dir: str
@@ -277,6 +281,7 @@ class DeployPipeline(Command, tag="deploy"):
     max_model_len: int = 0
     max_num_batched_tokens: int = 0
     step_timeout_s: float = 60.0
+    replica_of: str = ""
 
 
 class DeployAccepted(Reply, tag="deploy_accepted"):
@@ -739,6 +744,184 @@ class AwaitRefill(Command, tag="await_refill"):
     timeout_s: float
 
 
+# ---- traffic and the autoscaling policy ----------------------------------------------------
+
+
+class Arrival(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, array_like=True):
+    """One request admitted by a gateway ``age_s`` seconds before its report was sent."""
+
+    age_s: float
+    model_dir: str
+    prompt_tokens: int
+
+
+class Completion(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, array_like=True):
+    """One finished request: output tokens, time to first token and mean time per output token after it (s)."""
+
+    model_dir: str
+    output_tokens: int
+    ttft_s: float
+    tpot_s: float
+
+
+class TrafficReport(Event, tag="traffic_report"):
+    """What a gateway admitted and finished since its last report (sent with its heartbeat, about once a second)."""
+
+    host_id: str
+    arrivals: list[Arrival] = []
+    completions: list[Completion] = []
+
+
+class PipelineLoad(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One replica (pipeline) of a model as the monitor sees it: its stages' units and input queues, the busy
+    fraction of each stage, requests running and waiting in its engine, the share of KV blocks in use."""
+
+    pipeline_id: str
+    state: str
+    epoch: int
+    stage_units: list[list[str]]
+    stage_queues: list[int] = []
+    stage_busy: list[float] = []
+    stage_workers: list[str] = []
+    running: int = 0
+    waiting: int = 0
+    kv_used_fraction: float = 0.0
+    engine_host: str = ""
+
+
+class CongestedStage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A stage whose input queue grew in each of the last intervals: ``queue_lengths`` oldest first."""
+
+    pipeline_id: str
+    stage: int
+    queue_lengths: list[int]
+
+
+class TrafficSnapshot(Event, tag="traffic_snapshot"):
+    """The monitor's request-pattern analysis of one model at ``at`` (controller clock, s), over ``window_s``.
+
+    ``arrival_rate``: requests/s; ``cv``: coefficient of variation of inter-arrival times in the window;
+    ``trend``: d(rate)/dt in requests/s per second; token counts and latencies are over the window's requests
+    (p50/p90 prompt, mean output; TTFT/TPOT p50 and p99 in seconds)."""
+
+    model_dir: str
+    at: float
+    window_s: float
+    arrivals: int
+    arrival_rate: float
+    cv: float
+    trend: float
+    prompt_tokens_p50: float = 0.0
+    prompt_tokens_p90: float = 0.0
+    output_tokens_mean: float = 0.0
+    ttft_p50_s: float = 0.0
+    ttft_p99_s: float = 0.0
+    tpot_p50_s: float = 0.0
+    tpot_p99_s: float = 0.0
+    pipelines: list[PipelineLoad] = []
+    congested: list[CongestedStage] = []
+
+
+class CandidateScore(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One granularity as the policy weighed it: K stages, throughput T (tokens/s) and latency L (s per token)
+    from a profile (``measured``) or the cost model, the CV it suits, its Eq. 4 score and Eq. 5 replicas."""
+
+    num_stages: int
+    throughput: float
+    latency_s: float
+    suited_cv: float
+    score: float
+    replicas: int
+    measured: bool = False
+    placeable: bool = True
+
+
+class PolicyDecision(Event, tag="policy_decision"):
+    """One decision of the policy, with what it saw and how it ended.
+
+    ``kind``: ``granularity`` (split or merge one replica), ``scale_out``, ``scale_in``, ``rebalance`` or
+    ``held`` (a better candidate was found but not taken: ``reason`` says why). ``outcome``: ``issued``,
+    then ``committed`` / ``ready`` / ``removed`` / ``refused`` / ``failed``; ``held`` decisions are final.
+    ``duration_s``: from issue to outcome (a replica's cold start for ``scale_out``)."""
+
+    seq: int
+    at: float
+    model_dir: str
+    kind: str
+    action: str
+    pipeline_id: str = ""
+    stages_from: int = 0
+    stages_to: int = 0
+    replicas_from: int = 0
+    replicas_to: int = 0
+    arrival_rate: float = 0.0
+    cv: float = 0.0
+    trend: float = 0.0
+    queues: dict[str, list[int]] = {}
+    ttft_p99_s: float = 0.0
+    tpot_p99_s: float = 0.0
+    candidates: list[CandidateScore] = []
+    queue_stages: int = 0
+    outcome: str = "issued"
+    reason: str = ""
+    duration_s: float = 0.0
+    placement: list[str] = []
+
+
+class ModelPolicyView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The policy's current view of one model."""
+
+    model_dir: str
+    stages: list[int]
+    replicas: int
+    target_stages: int
+    target_replicas: int
+    arrival_rate: float
+    cv: float
+    trend: float
+    cooldown_left_s: float
+    in_flight: str = ""
+    decisions_by_kind: dict[str, int] = {}
+
+
+class PolicyView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    mode: str
+    paused: bool
+    models: list[ModelPolicyView] = []
+    decisions: int = 0
+
+
+class PolicyViewUpdated(Event, tag="policy_view"):
+    """The policy's view after each decision round, kept by the monitor for status answers."""
+
+    view: PolicyView
+
+
+class PolicyEventsRequest(Command, tag="policy_events"):
+    """The policy's decisions with ``seq > after`` (at most ``limit``, newest last)."""
+
+    after: int = 0
+    limit: int = 200
+
+
+class PolicyEventsReply(Reply, tag="policy_events_reply"):
+    decisions: list[PolicyDecision]
+    view: PolicyView
+
+
+class PolicyControl(Command, tag="policy_control"):
+    """``pause`` (decide nothing; refactors in progress finish) or ``resume`` the policy; answered by
+    ``PolicyEventsReply`` with no decisions and the new view."""
+
+    action: str
+
+
+class DrainPipeline(Command, tag="drain_pipeline"):
+    """The engine host's gateway stops routing new requests to ``pipeline_id`` (running ones finish); Ack."""
+
+    pipeline_id: str
+
+
 ANY_EVENT = Union[  # noqa: UP007 (a runtime union of every event: msgspec decodes by its tag)
     Ack,
     ErrorReply,
@@ -802,6 +985,14 @@ ANY_EVENT = Union[  # noqa: UP007 (a runtime union of every event: msgspec decod
     SpawnWorkers,
     WorkersSpawned,
     MemberExited,
+    TrafficReport,
+    TrafficSnapshot,
+    PolicyDecision,
+    PolicyViewUpdated,
+    PolicyEventsRequest,
+    PolicyEventsReply,
+    PolicyControl,
+    DrainPipeline,
 ]
 
 CATALOGUE: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in ANY_EVENT.__args__}

@@ -21,7 +21,8 @@ See ``scripts/inventory.example.toml``.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tomllib
@@ -208,3 +209,173 @@ def graph_from_alibaba_trace(node_csv: str | Path, racks_of: int = 32) -> Resour
                     )
                 )
     return graph
+
+
+@dataclass
+class FragmentedCluster:
+    """A graph after other tenants' pods took their GPU shares (``fragment_with_pods``).
+
+    ``tenants[d]``: pods on device ``d`` (devices without pods are absent) — the allocator counts
+    these devices as shared (FlexPipe Eq. 9); ``pod_devices[name]``: the devices a placed pod took;
+    ``milli_taken[d]``: thousandths of ``d`` taken; ``pods_unfit``: pods alive at the time that fit
+    on no GPU (counted, not placed).
+    """
+
+    graph: ResourceGraph
+    tenants: dict[str, int]
+    pod_devices: dict[str, list[str]]
+    milli_taken: dict[str, int]
+    pods_unfit: int
+
+    @property
+    def pods_placed(self) -> int:
+        return len(self.pod_devices)
+
+
+def fragment_with_pods(
+    graph: ResourceGraph, pod_csv: str | Path, at_time: float | None = None, fit: str = "best"
+) -> FragmentedCluster:
+    """A copy of ``graph`` whose GPUs hold the pods of an Alibaba pod list (``openb_pod_list_*.csv``).
+
+    Pods alive at ``at_time`` (seconds of the trace: scheduled, and creation_time <= t < deletion_time),
+    or every pod in phase Running when ``at_time`` is None, are placed in order of creation, as a
+    cluster scheduler would have placed them (the trace has no pod -> node column):
+
+    * ``gpu_milli == 1000`` (whole GPUs): ``num_gpu`` distinct, untouched GPUs of one node; best fit
+      takes the node with the fewest untouched GPUs that still has enough, first fit the first such
+      node in graph order;
+    * ``gpu_milli < 1000`` (a share, ``num_gpu == 1``): one GPU with at least that many thousandths
+      left; best fit takes the GPU with the least left over, first fit the first in graph order.
+
+    Assumptions: a pod's share of GPU memory equals its share of the GPU (``gpu_milli / 1000`` of
+    ``memory_total``, rounded up); a GPU starts with ``floor(1000 * memory_free / memory_total)``
+    thousandths; ``gpu_spec`` (GPU-type constraints; empty in the default list) is ignored; pods
+    without GPUs (``num_gpu == 0``) take nothing; CPU devices are never used. Pods that fit nowhere
+    are counted in ``pods_unfit``. Raises TopologyError for an unknown ``fit`` or an unreadable list.
+    """
+    if fit not in ("best", "first"):
+        raise TopologyError(f"fit must be 'best' or 'first', not {fit!r}")
+    gpus = [d for d in graph.devices.values() if d.kind == "gpu"]
+    packer = _PodPacker(gpus, best_fit=fit == "best")
+    pod_devices: dict[str, list[str]] = {}
+    unfit = 0
+    for name, num_gpu, milli in _alive_gpu_pods(pod_csv, at_time):
+        taken = packer.place(num_gpu, milli)
+        if taken is None:
+            unfit += 1
+        else:
+            pod_devices[name] = [gpus[i].device_id for i in taken]
+    return _apply_pods(graph, gpus, packer, pod_devices, unfit)
+
+
+def _alive_gpu_pods(pod_csv: str | Path, at_time: float | None) -> list[tuple[str, int, int]]:
+    """(name, num_gpu, gpu_milli) of the pods holding GPUs at ``at_time``, in order of creation."""
+    try:
+        with open(pod_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise TopologyError(f"cannot read pod list {pod_csv}: {exc}") from None
+    alive = []
+    for row in rows:
+        num_gpu, milli = int(row["num_gpu"] or 0), int(row["gpu_milli"] or 0)
+        if num_gpu == 0 or milli == 0:
+            continue
+        if at_time is None:
+            is_alive = row["pod_phase"] == "Running"
+        else:
+            scheduled = row["scheduled_time"] != "" and float(row["scheduled_time"]) <= at_time
+            is_alive = scheduled and float(row["creation_time"]) <= at_time < float(row["deletion_time"])
+        if is_alive:
+            alive.append((float(row["creation_time"]), row["name"], num_gpu, milli))
+    return [(name, num_gpu, milli) for _, name, num_gpu, milli in sorted(alive)]
+
+
+def _apply_pods(
+    graph: ResourceGraph, gpus: list[Device], packer: _PodPacker, pod_devices: dict[str, list[str]], unfit: int
+) -> FragmentedCluster:
+    """The copied graph with each GPU's memory lowered by the thousandths its pods took."""
+    taken = {gpus[i].device_id: t for i, t in enumerate(packer.milli_taken) if t}
+    tenants: dict[str, int] = {}
+    for devices in pod_devices.values():
+        for device_id in devices:
+            tenants[device_id] = tenants.get(device_id, 0) + 1
+    fragmented = ResourceGraph()
+    for device in graph.devices.values():
+        share = -(-device.memory_total * taken.get(device.device_id, 0) // 1000)
+        fragmented.add_device(replace(device, memory_free=max(0, device.memory_free - share)))
+    return FragmentedCluster(fragmented, tenants, pod_devices, taken, unfit)
+
+
+class _PodPacker:
+    """First- or best-fit of pods onto GPUs ``0..n-1``; GPUs of one server form a node."""
+
+    def __init__(self, gpus: list[Device], best_fit: bool) -> None:
+        self.best_fit = best_fit
+        self.milli_left = [1000 * d.memory_free // d.memory_total if d.memory_total else 0 for d in gpus]
+        self.milli_taken = [0] * len(gpus)
+        node_index: dict[str, int] = {}
+        self.node_of = [node_index.setdefault(d.server, len(node_index)) for d in gpus]
+        self.node_gpus: list[list[int]] = [[] for _ in node_index]
+        for gpu, node in enumerate(self.node_of):
+            self.node_gpus[node].append(gpu)
+        self.by_milli_left = _Buckets()
+        for gpu, left in enumerate(self.milli_left):
+            self.by_milli_left.add(left, gpu)
+        self.by_whole_free = _Buckets()
+        for node, members in enumerate(self.node_gpus):
+            self.by_whole_free.add(sum(1 for g in members if self.milli_left[g] == 1000), node)
+
+    def place(self, num_gpu: int, milli: int) -> list[int] | None:
+        """The GPUs a pod takes (and takes them), or None when it fits nowhere."""
+        if milli >= 1000:
+            node = self.by_whole_free.pick(num_gpu, self.best_fit)
+            if node is None:
+                return None
+            chosen = [g for g in self.node_gpus[node] if self.milli_left[g] == 1000][:num_gpu]
+        else:
+            if num_gpu != 1:
+                return None
+            gpu = self.by_milli_left.pick(milli, self.best_fit)
+            if gpu is None:
+                return None
+            chosen = [gpu]
+        for gpu in chosen:
+            self._take(gpu, min(milli, 1000))
+        return chosen
+
+    def _take(self, gpu: int, milli: int) -> None:
+        before = self.milli_left[gpu]
+        self.milli_left[gpu] = before - milli
+        self.milli_taken[gpu] += milli
+        self.by_milli_left.move(gpu, before, before - milli)
+        if before == 1000:
+            node = self.node_of[gpu]
+            whole = sum(1 for g in self.node_gpus[node] if self.milli_left[g] == 1000)
+            self.by_whole_free.move(node, whole + 1, whole)
+
+
+class _Buckets:
+    """Indices grouped by an integer key (thousandths left on a GPU, untouched GPUs of a node),
+    each group kept in index order, so best and first fit need no scan over all indices."""
+
+    def __init__(self) -> None:
+        self.groups: dict[int, list[int]] = {}
+
+    def add(self, key: int, index: int) -> None:
+        insort(self.groups.setdefault(key, []), index)
+
+    def move(self, index: int, old: int, new: int) -> None:
+        group = self.groups[old]
+        del group[bisect_left(group, index)]
+        if not group:
+            del self.groups[old]
+        self.add(new, index)
+
+    def pick(self, need: int, best_fit: bool) -> int | None:
+        """Best fit: the first index of the smallest key >= need; first fit: the smallest such index."""
+        keys = [k for k in self.groups if k >= need]
+        if not keys:
+            return None
+        if best_fit:
+            return self.groups[min(keys)][0]
+        return min(self.groups[k][0] for k in keys)

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from common import events as ev
+from common.config import PolicyConfig
 from controlplane.actor import Action, Log, Send, Tell, Tick
+from controlplane.policy.traffic import TrafficAnalysis
 
 
 @dataclass
@@ -49,16 +51,25 @@ class Monitor:
         ev.PipelineUpdated,
         ev.MessageRejected,
         ev.MemberExited,
+        ev.TrafficReport,
+        ev.PolicyViewUpdated,
         Tick,
     )
 
-    def __init__(self, heartbeat_interval_s: float = 1.0, lost_after_heartbeats: int = 3) -> None:
+    def __init__(
+        self, heartbeat_interval_s: float = 1.0, lost_after_heartbeats: int = 3, policy: PolicyConfig | None = None
+    ) -> None:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.lost_after_s = heartbeat_interval_s * lost_after_heartbeats
         self.members: dict[str, Member] = {}
         self.pipelines: dict[str, ev.PipelineView] = {}
         self.engine_metrics: dict[str, ev.EngineMetrics] = {}
         self.rejected_messages = 0
+        policy = policy or PolicyConfig()
+        self.snapshot_interval_s = policy.interval_s
+        self.next_snapshot = float("-inf")
+        self.traffic = TrafficAnalysis(policy.window_s, policy.congestion_intervals, policy.congestion_min_queue)
+        self.policy_view: ev.PolicyView | None = None
         self.handlers = {
             ev.RegisterWorker: self._on_register_worker,
             ev.RegisterEngineHost: self._on_register_engine_host,
@@ -70,6 +81,8 @@ class Monitor:
             ev.PipelineUpdated: self._on_pipeline_updated,
             ev.MessageRejected: self._on_message_rejected,
             ev.MemberExited: self._on_member_exited,
+            ev.TrafficReport: self._on_traffic_report,
+            ev.PolicyViewUpdated: self._on_policy_view,
             Tick: self._on_tick,
         }
 
@@ -221,12 +234,55 @@ class Monitor:
         self.rejected_messages += 1
         return []
 
+    def _on_traffic_report(self, event: ev.TrafficReport, now: float) -> list[Action]:
+        self.traffic.report(event, now)
+        return []
+
+    def _on_policy_view(self, event: ev.PolicyViewUpdated, now: float) -> list[Action]:
+        self.policy_view = event.view
+        return []
+
     def _on_tick(self, event: Tick, now: float) -> list[Action]:
         actions: list[Action] = []
         for member in self.members.values():
             if member.state == "alive" and now - member.last_seen > self.lost_after_s:
                 actions += self._declare_lost(member, now)
+        if now >= self.next_snapshot:
+            self.next_snapshot = now + self.snapshot_interval_s
+            actions += self.traffic_snapshots(now)
         return actions
+
+    def traffic_snapshots(self, now: float) -> list[Action]:
+        """Each model's request-pattern analysis for the policy, and a log line per congested stage."""
+        by_model: dict[str, list[ev.PipelineLoad]] = {}
+        for pipeline in self.pipelines.values():
+            by_model.setdefault(pipeline.model_dir, []).append(self._load(pipeline))
+        actions: list[Action] = []
+        for snapshot in self.traffic.snapshots(now, by_model):
+            actions.append(Tell("policy", snapshot))
+            actions += [
+                Log("monitor.congestion", {"pipeline_id": c.pipeline_id, "stage": c.stage, "queue": c.queue_lengths})
+                for c in snapshot.congested
+            ]
+        return actions
+
+    def _load(self, pipeline: ev.PipelineView) -> ev.PipelineLoad:
+        view = self._with_metrics(pipeline)
+        engine = self.engine_metrics.get(pipeline.pipeline_id)
+        blocks = (engine.kv_blocks_used + engine.kv_blocks_free) if engine else 0
+        return ev.PipelineLoad(
+            pipeline_id=pipeline.pipeline_id,
+            state=pipeline.state,
+            epoch=pipeline.epoch,
+            stage_units=[s.units for s in view.stages],
+            stage_queues=[s.queue_length for s in view.stages],
+            stage_busy=[s.busy_fraction for s in view.stages],
+            stage_workers=[s.worker_id for s in view.stages],
+            running=engine.running if engine else 0,
+            waiting=engine.waiting if engine else 0,
+            kv_used_fraction=engine.kv_blocks_used / blocks if blocks else 0.0,
+            engine_host=pipeline.engine_host,
+        )
 
     def _declare_lost(self, member: Member, now: float, reason: str = "") -> list[Action]:
         member.state = "lost"
@@ -285,6 +341,7 @@ class Monitor:
             engine_hosts=hosts,
             pipelines=[self._with_metrics(p) for p in self.pipelines.values()],
             rejected_messages=self.rejected_messages,
+            policy=self.policy_view,
         )
 
     def _with_metrics(self, pipeline: ev.PipelineView) -> ev.PipelineView:

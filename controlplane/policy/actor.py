@@ -1,0 +1,464 @@
+"""The policy actor: granularity and replica count follow the traffic (FlexPipe Algorithm 1), every decision
+explained. A pure state machine: ``TrafficSnapshot``\\s from the monitor and replies come in; refactor, deploy,
+drain and undeploy requests, decision events and log lines go out.
+
+Each snapshot of a model, in this order, at most one change per model at a time:
+
+1. a change in progress is followed to its end (never interrupted by the next decision);
+2. **scale out** when Eq. 5's replica count for the target granularity exceeds the replicas (or the TTFT/TPOT
+   SLO is missed with requests waiting), within one interval;
+3. **granularity**: Eq. 4's best candidate, raised to Eq. 11's stage count when queues fill, becomes the
+   target once it beats the current target's score by ``hysteresis`` on ``confirm_intervals`` snapshots and
+   ``cooldown_s`` has passed; then the replicas are split or merged to it one at a time;
+4. **rebalance** a congested stage (its queue grew ``congestion_intervals`` times), outside the cooldown;
+5. **scale in** one replica once Eq. 5 asked for fewer for ``scale_in_idle_s``: drain it, undeploy it when idle.
+
+A change the cluster cannot place (``placeable`` says why) is not taken: recorded as ``held`` with the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, deque
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from common import events as ev
+from common.config import PolicyConfig
+from controlplane.actor import Action, Log, Send, Tell
+from controlplane.policy.candidates import Candidate, granularity_scores, queue_stages, replicas_needed, suited_cv
+from controlplane.policy.rebalance import rebalanced_layout
+from controlplane.policy.state import InFlight, ModelState
+
+MAX_DECISIONS_KEPT = 1000
+IN_FLIGHT_LIMIT_S = 600.0  # a change unanswered this long is given up (its own phases time out well before)
+DEFAULT_OUTPUT_TOKENS = 128  # Eq. 5's demand before any request finished (the Azure conversation trace's median ~ 130)
+COMPLETED = {"committed": "committed", "aborted": "failed", "refused": "refused", "planned": "committed"}
+
+CandidatesOf = Callable[[str, int, int], list[Candidate]]
+Placeable = Callable[[str, int, str], str]
+
+
+class Policy:
+    """Decides, per model, the granularity and replica count (module docstring).
+
+    Invariants: at most one change per model is in flight; a paused or ``static`` policy issues nothing; every
+    issued change gets exactly one final outcome; decisions are numbered ``seq`` 1, 2, ... in the order taken.
+    """
+
+    name: ClassVar[str] = "policy"
+    accepts: ClassVar[tuple[type, ...]] = (
+        ev.TrafficSnapshot,
+        ev.PolicyEventsRequest,
+        ev.PolicyControl,
+        ev.RefactorOutcome,
+        ev.DeployAccepted,
+        ev.ErrorReply,
+        ev.Ack,
+    )
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        candidates_of: CandidatesOf,
+        placeable: Placeable = lambda model_dir, num_stages, pipeline_id: "",
+    ) -> None:
+        self.config = config
+        self.candidates_of = candidates_of
+        self.placeable = placeable
+        self.paused = False
+        self.models: dict[str, ModelState] = {}
+        self.decisions: deque[ev.PolicyDecision] = deque(maxlen=MAX_DECISIONS_KEPT)
+        self.pending: dict[int, str] = {}  # cmd_id -> model_dir
+        self._cmd_ids = itertools.count(1)
+        self._seq = itertools.count(1)
+
+    def handle(self, event, now: float) -> list[Action]:
+        if isinstance(event, ev.TrafficSnapshot):
+            return self._on_snapshot(event, now)
+        if isinstance(event, ev.PolicyEventsRequest):
+            decisions = [d for d in self.decisions if d.seq > event.after][-max(1, event.limit) :]
+            return [Send(event.sender, self._reply(event.cmd_id, decisions, now))]
+        if isinstance(event, ev.PolicyControl):
+            return self._on_control(event, now)
+        if isinstance(event, ev.Reply) and event.sender in ("coordinator", "refactor"):
+            return self._on_reply(event, now)
+        return []
+
+    # ---- operators ---------------------------------------------------------------------------
+
+    def _on_control(self, event: ev.PolicyControl, now: float) -> list[Action]:
+        if event.action not in ("pause", "resume"):
+            return [
+                Send(
+                    event.sender,
+                    ev.ErrorReply(
+                        sender=self.name,
+                        reply_to=event.cmd_id,
+                        code="bad_request",
+                        message=f"policy action must be 'pause' or 'resume', not {event.action!r}",
+                    ),
+                )
+            ]
+        self.paused = event.action == "pause"
+        return [
+            Send(event.sender, self._reply(event.cmd_id, [], now)),
+            Log("policy.paused" if self.paused else "policy.resumed", {"by": event.sender}),
+            Tell("monitor", ev.PolicyViewUpdated(sender=self.name, view=self.view(now))),
+        ]
+
+    def _reply(self, cmd_id: int, decisions: list[ev.PolicyDecision], now: float) -> ev.PolicyEventsReply:
+        return ev.PolicyEventsReply(sender=self.name, reply_to=cmd_id, decisions=decisions, view=self.view(now))
+
+    def view(self, now: float) -> ev.PolicyView:
+        models = []
+        for state in self.models.values():
+            snap = state.snapshot
+            models.append(
+                ev.ModelPolicyView(
+                    model_dir=state.model_dir,
+                    stages=sorted(len(p.stage_units) for p in state.replicas()),
+                    replicas=len(state.replicas()),
+                    target_stages=state.target_stages,
+                    target_replicas=state.target_replicas,
+                    arrival_rate=round(snap.arrival_rate, 3) if snap else 0.0,
+                    cv=round(snap.cv, 3) if snap else 0.0,
+                    trend=round(snap.trend, 4) if snap else 0.0,
+                    cooldown_left_s=round(max(0.0, state.last_change + self.config.cooldown_s - now), 1),
+                    in_flight=state.in_flight.decision.action if state.in_flight else "",
+                    decisions_by_kind=dict(state.decisions_by_kind),
+                )
+            )
+        mode = self.config.mode
+        return ev.PolicyView(mode=mode, paused=self.paused, models=models, decisions=len(self.decisions))
+
+    # ---- decisions -----------------------------------------------------------------------------
+
+    def _on_snapshot(self, snap: ev.TrafficSnapshot, now: float) -> list[Action]:
+        state = self._state(snap.model_dir)
+        state.snapshot = snap
+        state.draining &= {p.pipeline_id for p in snap.pipelines}
+        actions = self._follow(state, now)
+        if state.in_flight is None and not self.paused and self.config.mode == "flexpipe" and state.candidates:
+            actions += self._decide(state, snap, now)
+        return actions + [Tell("monitor", ev.PolicyViewUpdated(sender=self.name, view=self.view(now)))]
+
+    def _state(self, model_dir: str) -> ModelState:
+        if model_dir not in self.models:
+            limits = self.config.limits(Path(model_dir).name)
+            try:
+                candidates = self.candidates_of(model_dir, limits.min_stages, limits.max_stages)
+            except Exception:  # an unreadable checkpoint: the model is watched, never changed
+                candidates = []
+            self.models[model_dir] = ModelState(model_dir, candidates)
+        return self.models[model_dir]
+
+    def _decide(self, state: ModelState, snap: ev.TrafficSnapshot, now: float) -> list[Action]:
+        serving = state.serving()
+        if not serving:
+            return []
+        current = Counter(len(p.stage_units) for p in serving).most_common(1)[0][0]
+        if state.target_stages == 0:
+            state.target_stages, state.proposal = current, current
+        scores = granularity_scores(state.candidates, snap.cv, self.config)
+        queue = sum(p.waiting for p in serving) / len(serving)
+        max_k = max(c.num_stages for c in state.candidates)
+        eq11 = queue_stages(queue, snap.cv, max_k, self.config)
+        best = state.candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))].num_stages
+        wanted = min(max_k, max(best, eq11))
+        target = state.candidate(state.target_stages) or state.candidates[0]
+        output_tokens = snap.output_tokens_mean or DEFAULT_OUTPUT_TOKENS
+        limits = self.config.limits(Path(state.model_dir).name)
+        needed = replicas_needed(target, snap.arrival_rate * output_tokens, self.config)
+        if self._slo_missed(snap) and any(p.waiting for p in serving):
+            needed = max(needed, len(state.replicas()) + 1)
+        state.target_replicas = min(limits.max_replicas, max(limits.min_replicas, needed))
+        explain = self._explainer(state, snap, scores, eq11)
+        return (
+            self._scale_out(state, now, explain)
+            or self._granularity(state, wanted, eq11, scores, now, explain)
+            or self._rebalance(state, snap, now, explain)
+            or self._scale_in(state, now, explain)
+        )
+
+    def _slo_missed(self, snap: ev.TrafficSnapshot) -> bool:
+        return snap.ttft_p99_s > self.config.slo_ttft_s or snap.tpot_p99_s > self.config.slo_tpot_s
+
+    def _explainer(self, state: ModelState, snap: ev.TrafficSnapshot, scores: list[float], eq11: int):
+        demand = snap.arrival_rate * (snap.output_tokens_mean or DEFAULT_OUTPUT_TOKENS)
+        candidates = [
+            ev.CandidateScore(
+                num_stages=c.num_stages,
+                throughput=round(c.throughput, 2),
+                latency_s=round(c.latency_s, 6),
+                suited_cv=round(suited_cv(c.num_stages, self.config), 3),
+                score=round(s, 6),
+                replicas=replicas_needed(c, demand, self.config),
+                measured=c.measured,
+            )
+            for c, s in zip(state.candidates, scores)
+        ]
+
+        def explain(kind: str, action: str, **fields) -> ev.PolicyDecision:
+            decision = ev.PolicyDecision(
+                sender=self.name,
+                seq=next(self._seq),
+                at=round(snap.at, 3),
+                model_dir=state.model_dir,
+                kind=kind,
+                action=action,
+                arrival_rate=round(snap.arrival_rate, 4),
+                cv=round(snap.cv, 4),
+                trend=round(snap.trend, 5),
+                queues={p.pipeline_id: [p.waiting, *p.stage_queues] for p in snap.pipelines},
+                ttft_p99_s=round(snap.ttft_p99_s, 4),
+                tpot_p99_s=round(snap.tpot_p99_s, 4),
+                candidates=candidates,
+                queue_stages=eq11,
+                replicas_from=len(state.replicas()),
+                **fields,
+            )
+            self.decisions.append(decision)
+            state.decisions_by_kind[kind] = state.decisions_by_kind.get(kind, 0) + 1
+            return decision
+
+        return explain
+
+    def _scale_out(self, state: ModelState, now: float, explain) -> list[Action]:
+        replicas = state.replicas()
+        if state.target_replicas <= len(replicas):
+            state.over_capacity_since = None
+            return []
+        state.under_capacity_since = None
+        k = state.target_stages
+        base = min(p.pipeline_id for p in replicas) if replicas else Path(state.model_dir).name
+        taken = {p.pipeline_id for p in (state.snapshot.pipelines if state.snapshot else [])}
+        new_id = next(f"{base}-r{i}" for i in itertools.count(1) if f"{base}-r{i}" not in taken)
+        reason = self.placeable(state.model_dir, k, "")
+        if reason:
+            return self._held(state, explain, "scale_out", f"add replica {new_id} ({k} stages)", reason, now)
+        cmd_id = next(self._cmd_ids)
+        decision = explain(
+            "scale_out",
+            f"add replica {new_id} ({k} stages)",
+            pipeline_id=new_id,
+            stages_to=k,
+            replicas_to=len(replicas) + 1,
+        )
+        state.in_flight = InFlight(decision, cmd_id, new_id, now)
+        self.pending[cmd_id] = state.model_dir
+        deploy = ev.DeployPipeline(
+            sender=self.name,
+            cmd_id=cmd_id,
+            pipeline_id=new_id,
+            model_dir=state.model_dir,
+            num_stages=k,
+            replica_of=base if replicas else "",
+        )
+        return [Tell("coordinator", deploy), self._logged(decision)]
+
+    def _granularity(
+        self, state: ModelState, wanted: int, eq11: int, scores: list[float], now: float, explain
+    ) -> list[Action]:
+        index = {c.num_stages: i for i, c in enumerate(state.candidates)}
+        if wanted != state.target_stages:
+            better = scores[index[wanted]] >= (1 + self.config.hysteresis) * scores[index.get(state.target_stages, 0)]
+            forced_by_queue = wanted > state.target_stages and wanted == eq11
+            if better or forced_by_queue:
+                state.proposal_count = state.proposal_count + 1 if state.proposal == wanted else 1
+                state.proposal = wanted
+            else:
+                state.proposal, state.proposal_count = state.target_stages, 0
+            confirmed = state.proposal == wanted and state.proposal_count >= self.config.confirm_intervals
+            if confirmed and now - state.last_change >= self.config.cooldown_s:
+                state.target_stages, state.proposal_count = wanted, 0
+                state.last_change = now
+        else:
+            state.proposal, state.proposal_count = wanted, 0
+        behind = [p for p in state.serving() if len(p.stage_units) != state.target_stages]
+        if not behind:
+            return []
+        pipeline = min(behind, key=lambda p: (p.running + p.waiting, p.pipeline_id))
+        k_from, k_to = len(pipeline.stage_units), state.target_stages
+        verb = "split" if k_to > k_from else "merge"
+        action = f"{verb} {pipeline.pipeline_id} {k_from} -> {k_to} stages"
+        reason = self.placeable(state.model_dir, k_to, pipeline.pipeline_id)
+        if reason:
+            state.target_stages = k_from
+            return self._held(state, explain, "granularity", action, reason, now)
+        cmd_id = next(self._cmd_ids)
+        decision = explain(
+            "granularity",
+            action,
+            pipeline_id=pipeline.pipeline_id,
+            stages_from=k_from,
+            stages_to=k_to,
+            replicas_to=len(state.replicas()),
+        )
+        return self._refactor(state, decision, cmd_id, pipeline.pipeline_id, now, num_stages=k_to)
+
+    def _rebalance(self, state: ModelState, snap: ev.TrafficSnapshot, now: float, explain) -> list[Action]:
+        if now - state.last_change < self.config.cooldown_s:
+            return []
+        serving = {p.pipeline_id: p for p in state.serving()}
+        for congested in snap.congested:
+            pipeline = serving.get(congested.pipeline_id)
+            if pipeline is None:
+                continue
+            load = pipeline.stage_queues or [0] * len(pipeline.stage_units)
+            layout = rebalanced_layout(pipeline.stage_units, congested.stage, load)
+            if layout is None:
+                continue
+            cmd_id = next(self._cmd_ids)
+            decision = explain(
+                "rebalance",
+                f"rebalance {pipeline.pipeline_id}: stage {congested.stage} (queue {congested.queue_lengths}) "
+                f"gives a unit to its lighter neighbour",
+                pipeline_id=pipeline.pipeline_id,
+                stages_from=len(pipeline.stage_units),
+                stages_to=len(layout),
+                replicas_to=len(state.replicas()),
+            )
+            state.last_change = now
+            return self._refactor(state, decision, cmd_id, pipeline.pipeline_id, now, layout=layout)
+        return []
+
+    def _scale_in(self, state: ModelState, now: float, explain) -> list[Action]:
+        serving = state.serving()
+        if state.target_replicas >= len(state.replicas()) or len(serving) <= 1 and state.target_replicas >= 1:
+            state.under_capacity_since = None
+            return []
+        if state.under_capacity_since is None:
+            state.under_capacity_since = now
+        if now - state.under_capacity_since < self.config.scale_in_idle_s or not serving:
+            return []
+        victim = min(serving, key=lambda p: (p.running + p.waiting, -len(p.pipeline_id), p.pipeline_id))
+        if victim.engine_host == "":
+            return []
+        cmd_id = next(self._cmd_ids)
+        decision = explain(
+            "scale_in",
+            f"remove replica {victim.pipeline_id} ({len(victim.stage_units)} stages)",
+            pipeline_id=victim.pipeline_id,
+            stages_from=len(victim.stage_units),
+            replicas_to=len(state.replicas()) - 1,
+        )
+        state.in_flight = InFlight(decision, cmd_id, victim.pipeline_id, now)
+        state.draining.add(victim.pipeline_id)
+        state.under_capacity_since = None
+        self.pending[cmd_id] = state.model_dir
+        drain = ev.DrainPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=victim.pipeline_id)
+        return [Send(victim.engine_host, drain), self._logged(decision)]
+
+    def _refactor(self, state: ModelState, decision, cmd_id: int, pipeline_id: str, now: float, **target) -> list:
+        state.in_flight = InFlight(decision, cmd_id, pipeline_id, now)
+        self.pending[cmd_id] = state.model_dir
+        request = ev.RefactorPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=pipeline_id, by="policy", **target)
+        return [Tell("refactor", request), self._logged(decision)]
+
+    def _held(self, state: ModelState, explain, kind: str, action: str, reason: str, now: float) -> list[Action]:
+        """A change the cluster cannot take: recorded once per cooldown, nothing issued."""
+        last = next((d for d in reversed(self.decisions) if d.model_dir == state.model_dir), None)
+        if (
+            last is not None
+            and last.outcome == "held"
+            and last.action == action
+            and now - last.at < self.config.cooldown_s
+        ):
+            return []
+        decision = explain(kind, action, outcome="held", reason=reason)
+        return [Log("policy.held", self._fields(decision), level="warning")]
+
+    # ---- following a change to its end -----------------------------------------------------------
+
+    def _on_reply(self, reply: ev.Reply, now: float) -> list[Action]:
+        model_dir = self.pending.get(reply.reply_to)
+        state = self.models.get(model_dir) if model_dir else None
+        if state is None or state.in_flight is None or state.in_flight.cmd_id != reply.reply_to:
+            return []
+        del self.pending[reply.reply_to]
+        flight = state.in_flight
+        if isinstance(reply, ev.RefactorOutcome):
+            return self._finish(state, COMPLETED.get(reply.outcome, "failed"), reply.reason, now)
+        if isinstance(reply, ev.ErrorReply):
+            state.draining.discard(flight.pipeline_id)
+            return self._finish(state, "refused", reply.message, now)
+        flight.cmd_id = 0  # DeployAccepted, or the Ack of a drain or an undeploy: the cluster's state tells the rest
+        if flight.undeploying:
+            return self._finish(state, "removed", "", now)
+        return []
+
+    def _follow(self, state: ModelState, now: float) -> list[Action]:
+        """Advance the change in flight from the cluster's state in the latest snapshot."""
+        flight = state.in_flight
+        if flight is None:
+            return []
+        if now - flight.started > IN_FLIGHT_LIMIT_S:
+            state.draining.discard(flight.pipeline_id)
+            return self._finish(state, "failed", f"no outcome in {IN_FLIGHT_LIMIT_S:.0f} s", now)
+        if flight.cmd_id:
+            return []
+        pipeline = next((p for p in state.snapshot.pipelines if p.pipeline_id == flight.pipeline_id), None)
+        kind = flight.decision.kind
+        if kind == "scale_out":
+            if pipeline is not None and pipeline.state == "READY":
+                flight.decision.placement = list(pipeline.stage_workers)
+                return self._finish(state, "ready", "", now)
+            if pipeline is not None and pipeline.state == "FAILED":
+                return self._finish(state, "failed", "the new replica failed to deploy", now) + self._undeploy(
+                    state, flight.pipeline_id
+                )
+            return []
+        if kind == "scale_in" and not flight.undeploying:
+            idle = pipeline is None or pipeline.running + pipeline.waiting == 0
+            flight.idle_snapshots = flight.idle_snapshots + 1 if idle else 0
+            if flight.idle_snapshots >= 2:
+                flight.undeploying = True
+                cmd_id = next(self._cmd_ids)
+                flight.cmd_id = cmd_id
+                self.pending[cmd_id] = state.model_dir
+                undeploy = ev.UndeployPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=flight.pipeline_id)
+                return [Tell("coordinator", undeploy)]
+        return []
+
+    def _undeploy(self, state: ModelState, pipeline_id: str) -> list[Action]:
+        cmd_id = next(self._cmd_ids)
+        return [Tell("coordinator", ev.UndeployPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=pipeline_id))]
+
+    def _finish(self, state: ModelState, outcome: str, reason: str, now: float) -> list[Action]:
+        flight = state.in_flight
+        state.in_flight = None
+        decision = flight.decision
+        decision.outcome, decision.duration_s = outcome, round(now - flight.started, 3)
+        decision.reason = reason
+        if decision.kind in ("granularity", "rebalance") and outcome != "committed":
+            state.target_stages = decision.stages_from or state.target_stages
+            state.last_change = now
+        if decision.kind == "scale_in":
+            state.draining.discard(flight.pipeline_id)
+        level = "info" if outcome in ("committed", "ready", "removed") else "warning"
+        return [Log("policy.outcome", self._fields(decision), level=level)]
+
+    def _logged(self, decision: ev.PolicyDecision) -> Log:
+        return Log("policy.decided", self._fields(decision))
+
+    @staticmethod
+    def _fields(decision: ev.PolicyDecision) -> dict:
+        fields = {
+            "seq": decision.seq,
+            "model": Path(decision.model_dir).name,
+            "kind": decision.kind,
+            "action": decision.action,
+            "outcome": decision.outcome,
+            "pipeline_id": decision.pipeline_id,
+            "arrival_rate": decision.arrival_rate,
+            "cv": decision.cv,
+            "trend": decision.trend,
+            "queues": decision.queues,
+            "scores": {c.num_stages: c.score for c in decision.candidates},
+        }
+        if decision.reason:
+            fields["reason"] = decision.reason
+        if decision.outcome != "issued":
+            fields["duration_s"] = decision.duration_s
+        return fields
