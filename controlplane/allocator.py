@@ -1,18 +1,9 @@
-"""The allocator: one device per pipeline stage on the resource graph, and the actor that keeps reservations.
+"""The allocator actor: keeps every pipeline's reservations and answers placement requests.
 
-Placement (``place``) looks for the tightest scope that holds the whole pipeline:
-
-1. one server — every server is tried; inside it stages take devices largest-first,
-   each the smallest device that still fits (best fit keeps big fragments for later
-   pipelines and never misses a one-to-one fit that exists); among servers that fit,
-   the cheapest wins: devices already shared with other pipelines cost
-   gamma(CV) = gamma0 * (1 + alpha * CV^2) each (FlexPipe Eq. 9), NVLink between
-   consecutive stages is cheaper than PCIe;
-2. one rack, then the whole cluster — stages are laid out in order, filling one server
-   before moving to the next (servers with the most free memory first), so consecutive
-   stages share a server wherever they can and cross the network as few times as possible.
-
-Each server is visited a bounded number of times, so thousands of devices take milliseconds.
+Where stages go is decided by the pure search in ``controlplane.stage_placement`` (re-exported
+here: ``place``, ``place_pinned``, ``PlacementError`` and its constants); the actor supplies what
+it knows — reserved bytes, devices shared with other pipelines or other tenants, the pipeline's CV
+and the servers that recently hosted the pipeline (their host memory still caches its weights).
 """
 
 from __future__ import annotations
@@ -20,134 +11,38 @@ from __future__ import annotations
 from typing import ClassVar
 
 from common import events as ev
-from common.errors import FlexPipeError
 from common.topology import Device, ResourceGraph
 from controlplane.actor import Action, Log, Send
+from controlplane.stage_placement import (
+    AFFINITY_DECAY_PER_S,
+    AFFINITY_IDLE_DEVICE_WEIGHT,
+    AFFINITY_RECENCY_WEIGHT,
+    ALPHA,
+    GAMMA0,
+    LINK_COST,
+    PLACEMENT_DEADLINE_S,
+    PlacementError,
+    gamma_of,
+    gib,
+    place,
+    place_pinned,
+)
 
-GAMMA0 = 1.0
-ALPHA = 0.5
-LINK_COST = {"nvlink": 0.0, "pcie": 0.1, "network": 1.0, "cross_rack": 2.0}
-
-
-class PlacementError(FlexPipeError):
-    """No placement satisfies memory and the one-stage-per-device rule; the message says why."""
-
-
-def gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB"
-
-
-def place(
-    graph: ResourceGraph,
-    stage_memory: list[int],
-    reserved: dict[str, int],
-    *,
-    exclude: frozenset[str] | set[str] = frozenset(),
-    shared: dict[str, int] | None = None,
-    cv: float = 0.0,
-) -> list[str]:
-    """Device ids for stages 0..K-1 (see the module docstring); raises PlacementError with the reason."""
-    shared = shared or {}
-    free = {
-        d.device_id: d.memory_free - reserved.get(d.device_id, 0)
-        for d in graph.devices.values()
-        if d.device_id not in exclude
-    }
-    _check_feasible(stage_memory, free)
-    gamma = GAMMA0 * (1 + ALPHA * cv * cv)
-    best: tuple[float, list[str]] | None = None
-    for members in graph.servers.values():
-        choice = _fit_on(stage_memory, [m for m in members if m in free], free)
-        if choice is not None:
-            cost = _cost(graph, choice, shared, gamma)
-            if best is None or cost < best[0]:
-                best = (cost, choice)
-    if best is not None:
-        return best[1]
-    for rack_servers in sorted(graph.racks.values(), key=lambda servers: -_capacity(graph, servers, free)):
-        choice = _spread(graph, stage_memory, rack_servers, free)
-        if choice is not None:
-            return choice
-    choice = _spread(graph, stage_memory, list(graph.servers), free)
-    if choice is None:
-        raise PlacementError(
-            f"no assignment of {len(stage_memory)} stages needing "
-            f"{', '.join(gib(m) for m in stage_memory)} fits the free device memory"
-        )
-    return choice
-
-
-def place_pinned(
-    graph: ResourceGraph, stage_memory: list[int], workers: list[str], reserved: dict[str, int]
-) -> list[str]:
-    """Check that stage k fits on ``workers[k]`` (distinct, known, with the free memory); returns ``workers``.
-    Raises PlacementError naming the first stage that does not fit."""
-    if len(set(workers)) != len(workers):
-        raise PlacementError(f"stages must go to distinct devices, got {workers}")
-    for stage, (device_id, need) in enumerate(zip(workers, stage_memory)):
-        device = graph.devices.get(device_id)
-        if device is None:
-            raise PlacementError(f"stage {stage} is pinned to {device_id!r}, which is not an alive device")
-        free = device.memory_free - reserved.get(device_id, 0)
-        if need > free:
-            raise PlacementError(f"stage {stage} needs {gib(need)}; {device_id} has {gib(free)} free")
-    return list(workers)
-
-
-def _check_feasible(stage_memory: list[int], free: dict[str, int]) -> None:
-    if len(stage_memory) > len(free):
-        raise PlacementError(
-            f"{len(stage_memory)} stages need {len(stage_memory)} distinct devices; only {len(free)} are available"
-        )
-    largest = max(free.values(), default=0)
-    for stage, need in enumerate(stage_memory):
-        if need > largest:
-            raise PlacementError(f"stage {stage} needs {gib(need)}; the largest free device fragment is {gib(largest)}")
-
-
-def _fit_on(stage_memory: list[int], devices: list[str], free: dict[str, int]) -> list[str] | None:
-    """Best-fit, largest stage first, onto ``devices``; None if some stage finds no device."""
-    if len(devices) < len(stage_memory):
-        return None
-    unused = sorted(devices, key=lambda d: free[d])
-    choice: list[str | None] = [None] * len(stage_memory)
-    for stage in sorted(range(len(stage_memory)), key=lambda s: -stage_memory[s]):
-        device = next((d for d in unused if free[d] >= stage_memory[stage]), None)
-        if device is None:
-            return None
-        unused.remove(device)
-        choice[stage] = device
-    return choice  # type: ignore[return-value]
-
-
-def _spread(
-    graph: ResourceGraph, stage_memory: list[int], servers: list[str], free: dict[str, int]
-) -> list[str] | None:
-    """Stages in order, filling the roomiest server first, then the next; None if they do not all fit."""
-    order = sorted(servers, key=lambda s: -_capacity(graph, [s], free))
-    choice: list[str] = []
-    for server in order:
-        unused = sorted((d for d in graph.servers[server] if d in free), key=lambda d: free[d])
-        while len(choice) < len(stage_memory):
-            need = stage_memory[len(choice)]
-            device = next((d for d in unused if free[d] >= need), None)
-            if device is None:
-                break
-            unused.remove(device)
-            choice.append(device)
-        if len(choice) == len(stage_memory):
-            return choice
-    return None
-
-
-def _capacity(graph: ResourceGraph, servers: list[str], free: dict[str, int]) -> int:
-    return sum(free.get(d, 0) for s in servers for d in graph.servers[s])
-
-
-def _cost(graph: ResourceGraph, choice: list[str], shared: dict[str, int], gamma: float) -> float:
-    sharing = gamma * sum(1 for d in choice if shared.get(d, 0) > 0)
-    links = sum(LINK_COST[graph.link(a, b).kind] for a, b in zip(choice, choice[1:]))
-    return sharing + links
+__all__ = [
+    "AFFINITY_DECAY_PER_S",
+    "AFFINITY_IDLE_DEVICE_WEIGHT",
+    "AFFINITY_RECENCY_WEIGHT",
+    "ALPHA",
+    "Allocator",
+    "GAMMA0",
+    "LINK_COST",
+    "PLACEMENT_DEADLINE_S",
+    "PlacementError",
+    "gamma_of",
+    "gib",
+    "place",
+    "place_pinned",
+]
 
 
 class Allocator:
@@ -157,6 +52,11 @@ class Allocator:
     the old one), plus, while a refactor of it runs, a hold on what its target adds; reserved
     and held bytes on a device never exceed its free memory; a lost device is never chosen;
     a refusal leaves all reservations as they were.
+
+    ``tenants[d]``: other tenants' pods on device d (``common.topology.fragment_with_pods``),
+    counted as sharing d like another pipeline (Eq. 9). ``hosted[p][server]``: when pipeline p
+    last had a stage on that server (recorded when its reservation leaves the server, or by
+    ``note_hosted``); placing p again prefers those servers (Eq. 13).
     """
 
     name: ClassVar[str] = "allocator"
@@ -169,11 +69,34 @@ class Allocator:
         ev.RefactorHold,
     )
 
-    def __init__(self, graph: ResourceGraph | None = None, cv: float = 0.0) -> None:
+    def __init__(
+        self, graph: ResourceGraph | None = None, cv: float = 0.0, tenants: dict[str, int] | None = None
+    ) -> None:
         self.graph = graph or ResourceGraph()
         self.cv = cv
+        self.tenants: dict[str, int] = dict(tenants or {})
         self.reservations: dict[str, dict[str, int]] = {}
         self.holds: dict[str, dict[str, int]] = {}
+        self.hosted: dict[str, dict[str, float]] = {}
+
+    def note_hosted(self, pipeline_id: str, server: str, now: float) -> None:
+        """``server`` hosted ``pipeline_id`` until ``now`` (seconds) and still caches its weights."""
+        hosts = self.hosted.setdefault(pipeline_id, {})
+        hosts[server] = max(now, hosts.get(server, now))
+
+    def warm_servers(self, pipeline_id: str, now: float) -> dict[str, float]:
+        """Server -> when it last hosted the pipeline; the servers it holds now count as hosting it at ``now``."""
+        warm = dict(self.hosted.get(pipeline_id, {}))
+        for server in self._servers_of(self.reservations.get(pipeline_id, {})):
+            warm[server] = now
+        return warm
+
+    def _servers_of(self, devices) -> set[str]:
+        return {self.graph.devices[d].server for d in devices if d in self.graph.devices}
+
+    def _remember_hosts(self, pipeline_id: str, devices, now: float) -> None:
+        for server in self._servers_of(devices):
+            self.note_hosted(pipeline_id, server, now)
 
     def handle(self, event, now: float) -> list[Action]:
         handlers = {
@@ -184,9 +107,9 @@ class Allocator:
             ev.PipelineReshaped: self._on_pipeline_reshaped,
             ev.RefactorHold: self._on_refactor_hold,
         }
-        return handlers[type(event)](event)
+        return handlers[type(event)](event, now)
 
-    def _on_register_worker(self, event: ev.RegisterWorker) -> list[Action]:
+    def _on_register_worker(self, event: ev.RegisterWorker, now: float) -> list[Action]:
         info = event.device
         self.graph.add_device(
             Device(
@@ -202,16 +125,16 @@ class Allocator:
         )
         return []
 
-    def _on_worker_lost(self, event: ev.WorkerLost) -> list[Action]:
+    def _on_worker_lost(self, event: ev.WorkerLost, now: float) -> list[Action]:
         self.graph.remove_device(event.worker_id)
         return []
 
-    def _on_release_placement(self, event: ev.ReleasePlacement) -> list[Action]:
-        self.reservations.pop(event.pipeline_id, None)
+    def _on_release_placement(self, event: ev.ReleasePlacement, now: float) -> list[Action]:
+        self._remember_hosts(event.pipeline_id, self.reservations.pop(event.pipeline_id, {}), now)
         self.holds.pop(event.pipeline_id, None)
         return []
 
-    def _on_refactor_hold(self, event: ev.RefactorHold) -> list[Action]:
+    def _on_refactor_hold(self, event: ev.RefactorHold, now: float) -> list[Action]:
         current = self.reservations.get(event.pipeline_id, {})
         target = _bytes_per_worker(event.workers, event.stage_memory)
         hold = {w: m - current.get(w, 0) for w, m in target.items() if m > current.get(w, 0)}
@@ -221,21 +144,32 @@ class Allocator:
             self.holds.pop(event.pipeline_id, None)
         return []
 
-    def _on_pipeline_reshaped(self, event: ev.PipelineReshaped) -> list[Action]:
+    def _on_pipeline_reshaped(self, event: ev.PipelineReshaped, now: float) -> list[Action]:
         """A refactor moved the pipeline: its reservation follows the new stages."""
         self.holds.pop(event.pipeline_id, None)
         if event.pipeline_id in self.reservations and len(event.stage_memory) == len(event.workers):
+            self._remember_hosts(event.pipeline_id, self.reservations[event.pipeline_id], now)
             self.reservations[event.pipeline_id] = _bytes_per_worker(event.workers, event.stage_memory)
         return []
 
-    def _on_place_stages(self, event: ev.PlaceStages) -> list[Action]:
+    def _on_place_stages(self, event: ev.PlaceStages, now: float) -> list[Action]:
+        warm = self.warm_servers(event.pipeline_id, now)
         previous = self.reservations.pop(event.pipeline_id, None)
         reserved, shared = self._totals()
         try:
             if event.workers:
                 devices = place_pinned(self.graph, list(event.stage_memory), list(event.workers), reserved)
             else:
-                devices = place(self.graph, list(event.stage_memory), reserved, shared=shared, cv=self.cv)
+                devices = place(
+                    self.graph,
+                    list(event.stage_memory),
+                    reserved,
+                    shared=shared,
+                    cv=self.cv,
+                    tenants=self.tenants,
+                    warm=warm,
+                    now=now,
+                )
         except PlacementError as error:
             if previous is not None:
                 self.reservations[event.pipeline_id] = previous
@@ -252,6 +186,8 @@ class Allocator:
                 ),
                 Log("allocator.refused", {"pipeline_id": event.pipeline_id, "reason": str(error)}, level="warning"),
             ]
+        if previous is not None:
+            self._remember_hosts(event.pipeline_id, previous, now)
         self.reservations[event.pipeline_id] = {d: m for d, m in zip(devices, event.stage_memory)}
         return [
             Send(

@@ -357,15 +357,11 @@ class Policy:
         return [Tell("refactor", request), self._logged(decision)]
 
     def _held(self, state: ModelState, explain, kind: str, action: str, reason: str, now: float) -> list[Action]:
-        """A change the cluster cannot take: recorded once per cooldown, nothing issued."""
-        last = next((d for d in reversed(self.decisions) if d.model_dir == state.model_dir), None)
-        if (
-            last is not None
-            and last.outcome == "held"
-            and last.action == action
-            and now - last.at < self.config.cooldown_s
-        ):
+        """A change the cluster cannot take: recorded once per cooldown (per action), nothing issued."""
+        recent = state.held.get(action)
+        if recent is not None and now - recent < max(self.config.cooldown_s, self.config.interval_s):
             return []
+        state.held[action] = now
         decision = explain(kind, action, outcome="held", reason=reason)
         return [Log("policy.held", self._fields(decision), level="warning")]
 

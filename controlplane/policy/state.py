@@ -39,6 +39,7 @@ class ModelState:
     snapshot: ev.TrafficSnapshot | None = None
     target_replicas: int = 0
     decisions_by_kind: dict[str, int] = field(default_factory=dict)
+    held: dict[str, float] = field(default_factory=dict)  # action -> when it was last recorded as held
 
     def serving(self) -> list[ev.PipelineLoad]:
         """Replicas taking requests: READY and not being drained."""
