@@ -72,6 +72,7 @@ LOG_EVENTS: dict[str, str] = {
     "engine.stopped": "an engine stopped; requests still pending were failed",
     "engine.paused": "an engine stopped launching and drained its micro-batches (`running`, `seconds`)",
     "engine.resumed": "a paused engine feeds the pipeline again, maybe a new first stage at a new epoch (`epoch`, `stall_s`, `switch_s`)",
+    "engine.draining": "an engine takes no new requests (the policy removes its replica once the running ones finish)",
     "engine.kv_exhausted": "no free KV blocks; new requests wait until blocks free up",
     "engine.message_dropped": "an engine dropped a malformed or unmatched reply from a stage",
     "gateway.listening": "the HTTP front end is bound (`address`)",

@@ -88,20 +88,45 @@ class Link:
     bandwidth: float
 
 
+@dataclass(frozen=True, slots=True)
+class SortedFree:
+    """One server's devices by free memory, smallest first: ``free[i]`` bytes free on ``device_ids[i]``."""
+
+    rack: str
+    free: tuple[int, ...]
+    device_ids: tuple[str, ...]
+
+
 @dataclass
 class ResourceGraph:
     """Devices indexed by id and grouped by server and rack.
 
     Invariants: device ids are unique; ``servers[s]`` lists exactly the devices whose
     server is ``s`` and ``racks[r]`` exactly the servers in rack ``r``; adding a device
-    with an existing id replaces it.
+    with an existing id replaces it. ``version`` counts changes; change a device's memory
+    by adding a new ``Device`` with its id (never by assigning to its fields), so that
+    ``sorted_free`` sees it.
     """
 
     devices: dict[str, Device] = field(default_factory=dict)
     servers: dict[str, list[str]] = field(default_factory=dict)
     racks: dict[str, list[str]] = field(default_factory=dict)
+    version: int = field(default=0, compare=False)
+    _sorted_free: tuple[int, dict[str, SortedFree]] | None = field(default=None, repr=False, compare=False)
+
+    def sorted_free(self) -> dict[str, SortedFree]:
+        """Per server, its devices by ``memory_free``, smallest first; built once per ``version``."""
+        if self._sorted_free is None or self._sorted_free[0] != self.version:
+            index = {}
+            for server, members in self.servers.items():
+                ordered = sorted(members, key=lambda d: self.devices[d].memory_free)  # stable: ties keep their order
+                free = tuple(self.devices[d].memory_free for d in ordered)
+                index[server] = SortedFree(self.devices[members[0]].rack, free, tuple(ordered))
+            self._sorted_free = (self.version, index)
+        return self._sorted_free[1]
 
     def add_device(self, device: Device) -> None:
+        self.version += 1
         if device.device_id in self.devices:
             self.remove_device(device.device_id)
         self.devices[device.device_id] = device
@@ -114,6 +139,7 @@ class ResourceGraph:
         device = self.devices.pop(device_id, None)
         if device is None:
             return
+        self.version += 1
         self.servers[device.server].remove(device_id)
         if not self.servers[device.server]:
             del self.servers[device.server]

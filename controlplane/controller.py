@@ -1,4 +1,4 @@
-"""The controller process: monitor, coordinator and allocator behind the control bus.
+"""The controller process: monitor, coordinators, allocator and policy behind the control bus.
 
 Run as ``python -m controlplane.controller [--config FILE] [--insecure]``. It binds the
 IPC endpoint in the 0700 runtime directory and, when configured, a TCP endpoint
@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from functools import lru_cache
 
 import zmq
 
@@ -25,6 +26,9 @@ from controlplane.allocator import Allocator
 from controlplane.deploy.coordinator import DeployCoordinator
 from controlplane.deploy.plan import plan_pipeline
 from controlplane.monitor import Monitor
+from controlplane.policy.actor import Policy
+from controlplane.policy.estimate import load_candidates
+from controlplane.policy.placement import AllocatorCapacity
 from controlplane.refactor.coordinator import RefactorCoordinator
 from controlplane.refactor.executor import RefactorExecutor
 from controlplane.refactor.planner import RefactorPlanner
@@ -35,12 +39,16 @@ def build_actors(config: FlexPipeConfig, inventory=None, refactor_timeouts_s: di
     """The actors a controller hosts; ``inventory`` is an optional resource graph from a TOML file.
     The allocator is left out when the configuration names the endpoint where it runs alone."""
     controller = config.controller
-    monitor = Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats)
+    monitor = Monitor(controller.heartbeat_interval_s, controller.lost_after_heartbeats, config.policy)
     coordinator = DeployCoordinator(plan_pipeline)
     executor = RefactorExecutor(RefactorPlanner(coordinator, monitor))
     actors = [monitor, coordinator, executor, RefactorCoordinator(executor.plan, refactor_timeouts_s)]
+    placeable = None
     if not controller.allocator:
-        actors.append(Allocator(inventory) if inventory is not None else Allocator())
+        allocator = Allocator(inventory) if inventory is not None else Allocator()
+        actors.append(allocator)
+        placeable = AllocatorCapacity(allocator)
+    actors.append(Policy(config.policy, lru_cache(maxsize=64)(load_candidates), placeable or (lambda *_: "")))
     return actors
 
 

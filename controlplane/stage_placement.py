@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import math
 import time
-from bisect import bisect_left
-from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from common.errors import FlexPipeError
 from common.topology import ResourceGraph
+from controlplane.placement_view import FreeView, layout_of
 
 GAMMA0 = 1.0
 ALPHA = 0.5
@@ -104,15 +105,14 @@ def place(
     """
     if not stage_memory:
         return []
-    shared_devices = _shared_devices(shared, tenants)
-    view = _FreeView.of(graph, reserved, exclude, shared_devices, min(stage_memory))
-    _check_feasible(stage_memory, view)
     stop_at = math.inf if deadline_s is None else clock() + deadline_s
-    affinity = _affinity(graph, view, warm or {}, now)
-    search = _Search(graph, view, stage_memory, shared_devices, gamma_of(cv), affinity, lambda: clock() >= stop_at)
+    view = FreeView(layout_of(graph), reserved, exclude, shared or {}, tenants or {}, min(stage_memory))
+    _check_feasible(stage_memory, view)
+    affinity = _affinity(view, warm or {}, now)
+    search = _Search(graph, view, stage_memory, gamma_of(cv), affinity, lambda: clock() >= stop_at)
     search.run()
     if search.best is None:
-        cut = " within the placement time bound" if search.cut else ""
+        cut = f" (search cut short by its {deadline_s * 1e3:g} ms time bound)" if search.cut else ""
         raise PlacementError(
             f"no assignment of {len(stage_memory)} stages needing "
             f"{', '.join(gib(m) for m in stage_memory)} fits the free device memory{cut}"
@@ -137,90 +137,7 @@ def place_pinned(
     return list(workers)
 
 
-def _shared_devices(shared: dict[str, int] | None, tenants: dict[str, int] | None) -> set[str]:
-    return {d for counts in (shared or {}, tenants or {}) for d, n in counts.items() if n > 0}
-
-
-@dataclass(slots=True)
-class _Server:
-    """One server's devices that can take the smallest stage: ``free[i]`` bytes on ``ids[i]``, smallest first."""
-
-    name: str
-    rack: str
-    free: tuple[int, ...]
-    ids: tuple[str, ...]
-    capacity: int
-    shared: set[str]
-    _idle: tuple[int, int] | None = None
-
-    def pairs(self, family: str) -> list[tuple[int, str]]:
-        """(free bytes, device id) in the order the family tries them (each part smallest first)."""
-        if family == PACKED:
-            return list(zip(self.free, self.ids))
-        idle = [(f, d) for f, d in zip(self.free, self.ids) if d not in self.shared]
-        if family == ISOLATED:
-            return idle
-        return idle + [(f, d) for f, d in zip(self.free, self.ids) if d in self.shared]
-
-    def count(self, family: str) -> int:
-        return self.idle()[0] if family == ISOLATED else len(self.ids)
-
-    def room(self, family: str) -> tuple[int, int]:
-        """Sort key, larger is roomier: free bytes the family can use, unshared bytes first when idle first."""
-        if family == ISOLATED:
-            return (self.idle()[1], 0)
-        return (self.idle()[1], self.capacity) if family == IDLE_FIRST else (self.capacity, 0)
-
-    def idle(self) -> tuple[int, int]:
-        """How many devices no one else uses, and their free bytes (computed once)."""
-        if self._idle is None:
-            free = [f for f, d in zip(self.free, self.ids) if d not in self.shared]
-            self._idle = (len(free), sum(free))
-        return self._idle
-
-
-@dataclass(slots=True)
-class _FreeView:
-    """Free memory per device for one call: ``memory_free - reserved``, excluded devices gone.
-
-    Built from the graph's cached ``sorted_free``; only servers with reserved or excluded devices
-    are re-sorted. ``servers`` holds only devices that can take the smallest stage; ``available``
-    and ``largest`` count every non-excluded device (for the error messages)."""
-
-    servers: dict[str, _Server]
-    available: int
-    largest: int
-
-    @classmethod
-    def of(cls, graph: ResourceGraph, reserved: dict, exclude, shared: set[str], smallest_stage: int) -> _FreeView:
-        touched = {d for d, n in reserved.items() if n} | set(exclude)
-        touched_servers = {graph.devices[d].server for d in touched if d in graph.devices}
-        servers: dict[str, _Server] = {}
-        largest = 0
-        for name, entry in graph.sorted_free().items():
-            free, ids = entry.free, entry.device_ids
-            if name in touched_servers:
-                free, ids = _less_reserved(graph, ids, reserved, exclude)
-            if not free:
-                continue
-            largest = max(largest, free[-1])
-            start = bisect_left(free, smallest_stage)
-            if start < len(free):
-                usable = free[start:]
-                servers[name] = _Server(name, entry.rack, usable, ids[start:], sum(usable), shared)
-        available = len(graph.devices) - sum(1 for d in set(exclude) if d in graph.devices)
-        return cls(servers, available, largest)
-
-
-def _less_reserved(graph: ResourceGraph, ids, reserved: dict, exclude) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """A server's devices, excluded ones dropped, by ``memory_free - reserved``, smallest first."""
-    pairs = sorted(
-        ((graph.devices[d].memory_free - reserved.get(d, 0), d) for d in ids if d not in exclude), key=lambda p: p[0]
-    )
-    return tuple(f for f, _ in pairs), tuple(d for _, d in pairs)
-
-
-def _check_feasible(stage_memory: list[int], view: _FreeView) -> None:
+def _check_feasible(stage_memory: list[int], view: FreeView) -> None:
     if len(stage_memory) > view.available:
         raise PlacementError(
             f"{len(stage_memory)} stages need {len(stage_memory)} distinct devices; only {view.available} are available"
@@ -232,22 +149,24 @@ def _check_feasible(stage_memory: list[int], view: _FreeView) -> None:
             )
 
 
-def _affinity(graph: ResourceGraph, view: _FreeView, warm: dict[str, float], now: float) -> dict[str, float]:
-    """Eq. 13 per warm server: w_t * exp(-lambda * (now - t_s)) + w_g * (idle devices on s)."""
+def _affinity(view: FreeView, warm: dict[str, float], now: float) -> dict[int, float]:
+    """Eq. 13 per warm server (by server index): w_t * exp(-lambda * (now - t_s)) + w_g * (idle devices on s)."""
     scores = {}
     for server, hosted_at in warm.items():
-        if server in graph.servers:
-            idle = view.servers[server].count(ISOLATED) if server in view.servers else 0
+        index = view.layout.server_index.get(server)
+        if index is not None:
             recency = math.exp(-AFFINITY_DECAY_PER_S * max(0.0, now - hosted_at))
-            scores[server] = AFFINITY_RECENCY_WEIGHT * recency + AFFINITY_IDLE_DEVICE_WEIGHT * idle
+            idle = int(view.count_idle[index])
+            scores[index] = AFFINITY_RECENCY_WEIGHT * recency + AFFINITY_IDLE_DEVICE_WEIGHT * idle
     return scores
 
 
 class _Search:
-    """Candidates in the order of the module docstring; ``best`` = (cost, device ids) or None."""
+    """Candidates in the order of the module docstring; ``best`` = (cost, device ids) or None.
+    Servers are indices into ``view.layout.servers``; ``affinity`` maps a server index to its Eq. 13 score."""
 
-    def __init__(self, graph, view: _FreeView, stage_memory, shared: set[str], gamma: float, affinity, expired):
-        self.graph, self.view, self.stage_memory, self.shared = graph, view, stage_memory, shared
+    def __init__(self, graph: ResourceGraph, view: FreeView, stage_memory: list[int], gamma: float, affinity, expired):
+        self.graph, self.view, self.stage_memory = graph, view, stage_memory
         self.gamma, self.affinity, self.expired = gamma, affinity, expired
         self.largest_first = sorted(range(len(stage_memory)), key=lambda s: -stage_memory[s])
         self.best: tuple[float, list[str]] | None = None
@@ -261,8 +180,7 @@ class _Search:
         except _OutOfTime:
             self.cut = True
             if self.best is None:
-                servers = sorted(self.view.servers.values(), key=lambda s: -s.capacity)
-                self._consider(self._spread(servers, PACKED))
+                self._consider(self._spread(self._roomiest(self.view.servers_with_room, PACKED), PACKED))
 
     def _beats_best(self, lower_bound: float) -> bool:
         return self.best is None or lower_bound < self.best[0]
@@ -277,25 +195,29 @@ class _Search:
         if self.expired():
             raise _OutOfTime
 
+    def _devices(self, server: int, family: str) -> list[tuple[int, str]]:
+        return self.view.devices(server, idle_only=family == ISOLATED, idle_first=family == IDLE_FIRST)
+
     # ---- one server -------------------------------------------------------------------------
 
     def _one_server_each(self) -> None:
         stages = len(self.stage_memory)
+        count_all, count_idle = self.view.count_all.tolist(), self.view.count_idle.tolist()
         warm_first = sorted(self.affinity, key=lambda s: -self.affinity[s])
-        servers = [self.view.servers[s] for s in warm_first if s in self.view.servers]
-        servers += [s for s in self.view.servers.values() if s.name not in self.affinity]
-        for server in servers:
-            bonus = self.affinity.get(server.name, 0.0)
-            if len(server.ids) < stages or not self._beats_best(-bonus):
+        others = np.flatnonzero(self.view.count_all >= stages).tolist()
+        for server in warm_first + [s for s in others if s not in self.affinity]:
+            bonus = self.affinity.get(server, 0.0)
+            if count_all[server] < stages or not self._beats_best(-bonus):
                 continue
             self._check_time()
             for family in FAMILIES:
-                unavoidable = 0 if family == ISOLATED else max(0, stages - server.count(ISOLATED))
+                unavoidable = 0 if family == ISOLATED else max(0, stages - count_idle[server])
                 if self._beats_best(self.gamma * unavoidable - bonus):
-                    self._consider(self._best_fit(server.pairs(family)))
+                    self._consider(self._best_fit(self._devices(server, family)))
 
     def _best_fit(self, unused: list[tuple[int, str]]) -> list[str] | None:
-        """Largest stage first, each onto the smallest unused device that fits; None if one finds none."""
+        """Largest stage first, each onto the first unused device that fits (the smallest, idle ones
+        first in the idle-first family); None if a stage finds none."""
         if len(unused) < len(self.stage_memory):
             return None
         choice = [""] * len(self.stage_memory)
@@ -310,50 +232,73 @@ class _Search:
     # ---- spreading ----------------------------------------------------------------------------
 
     def _spread_over_racks(self) -> None:
-        by_rack: dict[str, list[_Server]] = {}
-        for server in self.view.servers.values():
-            by_rack.setdefault(server.rack, []).append(server)
-        for servers in sorted(by_rack.values(), key=lambda servers: -sum(s.capacity for s in servers)):
-            self._spread_candidates(servers)
+        view = self.view
+        for rack in sorted(range(len(view.rack_room_all)), key=lambda r: -view.rack_room_all[r]):
+            for family in FAMILIES:
+                idle_only = family == ISOLATED
+                count = view.rack_count_idle[rack] if idle_only else view.rack_count_all[rack]
+                room = view.rack_room_idle[rack] if idle_only else view.rack_room_all[rack]
+                most = view.rack_most_count_idle[rack] if idle_only else view.rack_most_count_all[rack]
+                servers = view.layout.rack_servers[rack]
+                bound = self._spread_lower_bound(family, count, room, most, view.rack_count_idle[rack], servers)
+                if self._beats_best(bound):
+                    self._spread_candidates(np.array(servers, dtype=np.int64), family)
 
     def _spread_over_cluster(self) -> None:
-        self._spread_candidates(list(self.view.servers.values()))
-
-    def _spread_candidates(self, servers: list[_Server]) -> None:
+        view = self.view
         for family in FAMILIES:
-            if not self._beats_best(self._spread_lower_bound(servers, family)):
-                continue
-            roomiest = sorted(servers, key=lambda s: s.room(family), reverse=True)
-            orders = [roomiest]
-            warm = sorted((s for s in servers if s.name in self.affinity), key=lambda s: -self.affinity[s.name])
-            if warm:
-                orders.append(warm + [s for s in roomiest if s.name not in self.affinity])
-            for order in orders:
-                self._check_time()
-                choice = self._spread(order, family)
-                if choice is not None and len({self.graph.devices[d].server for d in choice}) > 1:
-                    self._consider(choice)  # one server's candidates were tried already
+            idle_only = family == ISOLATED
+            count = view.count_idle if idle_only else view.count_all
+            room = view.room_idle if idle_only else view.room_all
+            idle = int(view.count_idle.sum())
+            bound = self._spread_lower_bound(
+                family, int(count.sum()), float(room.sum()), int(count.max(initial=0)), idle, self.affinity
+            )
+            if self._beats_best(bound):
+                self._spread_candidates(view.servers_with_room, family)
 
-    def _spread_lower_bound(self, servers: list[_Server], family: str) -> float:
-        """No spread over ``servers`` costs less: it crosses the network once per extra server it needs,
-        and puts what the idle devices cannot hold on shared ones. Infinite if none fits."""
+    def _spread_lower_bound(self, family: str, devices: int, room: float, most_on_one: int, idle: int, servers):
+        """No spread over these servers costs less: it crosses the network once per extra server it needs
+        and puts what their idle devices cannot hold on shared ones. Infinite if the stages cannot fit."""
         stages = len(self.stage_memory)
-        devices = sum(s.count(family) for s in servers)
-        room = sum(s.idle()[1] if family == ISOLATED else s.capacity for s in servers)
         if devices < stages or room < sum(self.stage_memory):
             return math.inf
-        most_on_one = max(s.count(family) for s in servers)
         hops = max(2, -(-stages // most_on_one)) - 1
-        on_shared = 0 if family == ISOLATED else max(0, stages - sum(s.count(ISOLATED) for s in servers))
-        bonus = max((self.affinity.get(s.name, 0.0) for s in servers), default=0.0) if self.affinity else 0.0
+        on_shared = 0 if family == ISOLATED else max(0, stages - idle)
+        bonus = max((self.affinity[s] for s in servers if s in self.affinity), default=0.0) if self.affinity else 0.0
         return self.gamma * on_shared + LINK_COST["network"] * hops - bonus
 
-    def _spread(self, servers: list[_Server], family: str) -> list[str] | None:
-        """Stages in order, filling each server (smallest fitting device per stage) before the next."""
+    def _roomiest(self, servers: np.ndarray, family: str) -> list[int]:
+        """``servers`` with devices the family may use, most free bytes first (idle bytes first when idle first)."""
+        view = self.view
+        if family == ISOLATED:
+            order = np.argsort(-view.room_idle[servers], kind="stable")
+        elif family == IDLE_FIRST:
+            order = np.lexsort((-view.room_all[servers], -view.room_idle[servers]))
+        else:
+            order = np.argsort(-view.room_all[servers], kind="stable")
+        ordered = servers[order]
+        count = view.count_idle if family == ISOLATED else view.count_all
+        return ordered[count[ordered] > 0].tolist()
+
+    def _spread_candidates(self, servers: np.ndarray, family: str) -> None:
+        roomiest = self._roomiest(servers, family)
+        orders = [roomiest]
+        warm = sorted((s for s in roomiest if s in self.affinity), key=lambda s: -self.affinity[s])
+        if warm:
+            orders.append(warm + [s for s in roomiest if s not in self.affinity])
+        for order in orders:
+            self._check_time()
+            choice = self._spread(order, family)
+            if choice is not None and len({self._server_of(d) for d in choice}) > 1:
+                self._consider(choice)  # one server's candidates were tried already
+
+    def _spread(self, servers: list[int], family: str) -> list[str] | None:
+        """Stages in order, filling each server (first fitting device per stage) before the next."""
         choice: list[str] = []
         stages = len(self.stage_memory)
         for server in servers:
-            unused = server.pairs(family)
+            unused = self._devices(server, family)
             while len(choice) < stages:
                 need = self.stage_memory[len(choice)]
                 index = next((i for i, (free, _) in enumerate(unused) if free >= need), None)
@@ -366,12 +311,16 @@ class _Search:
 
     # ---- cost ---------------------------------------------------------------------------------
 
+    def _server_of(self, device_id: str) -> int:
+        return self.view.layout.server_of_list[self.view.layout.position[device_id]]
+
     def _cost(self, choice: list[str]) -> float:
-        devices = self.graph.devices
-        shared = sum(1 for d in choice if d in self.shared)
+        """gamma * (stages on shared devices) + link costs - mean affinity of the stages' servers (Eqs. 6-9, 13)."""
+        position, shared = self.view.layout.position, self.view.shared
+        on_shared = sum(1 for d in choice if shared[position[d]])
         links = sum(LINK_COST[self.graph.link(a, b).kind] for a, b in zip(choice, choice[1:]))
-        bonus = sum(self.affinity.get(devices[d].server, 0.0) for d in choice) / len(choice) if self.affinity else 0.0
-        return self.gamma * shared + links - bonus
+        bonus = sum(self.affinity.get(self._server_of(d), 0.0) for d in choice) / len(choice) if self.affinity else 0
+        return self.gamma * on_shared + links - bonus
 
 
 class _OutOfTime(Exception):

@@ -16,8 +16,9 @@ HEARTBEAT_S = 0.5
 
 @contextmanager
 def local_cluster_env(tmp_path: Path, **settings: str):
-    """The environment of a cluster with its own runtime directory, no configuration file and its gateway
-    on any free port (``settings``: more ``FLEXPIPE_*`` variables); the cluster is brought down on exit."""
+    """The environment of a cluster with its own runtime directory, no configuration file, its gateway
+    on any free port and a static policy (``settings``: more ``FLEXPIPE_*`` variables, which win); the cluster is
+    brought down on exit."""
     runtime = Path(f"/tmp/fp-{os.getpid()}-{tmp_path.name[-12:]}")
     runtime.mkdir(mode=0o700)
     env = dict(
@@ -29,8 +30,9 @@ def local_cluster_env(tmp_path: Path, **settings: str):
         PYTHONPATH=str(REPO),
         FLEXPIPE_LOG_FORMAT="json",
         FLEXPIPE_GATEWAY_PORT="0",
-        **settings,
+        FLEXPIPE_POLICY_MODE="static",  # tests that change layouts themselves; the policy's own test sets flexpipe
     )
+    env.update(settings)
     (tmp_path / "none.toml").write_text("")
     try:
         yield env

@@ -10,6 +10,10 @@ fpctl generate [--model M] --prompt TEXT [--max-tokens N]   through the gateway'
 fpctl chat [--model M] [--system TEXT] [--message TEXT]      a conversation through the gateway
 fpctl keys init [--force]
 fpctl timeline [--log FILE] [--pipeline ID] [--json]   refactors rebuilt from a JSON log; no cluster needed
+fpctl events [--follow] [--json]                       the policy's decisions, each with its inputs
+fpctl policy pause|resume                              stop or restart automatic changes
+fpctl plan --trace FILE [--cv X] [--inventory FILE]    replay a request trace through the policy, no cluster
+fpctl profile [--model DIR] [--stages 1,2,4]           measure throughput and latency per stage count
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 from rich.console import Console
 
 from common import events as ev
 from common.config import load_config
 from common.errors import FlexPipeError
+from common.profile import load_profile
 from common.runtime import runtime_dir
 from controlplane.cli.gateway_client import GatewayClient
+from controlplane.cli.policy_views import decision_line, print_decisions
 from controlplane.cli.timeline import build_timelines, read_refactor_events
 from controlplane.cli.timeline_views import print_timelines
 from controlplane.cli.views import pipelines_table, print_refactor_outcome, print_status, to_json, workers_table
@@ -99,6 +107,8 @@ class Fpctl:
             env["FLEXPIPE_GATEWAY_HOST"] = self.args.host
         if self.args.port is not None:
             env["FLEXPIPE_GATEWAY_PORT"] = str(self.args.port)
+        if self.args.policy is not None:
+            env["FLEXPIPE_POLICY_MODE"] = self.args.policy
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
         )
@@ -269,8 +279,67 @@ class Fpctl:
         return 0
 
     def plan(self) -> int:
-        """``fpctl plan``: what a refactor would move, and the estimated bytes and stall, doing nothing."""
+        """``fpctl plan PIPELINE``: what a refactor would move, and the estimated bytes and stall, doing nothing;
+        ``fpctl plan --trace FILE``: the policy's decisions on a replayed trace (``trace_plan``)."""
+        if self.args.trace:
+            return trace_plan(self.args, self.config, self.console)
+        if not self.args.pipeline_id:
+            raise FlexPipeError("name the pipeline to plan a refactor of, or give --trace FILE to replay a trace")
         return self._refactor(dry_run=True)
+
+    def profile(self) -> int:
+        """``fpctl profile``: throughput and latency per stage count, measured by the data plane's own command in a
+        child process (the control plane never imports torch) and stored with the model for the policy."""
+        command = [sys.executable, "-m", "dataplane.profile", self.args.model or default_model_dir()]
+        command += ["--stages", self.args.stages] if self.args.stages else []
+        command += ["--batch", str(self.args.batch)] if self.args.batch else []
+        command += ["--force"] if self.args.force else []
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=child_environment())
+        lines = result.stdout.strip().splitlines()
+        if result.returncode != 0 or not lines:
+            return result.returncode or 1
+        profile = load_profile(self.args.model or default_model_dir())
+        if self.args.json:
+            print(to_json({"path": lines[-1], "profile": profile}))
+        else:
+            self.console.print(f"profile stored in {lines[-1]}")
+            for c in profile.candidates if profile else []:
+                speed = f"{c.throughput_tokens_per_s:.1f} tokens/s, TPOT {c.latency_s * 1e3:.1f} ms"
+                self.console.print(
+                    f"  {c.num_stages} stages: {speed}, TTFT {c.ttft_s * 1e3:.0f} ms (batch {c.batch_size})"
+                )
+        return 0
+
+    def events(self) -> int:
+        """``fpctl events``: the policy's decisions so far; with ``--follow``, new ones as they come (Ctrl-C ends)."""
+        after, first = 0, True
+        with self.bus() as bus:
+            while first or self.args.follow:
+                reply = bus.request(ev.PolicyEventsRequest, after=after, limit=self.args.limit)
+                if self.args.json and not self.args.follow:
+                    print(to_json(reply.decisions))
+                elif self.args.json:
+                    for decision in reply.decisions:
+                        print(msgspec.json.encode(decision).decode(), flush=True)
+                else:
+                    print_decisions(self.console, reply.decisions)
+                    if first and not reply.decisions:
+                        self.console.print(f"no decisions yet (policy {_policy_state(reply.view)})")
+                after = reply.decisions[-1].seq if reply.decisions else after
+                first = False
+                if self.args.follow:
+                    time.sleep(1.0)
+        return 0
+
+    def policy(self) -> int:
+        """``fpctl policy pause|resume``: changes in progress finish; nothing new is decided while paused."""
+        with self.bus() as bus:
+            reply = bus.request(ev.PolicyControl, action=self.args.action)
+        if self.args.json:
+            print(to_json(reply.view))
+        else:
+            self.console.print(f"policy {_policy_state(reply.view)}")
+        return 0
 
     def refactor(self) -> int:
         return self._refactor(dry_run=False)
@@ -310,6 +379,56 @@ class Fpctl:
                 )
             )
         return 0
+
+
+def _policy_state(view: ev.PolicyView) -> str:
+    return "paused" if view.paused else f"running ({view.mode})"
+
+
+def trace_plan(args: argparse.Namespace, config, console: Console) -> int:
+    """``fpctl plan --trace``: replay the trace (rescaled to ``--cv``) through the monitor, policy and allocator
+    in virtual time, on ``--inventory`` or the local cluster ``fpctl up`` would start; print each decision."""
+    from common.topology import load_inventory
+    from controlplane.policy.estimate import load_candidates
+    from controlplane.simulation.replay import replay
+    from controlplane.simulation.traces import read_azure_trace, with_cv
+    from controlplane.simulation.virtual_cluster import local_inventory
+
+    requests = read_azure_trace(args.trace, limit=args.limit_requests)
+    if args.cv is not None:
+        requests = with_cv(requests, args.cv, seed=args.seed)
+    model = args.model or default_model_dir()
+    limits = config.policy.limits(Path(model).name)
+    candidates = load_candidates(model, limits.min_stages, limits.max_stages)
+    inventory = (
+        load_inventory(args.inventory)
+        if args.inventory
+        else local_inventory(args.workers or config.cluster.workers, config.cluster.worker_memory)
+    )
+    policy = replace(config.policy, mode="flexpipe")
+    result = replay(requests, model, policy, candidates, inventory, initial_stages=args.stages or 1, cv=args.cv or 0.0)
+    if args.json:
+        print(
+            to_json(
+                {
+                    "requests": result.requests,
+                    "duration_s": result.duration_s,
+                    "decisions": [
+                        dict(msgspec.to_builtins(d), layout=layout)
+                        for d, layout in zip(result.decisions, result.layouts)
+                    ],
+                }
+            )
+        )
+    else:
+        console.print(f"{result.requests} requests over {result.duration_s:.0f} s, {len(result.decisions)} decisions")
+        for decision, layout in zip(result.decisions, result.layouts):
+            console.print(decision_line(decision), soft_wrap=True, highlight=False)
+            replicas = ", ".join(
+                f"{p}: {r['stages']} on {','.join(r['devices'])}" for p, r in layout["replicas"].items()
+            )
+            console.print(f"    layout: {replicas}", soft_wrap=True, highlight=False)
+    return 0
 
 
 def _read_turns(console: Console):
@@ -402,6 +521,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--stages", type=int, help="deploy the model on this many stages")
     up.add_argument("--pipeline", help="id of the deployed pipeline (default: p0)")
     up.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the pipeline")
+    up.add_argument(
+        "--policy", choices=("flexpipe", "static"), help="flexpipe: stages and replicas follow the traffic (default)"
+    )
     sub.add_parser("down", help="stop the local cluster")
     for name in ("status", "workers", "pipelines"):
         shown = sub.add_parser(name, help=f"show {name}")
@@ -432,15 +554,33 @@ def parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--url", help="the gateway's address, http://HOST:PORT (default: from the controller)")
     for name, help_text in (
-        ("plan", "show what a refactor would move, the bytes and the estimated stall"),
+        ("plan", "show what a refactor would move (PIPELINE), or replay a trace through the policy (--trace)"),
         ("refactor", "re-shape a serving pipeline in flight"),
     ):
         command = sub.add_parser(name, help=help_text)
-        command.add_argument("pipeline_id")
+        command.add_argument("pipeline_id", nargs="?" if name == "plan" else None)
         command.add_argument("--stages", type=int, help="target number of stages")
         command.add_argument("--layout", help="target unit ranges, e.g. embed..L1.attn,L1.mlp..head")
         command.add_argument("--migrate", help="stage indices to move to other workers, e.g. 1 or 0,2")
         command.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the outcome")
+    plan = sub.choices["plan"]
+    plan.add_argument("--trace", metavar="FILE", help="an Azure LLM trace CSV to replay in virtual time")
+    plan.add_argument("--cv", type=float, help="rescale inter-arrival times to this CV, keeping the mean rate")
+    plan.add_argument("--inventory", metavar="FILE", help="TOML inventory (default: the local cluster's workers)")
+    plan.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    plan.add_argument("--workers", type=int, help="workers of the local inventory (default: [cluster] workers)")
+    plan.add_argument("--limit-requests", type=int, help="replay only the first N requests")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the CV rescaling (default: %(default)s)")
+    profile = sub.add_parser("profile", help="measure throughput and latency per stage count; the policy uses it")
+    profile.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    profile.add_argument("--stages", help="stage counts to measure, e.g. 1,2,4 (default: 1 up to 4)")
+    profile.add_argument("--batch", type=int, help="concurrent requests per measurement (default: 8)")
+    profile.add_argument("--force", action="store_true", help="measure again even if a stored profile fits")
+    events = sub.add_parser("events", help="the policy's decisions, each with the inputs it saw")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new decisions (Ctrl-C ends)")
+    events.add_argument("--limit", type=int, default=200, help="at most this many at once (default: %(default)s)")
+    policy = sub.add_parser("policy", help="pause or resume the autoscaling policy")
+    policy.add_argument("action", choices=("pause", "resume"))
     keys = sub.add_parser("keys", help="CURVE key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create the key directory and key pairs")

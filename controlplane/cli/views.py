@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common import events as ev
+from controlplane.cli.policy_views import policy_table
 
 
 def to_json(value) -> str:
@@ -104,6 +105,8 @@ def print_status(console: Console, status: ev.StatusReply, wide: bool = False) -
             console.print(f"{h.host_id} takes requests at {h.request_address}", soft_wrap=True)
     if status.rejected_messages:
         console.print(f"rejected messages: {status.rejected_messages}")
+    if status.policy is not None:
+        console.print(policy_table(status.policy))
 
 
 def print_refactor_outcome(console: Console, outcome) -> None:

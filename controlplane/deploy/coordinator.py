@@ -13,6 +13,8 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar
 
+import msgspec
+
 from common import events as ev
 from common.errors import FlexPipeError
 from controlplane.actor import Action, Log, Send, Tell, Tick
@@ -132,6 +134,20 @@ class DeployCoordinator:
         ]
         if event.pipeline_id in self.pipelines:
             return refuse(f"pipeline {event.pipeline_id!r} already exists")
+        if event.replica_of:
+            original = self.pipelines.get(event.replica_of)
+            if original is None:
+                return refuse(f"no pipeline {event.replica_of!r} to make a replica of")
+            event = msgspec.structs.replace(
+                original.request,
+                sender=event.sender,
+                cmd_id=event.cmd_id,
+                pipeline_id=event.pipeline_id,
+                num_stages=event.num_stages,
+                layout=list(event.layout),
+                workers=[],
+                replica_of=event.replica_of,
+            )
         hosts = [h for h in self.engine_hosts if h not in self.lost]
         if not hosts:
             return refuse("no engine host is registered")

@@ -33,6 +33,7 @@ from controlplane.policy.state import InFlight, ModelState
 MAX_DECISIONS_KEPT = 1000
 IN_FLIGHT_LIMIT_S = 600.0  # a change unanswered this long is given up (its own phases time out well before)
 DEFAULT_OUTPUT_TOKENS = 128  # Eq. 5's demand before any request finished (the Azure conversation trace's median ~ 130)
+MIN_ARRIVALS_FOR_CV = 20  # fewer inter-arrival gaps than this give a CV too noisy to re-shape a pipeline on
 COMPLETED = {"committed": "committed", "aborted": "failed", "refused": "refused", "planned": "committed"}
 
 CandidatesOf = Callable[[str, int, int], list[Candidate]]
@@ -174,6 +175,8 @@ class Policy:
             needed = max(needed, len(state.replicas()) + 1)
         state.target_replicas = min(limits.max_replicas, max(limits.min_replicas, needed))
         explain = self._explainer(state, snap, scores, eq11)
+        if snap.arrivals < MIN_ARRIVALS_FOR_CV:
+            wanted = state.target_stages  # too few arrivals to measure a CV: the granularity stays
         return (
             self._scale_out(state, now, explain)
             or self._granularity(state, wanted, eq11, scores, now, explain)

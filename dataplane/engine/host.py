@@ -53,6 +53,8 @@ class HostedEngine:
         self.pipeline_id, self.epoch = command.pipeline_id, command.epoch
         self.context = context
         self.model_dir = Path(command.model_dir)
+        self.deployed_model_dir = command.model_dir  # as the controller names the model (traffic reports)
+        self.draining = False
         spec = ModelSpec.from_dir(self.model_dir)
         self.requests = RequestFactory(
             spec, load_tokenizer(self.model_dir), command.max_model_len, command.block_size, command.num_kv_blocks
@@ -175,10 +177,12 @@ class EngineHost:
         insecure: bool = False,
         http_address: str = "",
         on_refactor_outcome: Callable[[ev.RefactorOutcome], None] | None = None,
+        traffic: Callable[[], list[ev.Event]] | None = None,
     ) -> None:
         self.bus, self.host_id = bus, host_id
         self.http_address = http_address
         self.on_refactor_outcome = on_refactor_outcome
+        self.traffic = traffic
         self.key_dir, self.insecure = key_dir, insecure
         self.context = bus.context
         self.requests_socket = self.context.socket(zmq.ROUTER)
@@ -271,7 +275,7 @@ class EngineHost:
                     requests_failed=hosted.engine.num_failed if hosted.engine else 0,
                 )
             )
-        return events
+        return events + (self.traffic() if self.traffic is not None else [])
 
     def _on_command(self, event) -> None:
         if isinstance(event, ev.RefactorOutcome):
@@ -291,6 +295,7 @@ class EngineHost:
             ev.ResumeEngine: self._resume,
             ev.SnapshotKv: self._snapshot,
             ev.AwaitRefill: self._await_refill,
+            ev.DrainPipeline: self._drain,
         }.get(type(event))
         if handler is None:
             return
@@ -392,6 +397,12 @@ class EngineHost:
             else:
                 waiting.append((command, deadline))
         self.refill_waits = waiting
+
+    def _drain(self, command: ev.DrainPipeline) -> ev.Ack:
+        """New requests go to the model's other replicas from now on; those admitted here finish."""
+        self._hosted(command.pipeline_id).draining = True
+        emit(self.log, "engine.draining", pipeline_id=command.pipeline_id)
+        return ev.Ack(sender=self.host_id, reply_to=command.cmd_id)
 
     def _hosted(self, pipeline_id: str) -> HostedEngine:
         hosted = self.engines.get(pipeline_id)

@@ -27,6 +27,7 @@ from dataplane.engine.host import EngineHost
 from dataplane.gateway.app import build_app
 from dataplane.gateway.cluster_view import ClusterView
 from dataplane.gateway.service import Gateway
+from dataplane.gateway.traffic import TrafficRecorder
 
 HTTP_START_TIMEOUT_S = 30.0
 HTTP_STOP_TIMEOUT_S = 10.0
@@ -68,7 +69,11 @@ class GatewayProcess:
             insecure,
             http_address=self.address,
         )
-        self.gateway = Gateway(lambda: self.host.engines, config.gateway, cluster=self.cluster_view.latest)
+        traffic = TrafficRecorder(host_id)
+        self.host.traffic = traffic.reports
+        self.gateway = Gateway(
+            lambda: self.host.engines, config.gateway, cluster=self.cluster_view.latest, traffic=traffic
+        )
         self.host.on_refactor_outcome = self.gateway.metrics.refactor_finished
         server_config = uvicorn.Config(
             build_app(self.gateway), log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5

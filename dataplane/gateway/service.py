@@ -18,6 +18,7 @@ from dataplane.gateway.choices import ChoiceDelta, Timing, choice_deltas, interl
 from dataplane.gateway.generation import Generation
 from dataplane.gateway.metrics import EngineSnapshot, GatewayMetrics
 from dataplane.gateway.replicas import Replica, ReplicaRouter, model_name
+from dataplane.gateway.traffic import TrafficRecorder
 
 
 class Run:
@@ -38,6 +39,7 @@ class Run:
         self.generations, self.stops = generations, stops
         self.timings = [Timing(arrival) for _ in generations]
         self.prompt_tokens = prompt_tokens
+        self.model_dir = generations[0].hosted.deployed_model_dir
         self.completion_tokens = 0
         self.finish_reasons: dict[int, str] = {}
         self.failed = False
@@ -87,6 +89,9 @@ class Run:
                 metrics.first_token(model, timing.first_token)
             for gap in timing.inter_token:
                 metrics.inter_token(model, gap)
+            if complete and timing.first_token is not None:
+                tpot = sum(timing.inter_token) / len(timing.inter_token) if timing.inter_token else 0.0
+                self.gateway.traffic.finished(self.model_dir, len(timing.inter_token) + 1, timing.first_token, tpot)
         elapsed = self.gateway.clock() - self.timings[0].arrival
         metrics.request_finished(model, outcome, elapsed, self.prompt_tokens, self.completion_tokens)
 
@@ -94,7 +99,7 @@ class Run:
 class Gateway:
     """Admits OpenAI requests onto the engines this process hosts (``engines()``: pipeline id ->
     hosted engine) and accounts for them in ``metrics`` (with ``cluster()``: the controller's latest
-    ``StatusReply`` or None)."""
+    ``StatusReply`` or None) and in ``traffic`` (what the monitor learns of arrivals and completions)."""
 
     def __init__(
         self,
@@ -102,8 +107,10 @@ class Gateway:
         config: GatewayConfig,
         cluster: Callable[[], object] = lambda: None,
         clock: Callable[[], float] = time.perf_counter,
+        traffic: TrafficRecorder | None = None,
     ) -> None:
         self.engines, self.config, self.clock = engines, config, clock
+        self.traffic = traffic or TrafficRecorder("gateway")
         self.router = ReplicaRouter(self.replicas)
         self.metrics = GatewayMetrics(engines=self.engine_snapshots, cluster=cluster)
 
@@ -112,9 +119,9 @@ class Gateway:
             Replica(
                 pipeline_id,
                 model_name(hosted.model_dir),
-                hosted.engine is not None and not hosted.unavailable,
+                hosted.engine is not None and not hosted.unavailable and not hosted.draining,
                 hosted.scheduler.max_num_seqs + self.config.max_waiting_requests,
-                hosted.unavailable,
+                hosted.unavailable or ("draining: the replica is being removed" if hosted.draining else ""),
             )
             for pipeline_id, hosted in list(self.engines().items())
         ]
@@ -164,6 +171,7 @@ class Gateway:
             self.router.release(replica)
             raise
         run = Run(self, replica, replica.model, generations, stops, sum(len(p) for p in prompts), arrival)
+        self.traffic.arrived(hosted.deployed_model_dir, run.prompt_tokens)
         for generation in generations:
             generation.start()
         return run

@@ -14,7 +14,7 @@ from pathlib import Path
 import zmq
 
 from common import events as ev
-from common.config import ControllerConfig, FlexPipeConfig
+from common.config import ControllerConfig, FlexPipeConfig, PolicyConfig
 from common.errors import FlexPipeError, PipelineError
 from common.logging import get_logger
 from controlplane.client import BusClient, BusError, missing_members, wait_for_pipeline
@@ -88,7 +88,8 @@ class InProcessCluster:
         refactor_timeouts_s: dict[str, float] | None,
     ) -> None:
         session_dir = self.session_dir
-        config = FlexPipeConfig(controller=ControllerConfig(ipc=self.endpoint))
+        # the offline LLM serves the layout its caller chose: no traffic reaches a policy here
+        config = FlexPipeConfig(controller=ControllerConfig(ipc=self.endpoint), policy=PolicyConfig(mode="static"))
         self.controller = Controller(config, refactor_timeouts_s=refactor_timeouts_s).start_thread()
         self.engine_host = EngineHost(
             BusClient(self.endpoint, sender=ENGINE_HOST_ID, context=self.context),

@@ -1,0 +1,52 @@
+"""How fpctl shows the policy: its view of each model and its decisions, each with what it saw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from common import events as ev
+
+
+def policy_table(view: ev.PolicyView) -> Table:
+    """One row per model: stages of its replicas, replicas now and wanted, rate, CV, trend, cooldown, in flight."""
+    state = "paused" if view.paused else view.mode
+    table = Table(title=f"policy ({state}, {view.decisions} decisions)")
+    for column in ("model", "stages", "replicas", "target", "rate/s", "CV", "trend", "cooldown", "in flight"):
+        table.add_column(column, no_wrap=True)
+    for m in view.models:
+        table.add_row(
+            Path(m.model_dir).name,
+            ",".join(map(str, m.stages)) or "-",
+            str(m.replicas),
+            f"{m.target_stages} stages x {m.target_replicas}",
+            f"{m.arrival_rate:.2f}",
+            f"{m.cv:.2f}",
+            f"{m.trend:+.3f}",
+            f"{m.cooldown_left_s:.0f}s",
+            m.in_flight or "-",
+        )
+    return table
+
+
+def decision_line(d: ev.PolicyDecision) -> str:
+    """One decision on one line: when, what, how it ended, and the inputs it was taken on."""
+    scores = " ".join(f"K{c.num_stages}={c.score:.3f}" for c in d.candidates)
+    queues = " ".join(f"{p}:{q}" for p, q in d.queues.items())
+    line = (
+        f"#{d.seq} t={d.at:.1f}s {d.kind}: {d.action} -> {d.outcome}"
+        + (f" ({d.reason})" if d.reason else "")
+        + (f" in {d.duration_s:.1f}s" if d.outcome not in ("issued", "held") else "")
+        + f" | rate {d.arrival_rate:.2f}/s CV {d.cv:.2f} trend {d.trend:+.3f} queues [{queues}]"
+        + f" | Eq.4 {scores}; Eq.11 {d.queue_stages} stages"
+    )
+    if d.placement:
+        line += f" | on {','.join(d.placement)}"
+    return line
+
+
+def print_decisions(console: Console, decisions: list[ev.PolicyDecision]) -> None:
+    for decision in decisions:
+        console.print(decision_line(decision), soft_wrap=True, highlight=False)
