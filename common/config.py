@@ -180,7 +180,8 @@ class PolicyConfig:
     Stability: a change needs a score ``hysteresis`` better than the current one on ``confirm_intervals``
     consecutive decisions and ``cooldown_s`` since the model's last change; a replica is added within
     ``interval_s`` of the demand exceeding capacity and removed after ``scale_in_idle_s`` of less demand.
-    SLO: TTFT and TPOT targets (p99 over the window)."""
+    The granularity changes only on windows of at least ``min_arrivals_for_cv`` arrivals (fewer gaps give a CV
+    too noisy to re-shape a pipeline on). SLO: TTFT and TPOT targets (p99 over the window)."""
 
     mode: str = "flexpipe"
     interval_s: float = 5.0
@@ -199,6 +200,7 @@ class PolicyConfig:
     queue_capacity: int = 32
     queue_beta: float = 0.0
     queue_gamma: float = 1.0
+    min_arrivals_for_cv: int = 20
     congestion_intervals: int = 2
     congestion_min_queue: int = 2
     slo_ttft_s: float = 2.0

@@ -16,6 +16,7 @@ from controlplane.actor import Action, Log, Send
 from controlplane.stage_placement import (
     AFFINITY_DECAY_PER_S,
     AFFINITY_IDLE_DEVICE_WEIGHT,
+    AFFINITY_MAX_AGE_S,
     AFFINITY_RECENCY_WEIGHT,
     ALPHA,
     GAMMA0,
@@ -31,6 +32,7 @@ from controlplane.stage_placement import (
 __all__ = [
     "AFFINITY_DECAY_PER_S",
     "AFFINITY_IDLE_DEVICE_WEIGHT",
+    "AFFINITY_MAX_AGE_S",
     "AFFINITY_RECENCY_WEIGHT",
     "ALPHA",
     "Allocator",
@@ -83,6 +85,8 @@ class Allocator:
         """``server`` hosted ``pipeline_id`` until ``now`` (seconds) and still caches its weights."""
         hosts = self.hosted.setdefault(pipeline_id, {})
         hosts[server] = max(now, hosts.get(server, now))
+        for stale in [s for s, at in hosts.items() if now - at > AFFINITY_MAX_AGE_S]:
+            del hosts[stale]
 
     def warm_servers(self, pipeline_id: str, now: float) -> dict[str, float]:
         """Server -> when it last hosted the pipeline; the servers it holds now count as hosting it at ``now``."""
@@ -202,11 +206,21 @@ class Allocator:
             ),
         ]
 
-    def _totals(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Bytes reserved or held per device, and how many pipelines use each device."""
+    def fits(self, stage_memory: list[int], pipeline_id: str = "") -> str:
+        """Why stages of ``stage_memory`` bytes could not be placed now ("" when they could), as if
+        ``pipeline_id``'s own reservation were free; reserves nothing (the policy asks before it decides)."""
+        reserved, shared = self._totals(ignoring=pipeline_id)
+        try:
+            place(self.graph, list(stage_memory), reserved, shared=shared, cv=self.cv, tenants=self.tenants)
+        except PlacementError as error:
+            return str(error)
+        return ""
+
+    def _totals(self, ignoring: str = "") -> tuple[dict[str, int], dict[str, int]]:
+        """Bytes reserved or held per device, and how many pipelines use each device (``ignoring`` one)."""
         reserved: dict[str, int] = {}
         shared: dict[str, int] = {}
-        for pipeline_id in self.reservations.keys() | self.holds.keys():
+        for pipeline_id in (self.reservations.keys() | self.holds.keys()) - {ignoring}:
             holdings, held = self.reservations.get(pipeline_id, {}), self.holds.get(pipeline_id, {})
             for device in holdings.keys() | held.keys():
                 reserved[device] = reserved.get(device, 0) + holdings.get(device, 0) + held.get(device, 0)

@@ -84,9 +84,11 @@ class FreeView:
 
     A device is *usable* when not excluded and it can take the smallest stage; *idle* when usable
     and not shared. ``count_all[s]`` / ``room_all[s]``: usable devices on server s and their free
-    bytes; ``count_idle`` / ``room_idle`` the same for idle devices (Python lists, per server);
-    ``rack_*``: the same summed per rack, ``rack_most_*``: the most on one server of the rack.
-    ``available``, ``largest``: non-excluded devices and the most free bytes on one (for errors).
+    bytes; ``count_idle`` / ``room_idle`` the same for idle devices (numpy arrays by server index);
+    ``rack_*``: the same summed per rack, ``rack_most_count_*``: the most on one server of the rack
+    (lists by rack index); ``servers_with_room``: servers with a usable device. ``free``, ``usable``,
+    ``shared``: lists by device index. ``available``, ``largest``: non-excluded devices and the most
+    free bytes on one (for the error messages).
     """
 
     def __init__(
@@ -101,11 +103,11 @@ class FreeView:
         self.layout = layout
         position = layout.position
         free = layout.base_free.copy()
-        if reserved:
-            known = [(position[d], n) for d, n in reserved.items() if n and d in position]
-            if known:
-                index, amount = zip(*known)
-                free[list(index)] -= np.array(amount, dtype=np.int64)
+        if reserved:  # arrays, not a list of (index, bytes) tuples: thousands of live tuples would wake the full GC
+            index = np.fromiter((position.get(d, -1) for d in reserved), dtype=np.int64, count=len(reserved))
+            amount = np.fromiter(reserved.values(), dtype=np.int64, count=len(reserved))
+            known = index >= 0
+            free[index[known]] -= amount[known]
         alive = np.ones(len(layout.ids), dtype=bool)
         alive[[position[d] for d in exclude if d in position]] = False
         shared = np.zeros(len(layout.ids), dtype=bool)
@@ -128,13 +130,18 @@ class FreeView:
 
     def _rack_totals(self) -> None:
         rack_of, racks = self.layout.rack_of, len(self.layout.rack_servers)
-        for name in ("count_all", "room_all", "count_idle", "room_idle"):
-            values = getattr(self, name)
-            setattr(self, f"rack_{name}", np.bincount(rack_of, weights=values, minlength=racks).tolist())
-        for name in ("count_all", "count_idle"):
-            most = np.zeros(racks, dtype=np.int64)
-            np.maximum.at(most, rack_of, getattr(self, name))
-            setattr(self, f"rack_most_{name}", most.tolist())
+
+        def summed(per_server: np.ndarray) -> list[float]:
+            return np.bincount(rack_of, weights=per_server, minlength=racks).tolist()
+
+        def most(per_server: np.ndarray) -> list[int]:
+            top = np.zeros(racks, dtype=np.int64)
+            np.maximum.at(top, rack_of, per_server)
+            return top.tolist()
+
+        self.rack_count_all, self.rack_room_all = summed(self.count_all), summed(self.room_all)
+        self.rack_count_idle, self.rack_room_idle = summed(self.count_idle), summed(self.room_idle)
+        self.rack_most_count_all, self.rack_most_count_idle = most(self.count_all), most(self.count_idle)
         self.servers_with_room = np.flatnonzero(self.count_all > 0)
 
     def devices(self, server: int, idle_only: bool, idle_first: bool) -> list[tuple[int, str]]:

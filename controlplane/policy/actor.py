@@ -33,7 +33,6 @@ from controlplane.policy.state import InFlight, ModelState
 MAX_DECISIONS_KEPT = 1000
 IN_FLIGHT_LIMIT_S = 600.0  # a change unanswered this long is given up (its own phases time out well before)
 DEFAULT_OUTPUT_TOKENS = 128  # Eq. 5's demand before any request finished (the Azure conversation trace's median ~ 130)
-MIN_ARRIVALS_FOR_CV = 20  # fewer inter-arrival gaps than this give a CV too noisy to re-shape a pipeline on
 COMPLETED = {"committed": "committed", "aborted": "failed", "refused": "refused", "planned": "committed"}
 
 CandidatesOf = Callable[[str, int, int], list[Candidate]]
@@ -70,7 +69,7 @@ class Policy:
         self.paused = False
         self.models: dict[str, ModelState] = {}
         self.decisions: deque[ev.PolicyDecision] = deque(maxlen=MAX_DECISIONS_KEPT)
-        self.pending: dict[int, str] = {}  # cmd_id -> model_dir
+        self.pending: dict[int, tuple[str, str]] = {}  # cmd_id -> (model_dir, the peer that answers it)
         self._cmd_ids = itertools.count(1)
         self._seq = itertools.count(1)
 
@@ -82,7 +81,7 @@ class Policy:
             return [Send(event.sender, self._reply(event.cmd_id, decisions, now))]
         if isinstance(event, ev.PolicyControl):
             return self._on_control(event, now)
-        if isinstance(event, ev.Reply) and event.sender in ("coordinator", "refactor"):
+        if isinstance(event, ev.Reply):
             return self._on_reply(event, now)
         return []
 
@@ -175,7 +174,7 @@ class Policy:
             needed = max(needed, len(state.replicas()) + 1)
         state.target_replicas = min(limits.max_replicas, max(limits.min_replicas, needed))
         explain = self._explainer(state, snap, scores, eq11)
-        if snap.arrivals < MIN_ARRIVALS_FOR_CV:
+        if snap.arrivals < self.config.min_arrivals_for_cv:
             wanted = state.target_stages  # too few arrivals to measure a CV: the granularity stays
         return (
             self._scale_out(state, now, explain)
@@ -249,7 +248,7 @@ class Policy:
             replicas_to=len(replicas) + 1,
         )
         state.in_flight = InFlight(decision, cmd_id, new_id, now)
-        self.pending[cmd_id] = state.model_dir
+        self.pending[cmd_id] = (state.model_dir, "coordinator")
         deploy = ev.DeployPipeline(
             sender=self.name,
             cmd_id=cmd_id,
@@ -349,13 +348,13 @@ class Policy:
         state.in_flight = InFlight(decision, cmd_id, victim.pipeline_id, now)
         state.draining.add(victim.pipeline_id)
         state.under_capacity_since = None
-        self.pending[cmd_id] = state.model_dir
+        self.pending[cmd_id] = (state.model_dir, victim.engine_host)
         drain = ev.DrainPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=victim.pipeline_id)
         return [Send(victim.engine_host, drain), self._logged(decision)]
 
     def _refactor(self, state: ModelState, decision, cmd_id: int, pipeline_id: str, now: float, **target) -> list:
         state.in_flight = InFlight(decision, cmd_id, pipeline_id, now)
-        self.pending[cmd_id] = state.model_dir
+        self.pending[cmd_id] = (state.model_dir, "refactor")
         request = ev.RefactorPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=pipeline_id, by="policy", **target)
         return [Tell("refactor", request), self._logged(decision)]
 
@@ -371,8 +370,10 @@ class Policy:
     # ---- following a change to its end -----------------------------------------------------------
 
     def _on_reply(self, reply: ev.Reply, now: float) -> list[Action]:
-        model_dir = self.pending.get(reply.reply_to)
-        state = self.models.get(model_dir) if model_dir else None
+        model_dir, peer = self.pending.get(reply.reply_to, ("", ""))
+        if reply.sender != peer:  # another actor's command with the same id, answered on the bus
+            return []
+        state = self.models.get(model_dir)
         if state is None or state.in_flight is None or state.in_flight.cmd_id != reply.reply_to:
             return []
         del self.pending[reply.reply_to]
@@ -415,7 +416,7 @@ class Policy:
                 flight.undeploying = True
                 cmd_id = next(self._cmd_ids)
                 flight.cmd_id = cmd_id
-                self.pending[cmd_id] = state.model_dir
+                self.pending[cmd_id] = (state.model_dir, "coordinator")
                 undeploy = ev.UndeployPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=flight.pipeline_id)
                 return [Tell("coordinator", undeploy)]
         return []

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 TREND_BINS = 6
-MIN_SPAN_S = 1.0  # a window younger than this counts as this long: one request just seen is not a rate of millions
+MIN_SPAN_S = 5.0  # a window younger than this counts as this long: one request just seen is not a high rate
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Whether the cluster can take a change before the policy asks for it ("never worse than doing nothing").
 
-The check asks the allocator's own ``place`` on its current graph and reservations, without reserving: a
-replica of K stages needs K distinct devices with room for its stages; a refactor of a pipeline to K stages
-is checked as if that pipeline's own reservation were free again.
+The check asks the allocator (``Allocator.fits``) on its current graph and reservations, without reserving:
+a replica of K stages needs K distinct devices with room for its stages; a refactor of a pipeline to K
+stages is checked as if that pipeline's own reservation were free again.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from common import events as ev
 from common.errors import FlexPipeError
-from controlplane.allocator import Allocator, place
+from controlplane.allocator import Allocator
 from controlplane.deploy.plan import plan_pipeline
 
 
@@ -34,16 +34,4 @@ class AllocatorCapacity:
             memory = list(self.memory_of(model_dir, num_stages))
         except FlexPipeError as exc:
             return f"cannot size {num_stages} stages: {exc}"
-        reserved: dict[str, int] = {}
-        shared: dict[str, int] = {}
-        for owner, held in [*self.allocator.reservations.items(), *self.allocator.holds.items()]:
-            if owner == pipeline_id:
-                continue
-            for device, nbytes in held.items():
-                reserved[device] = reserved.get(device, 0) + nbytes
-                shared[device] = shared.get(device, 0) + 1
-        try:
-            place(self.allocator.graph, memory, reserved, shared=shared, cv=self.allocator.cv)
-        except FlexPipeError as exc:
-            return str(exc)
-        return ""
+        return self.allocator.fits(memory, pipeline_id)

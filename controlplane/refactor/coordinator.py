@@ -155,6 +155,7 @@ class RefactorCoordinator:
             Send(
                 request.sender,
                 ev.RefactorOutcome(
+                    sender=self.name,
                     reply_to=request.cmd_id,
                     pipeline_id=request.pipeline_id,
                     refactor_id=refactor_id,
@@ -236,6 +237,7 @@ class RefactorCoordinator:
             Send(
                 request.sender,
                 ev.RefactorOutcome(
+                    sender=self.name,
                     reply_to=request.cmd_id,
                     pipeline_id=request.pipeline_id,
                     refactor_id=refactor_id,
@@ -344,6 +346,7 @@ class RefactorCoordinator:
             )
         summary = run.summary
         reply = ev.RefactorOutcome(
+            sender=self.name,
             reply_to=run.request.cmd_id,
             pipeline_id=pipeline_id,
             refactor_id=run.refactor_id,

@@ -130,7 +130,7 @@ class VirtualCluster:
         replica = self.replicas.get(request.pipeline_id)
         if replica is not None:
             replica.draining = True
-        return [("policy", ev.Ack(sender="coordinator", reply_to=request.cmd_id))]
+        return [("policy", ev.Ack(sender=HOST, reply_to=request.cmd_id))]
 
     def undeploy(self, request: ev.UndeployPipeline, now: float) -> list[tuple[str, ev.Event]]:
         replica = self.replicas.pop(request.pipeline_id, None)

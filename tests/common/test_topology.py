@@ -170,3 +170,16 @@ def test_pods_alive_at_a_time_are_those_scheduled_and_not_yet_deleted(tmp_path):
         fragment_with_pods(graph, pods, fit="worst")
     with pytest.raises(TopologyError, match="cannot read pod list"):
         fragment_with_pods(graph, tmp_path / "missing.csv")
+
+
+def test_sorted_free_follows_every_change_to_the_graph():
+    graph = ResourceGraph()
+    graph.add_device(Device("a", "gpu", "x", 100, 70, "s1", "r1"))
+    graph.add_device(Device("b", "gpu", "x", 100, 30, "s1", "r1"))
+    first = graph.sorted_free()
+    assert first["s1"].device_ids == ("b", "a") and first["s1"].free == (30, 70)
+    assert graph.sorted_free() is first, "built once per version"
+    graph.add_device(Device("a", "gpu", "x", 100, 10, "s1", "r1"))
+    assert graph.sorted_free()["s1"].device_ids == ("a", "b")
+    graph.remove_device("b")
+    assert graph.sorted_free()["s1"].free == (10,)

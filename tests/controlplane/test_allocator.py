@@ -198,3 +198,44 @@ def test_pinned_stages_are_checked_and_reserved_not_chosen():
         ev.PlaceStages(sender="c", cmd_id=4, pipeline_id="p3", stage_memory=[1], workers=["w9"]), 0.0
     )[:1]
     assert "not an alive device" in unknown.event.reason and set(allocator.reservations) == {"p1"}
+
+
+def two_nvlink_servers() -> ResourceGraph:
+    return graph_of(
+        ("a0", 40, "sa", "r0", ["a1"]),
+        ("a1", 40, "sa", "r0", ["a0"]),
+        ("b0", 40, "sb", "r0", ["b1"]),
+        ("b1", 40, "sb", "r0", ["b0"]),
+    )
+
+
+def test_a_warm_server_wins_unless_the_pipeline_is_bursty_and_the_server_shared():
+    graph, pair = two_nvlink_servers(), [GIB, GIB]
+    assert sorted(place(graph, pair, {})) == ["a0", "a1"], "cold: the first of two equal servers"
+    assert sorted(place(graph, pair, {}, warm={"sb": 90.0}, now=100.0)) == ["b0", "b1"]
+    tenants = {"b0": 1}
+    steady = place(graph, pair, {}, tenants=tenants, warm={"sb": 90.0}, now=100.0, cv=0.0)
+    assert sorted(steady) == ["b0", "b1"], "gamma(0) = 1: the cached weights are worth one shared device"
+    bursty = place(graph, pair, {}, tenants=tenants, warm={"sb": 90.0}, now=100.0, cv=2.0)
+    assert sorted(bursty) == ["a0", "a1"], "gamma(2) = 3: isolation is worth more, and no half-warm spread"
+    assert sorted(place(graph, pair, {}, warm={"sb": 0.0}, now=86400.0)) == ["a0", "a1"], "a day old: evicted"
+
+
+def test_a_spent_time_bound_still_tries_one_placement_and_says_so_when_it_fails():
+    graph = two_nvlink_servers()
+    assert len(set(place(graph, [GIB] * 3, {}, deadline_s=0.0))) == 3
+    tight = graph_of(("a0", 10, "sa"), ("b0", 4, "sb"))
+    with pytest.raises(PlacementError, match="cut short by its 0 ms time bound"):
+        place(tight, [8 * GIB, 8 * GIB], {}, deadline_s=0.0)
+    with pytest.raises(PlacementError, match="fits the free device memory$"):
+        place(tight, [8 * GIB, 8 * GIB], {}, deadline_s=None)
+
+
+def test_the_actor_counts_tenants_as_sharing_and_remembers_where_a_pipeline_ran():
+    allocator = Allocator(two_nvlink_servers(), cv=2.0, tenants={"a0": 1})
+    assert sorted(decision(request(allocator, "p1", [1, 1])).devices) == ["b0", "b1"], "a0 holds another tenant"
+    allocator.handle(ev.ReleasePlacement(sender="coordinator", pipeline_id="p1"), 50.0)
+    assert allocator.warm_servers("p1", 60.0) == {"sb": 50.0}
+    allocator.note_hosted("p2", "sa", 0.0)
+    allocator.note_hosted("p2", "sb", 5000.0)
+    assert allocator.hosted["p2"] == {"sb": 5000.0}, "a host copy older than the affinity window is forgotten"
