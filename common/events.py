@@ -885,10 +885,14 @@ class ModelPolicyView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class PolicyView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The policy's mode, whether an operator paused it, its models, how many decisions it took, and ``at``: the
+    controller's clock when the view was made (decisions' ``at`` are on the same clock)."""
+
     mode: str
     paused: bool
     models: list[ModelPolicyView] = []
     decisions: int = 0
+    at: float = 0.0
 
 
 class PolicyViewUpdated(Event, tag="policy_view"):

@@ -322,7 +322,7 @@ class Fpctl:
                     for decision in reply.decisions:
                         print(msgspec.json.encode(decision).decode(), flush=True)
                 else:
-                    print_decisions(self.console, reply.decisions)
+                    print_decisions(self.console, reply.decisions, reply.view.at)
                     if first and not reply.decisions:
                         self.console.print(f"no decisions yet (policy {_policy_state(reply.view)})")
                 after = reply.decisions[-1].seq if reply.decisions else after

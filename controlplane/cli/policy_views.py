@@ -31,12 +31,13 @@ def policy_table(view: ev.PolicyView) -> Table:
     return table
 
 
-def decision_line(d: ev.PolicyDecision) -> str:
-    """One decision on one line: when, what, how it ended, and the inputs it was taken on."""
+def decision_line(d: ev.PolicyDecision, now: float | None = None) -> str:
+    """One decision on one line: when (seconds before ``now``, else seconds into the replay), what, how it ended,
+    and the inputs it was taken on."""
     scores = " ".join(f"K{c.num_stages}={c.score:.3f}" for c in d.candidates)
     queues = " ".join(f"{p}:{q}" for p, q in d.queues.items())
     line = (
-        f"#{d.seq} t={d.at:.1f}s {d.kind}: {d.action} -> {d.outcome}"
+        f"#{d.seq} {f'{now - d.at:.0f}s ago' if now is not None else f't={d.at:.1f}s'} {d.kind}: {d.action} -> {d.outcome}"
         + (f" ({d.reason})" if d.reason else "")
         + (f" in {d.duration_s:.1f}s" if d.outcome not in ("issued", "held") else "")
         + f" | rate {d.arrival_rate:.2f}/s CV {d.cv:.2f} trend {d.trend:+.3f} queues [{queues}]"
@@ -47,6 +48,6 @@ def decision_line(d: ev.PolicyDecision) -> str:
     return line
 
 
-def print_decisions(console: Console, decisions: list[ev.PolicyDecision]) -> None:
+def print_decisions(console: Console, decisions: list[ev.PolicyDecision], now: float | None = None) -> None:
     for decision in decisions:
-        console.print(decision_line(decision), soft_wrap=True, highlight=False)
+        console.print(decision_line(decision, now), soft_wrap=True, highlight=False)

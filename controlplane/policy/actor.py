@@ -130,7 +130,7 @@ class Policy:
                 )
             )
         mode = self.config.mode
-        return ev.PolicyView(mode=mode, paused=self.paused, models=models, decisions=len(self.decisions))
+        return ev.PolicyView(mode=mode, paused=self.paused, models=models, decisions=len(self.decisions), at=now)
 
     # ---- decisions -----------------------------------------------------------------------------
 

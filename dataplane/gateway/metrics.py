@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from common import events as ev
+from dataplane.gateway.replicas import model_name
 
 # The request buckets (TTFT, inter-token, end-to-end) are vLLM v1's (vllm/v1/metrics/buckets.py:
 # TIME_TO_FIRST_TOKEN_BUCKETS, INTER_TOKEN_LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS), so dashboards and
@@ -83,6 +84,13 @@ _STAGE_GAUGES = (
     ),
 )
 _BUS_REJECTED = ("flexpipe_control_bus_rejected_messages_total", "Messages the controller's control bus refused.")
+_POLICY_DECISIONS = ("flexpipe_policy_decisions_total", "Decisions the autoscaling policy took, by model and kind.")
+_PIPELINE_STAGES = ("flexpipe_pipeline_stages", "Stages of each pipeline now (its granularity).")
+_MODEL_GAUGES = (
+    ("flexpipe_model_replicas", "Replicas (pipelines) of the model counted by the policy now.", "replicas"),
+    ("flexpipe_policy_target_stages", "The granularity the policy steers the model's replicas to.", "target_stages"),
+    ("flexpipe_policy_target_replicas", "The replica count the policy steers the model to (Eq. 5).", "target_replicas"),
+)
 
 
 class GatewayMetrics:
@@ -212,18 +220,34 @@ def engine_families(snapshots: Iterable[EngineSnapshot] | None) -> list[Metric]:
 
 
 def cluster_families(status: ev.StatusReply | None) -> list[Metric]:
-    """Per-stage input queue length and busy ratio, and the control bus's rejected messages (a counter)."""
+    """Per-stage input queue length and busy ratio, each pipeline's stage count, the control bus's rejected
+    messages (a counter) and the policy's view: decisions by kind, replicas and targets per model."""
     families = [GaugeMetricFamily(name, doc, labels=_STAGE_LABELS) for name, doc, _ in _STAGE_GAUGES]
     rejected = CounterMetricFamily(*_BUS_REJECTED, labels=())
+    stages = GaugeMetricFamily(*_PIPELINE_STAGES, labels=("pipeline",))
+    policy = policy_families(status.policy if status is not None else None)
     if status is None:
-        return [*families, rejected]
+        return [*families, rejected, stages, *policy]
     for pipeline in status.pipelines:
+        stages.add_metric([pipeline.pipeline_id], len(pipeline.stages))
         for stage in pipeline.stages:
             labels = [pipeline.pipeline_id, str(stage.stage), stage.worker_id]
             for family, (_, _, field) in zip(families, _STAGE_GAUGES):
                 family.add_metric(labels, getattr(stage, field))
     rejected.add_metric([], status.rejected_messages)
-    return [*families, rejected]
+    return [*families, rejected, stages, *policy]
+
+
+def policy_families(view: ev.PolicyView | None) -> list[Metric]:
+    decisions = CounterMetricFamily(*_POLICY_DECISIONS, labels=("model", "kind"))
+    gauges = [GaugeMetricFamily(name, doc, labels=("model",)) for name, doc, _ in _MODEL_GAUGES]
+    for model in view.models if view is not None else ():
+        name = model_name(model.model_dir)
+        for kind, count in sorted(model.decisions_by_kind.items()):
+            decisions.add_metric([name, kind], count)
+        for family, (_, _, field) in zip(gauges, _MODEL_GAUGES):
+            family.add_metric([name], getattr(model, field))
+    return [decisions, *gauges]
 
 
 def _built_or_empty(build: Callable[[Any], list[Metric]], source: Callable[[], Any]) -> list[Metric]:

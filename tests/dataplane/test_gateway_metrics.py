@@ -30,8 +30,25 @@ def status_reply(rejected_messages: int = 7) -> ev.StatusReply:
     pipeline = ev.PipelineView(
         pipeline_id="p1", state="serving", epoch=3, model_dir="/models/m", engine_host="h0", stages=stages
     )
+    model = ev.ModelPolicyView(
+        model_dir="/models/m",
+        stages=[2, 1],
+        replicas=2,
+        target_stages=2,
+        target_replicas=3,
+        arrival_rate=4.0,
+        cv=3.5,
+        trend=0.1,
+        cooldown_left_s=0.0,
+        decisions_by_kind={"granularity": 2, "scale_out": 1},
+    )
     return ev.StatusReply(
-        reply_to=1, workers=[], engine_hosts=[], pipelines=[pipeline], rejected_messages=rejected_messages
+        reply_to=1,
+        workers=[],
+        engine_hosts=[],
+        pipelines=[pipeline],
+        rejected_messages=rejected_messages,
+        policy=ev.PolicyView(mode="flexpipe", paused=False, models=[model], decisions=3),
     )
 
 
