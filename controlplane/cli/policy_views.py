@@ -36,8 +36,9 @@ def decision_line(d: ev.PolicyDecision, now: float | None = None) -> str:
     and the inputs it was taken on."""
     scores = " ".join(f"K{c.num_stages}={c.score:.3f}" for c in d.candidates)
     queues = " ".join(f"{p}:{q}" for p, q in d.queues.items())
+    when = f"{now - d.at:.0f}s ago" if now is not None else f"t={d.at:.1f}s"
     line = (
-        f"#{d.seq} {f'{now - d.at:.0f}s ago' if now is not None else f't={d.at:.1f}s'} {d.kind}: {d.action} -> {d.outcome}"
+        f"#{d.seq} {when} {d.kind}: {d.action} -> {d.outcome}"
         + (f" ({d.reason})" if d.reason else "")
         + (f" in {d.duration_s:.1f}s" if d.outcome not in ("issued", "held") else "")
         + f" | rate {d.arrival_rate:.2f}/s CV {d.cv:.2f} trend {d.trend:+.3f} queues [{queues}]"
