@@ -921,9 +921,12 @@ class PolicyControl(Command, tag="policy_control"):
 
 
 class DrainPipeline(Command, tag="drain_pipeline"):
-    """The engine host's gateway stops routing new requests to ``pipeline_id`` (running ones finish); Ack."""
+    """The engine host's gateway stops routing new requests to ``pipeline_id`` (running ones finish); Ack.
+    With ``last``, it is the model's last replica (scaled to zero): requests for the model get 503 with
+    Retry-After instead of 404, and count as arrivals, until a replica is back."""
 
     pipeline_id: str
+    last: bool = False
 
 
 ANY_EVENT = Union[  # noqa: UP007 (a runtime union of every event: msgspec decodes by its tag)

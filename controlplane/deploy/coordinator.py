@@ -21,6 +21,7 @@ from controlplane.actor import Action, Log, Send, Tell, Tick
 from controlplane.deploy.plan import PipelinePlan
 
 PHASES = ("PLACING", "PREPARING", "LOADING", "CONNECTING", "STARTING")
+MAX_RETIRED = 64  # undeployed pipelines remembered as templates for replicas (a model scaled to zero and back)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class DeployCoordinator:
         self.pipelines: dict[str, Pipeline] = {}
         self.engine_hosts: list[str] = []
         self.lost: set[str] = set()
+        self.retired: dict[str, ev.DeployPipeline] = {}  # undeployed pipelines' requests, for replicas of them
         self._cmd_ids = itertools.count(1)
         self._owner: dict[int, str] = {}
         self.handlers = {
@@ -136,10 +138,11 @@ class DeployCoordinator:
             return refuse(f"pipeline {event.pipeline_id!r} already exists")
         if event.replica_of:
             original = self.pipelines.get(event.replica_of)
-            if original is None:
+            template = original.request if original is not None else self.retired.get(event.replica_of)
+            if template is None:
                 return refuse(f"no pipeline {event.replica_of!r} to make a replica of")
             event = msgspec.structs.replace(
-                original.request,
+                template,
                 sender=event.sender,
                 cmd_id=event.cmd_id,
                 pipeline_id=event.pipeline_id,
@@ -187,6 +190,10 @@ class DeployCoordinator:
 
     def _on_undeploy(self, event: ev.UndeployPipeline, now: float) -> list[Action]:
         pipeline = self.pipelines.pop(event.pipeline_id, None)
+        if pipeline is not None:
+            self.retired[event.pipeline_id] = pipeline.request
+            for oldest in list(self.retired)[:-MAX_RETIRED]:
+                del self.retired[oldest]
         if pipeline is None:
             return [
                 Send(

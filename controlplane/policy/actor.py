@@ -19,6 +19,7 @@ A change the cluster cannot place (``placeable`` says why) is not taken: recorde
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter, deque
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -138,6 +139,7 @@ class Policy:
         state = self._state(snap.model_dir)
         state.snapshot = snap
         state.draining &= {p.pipeline_id for p in snap.pipelines}
+        state.last_replica = min((p.pipeline_id for p in snap.pipelines), default=state.last_replica)
         actions = self._follow(state, now)
         if state.in_flight is None and not self.paused and self.config.mode == "flexpipe" and state.candidates:
             actions += self._decide(state, snap, now)
@@ -156,7 +158,7 @@ class Policy:
     def _decide(self, state: ModelState, snap: ev.TrafficSnapshot, now: float) -> list[Action]:
         serving = state.serving()
         if not serving:
-            return []
+            return self._from_zero(state, snap, now) if not state.replicas() else []
         current = Counter(len(p.stage_units) for p in serving).most_common(1)[0][0]
         if state.target_stages == 0:
             state.target_stages, state.proposal = current, current
@@ -182,6 +184,19 @@ class Policy:
             or self._rebalance(state, snap, now, explain)
             or self._scale_in(state, now, explain)
         )
+
+    def _from_zero(self, state: ModelState, snap: ev.TrafficSnapshot, now: float) -> list[Action]:
+        """A model the policy scaled to zero (its gateway counts refused requests as arrivals): a replica of
+        its last one, at its last granularity, as soon as anything arrives."""
+        if not state.last_replica or snap.arrivals == 0:
+            return []
+        state.target_stages = state.target_stages or state.candidates[0].num_stages
+        limits = self.config.limits(Path(state.model_dir).name)
+        demand = snap.arrival_rate * (snap.output_tokens_mean or DEFAULT_OUTPUT_TOKENS)
+        needed = replicas_needed(state.candidate(state.target_stages) or state.candidates[0], demand, self.config)
+        state.target_replicas = min(limits.max_replicas, max(1, limits.min_replicas, needed))
+        scores = granularity_scores(state.candidates, snap.cv, self.config)
+        return self._scale_out(state, now, self._explainer(state, snap, scores, 1))
 
     def _slo_missed(self, snap: ev.TrafficSnapshot) -> bool:
         return snap.ttft_p99_s > self.config.slo_ttft_s or snap.tpot_p99_s > self.config.slo_tpot_s
@@ -233,9 +248,10 @@ class Policy:
             return []
         state.under_capacity_since = None
         k = state.target_stages
-        base = min(p.pipeline_id for p in replicas) if replicas else Path(state.model_dir).name
+        template = min(p.pipeline_id for p in replicas) if replicas else state.last_replica
+        base = re.sub(r"(-r\d+)+$", "", template) or Path(state.model_dir).name
         taken = {p.pipeline_id for p in (state.snapshot.pipelines if state.snapshot else [])}
-        new_id = next(f"{base}-r{i}" for i in itertools.count(1) if f"{base}-r{i}" not in taken)
+        new_id = next(f"{base}-r{i}" for i in itertools.count(1) if f"{base}-r{i}" not in taken | {template})
         reason = self.placeable(state.model_dir, k, "")
         if reason:
             return self._held(state, explain, "scale_out", f"add replica {new_id} ({k} stages)", reason, now)
@@ -255,7 +271,7 @@ class Policy:
             pipeline_id=new_id,
             model_dir=state.model_dir,
             num_stages=k,
-            replica_of=base if replicas else "",
+            replica_of=template,
         )
         return [Tell("coordinator", deploy), self._logged(decision)]
 
@@ -327,7 +343,7 @@ class Policy:
 
     def _scale_in(self, state: ModelState, now: float, explain) -> list[Action]:
         serving = state.serving()
-        if state.target_replicas >= len(state.replicas()) or len(serving) <= 1 and state.target_replicas >= 1:
+        if state.target_replicas >= len(state.replicas()):
             state.under_capacity_since = None
             return []
         if state.under_capacity_since is None:
@@ -349,7 +365,8 @@ class Policy:
         state.draining.add(victim.pipeline_id)
         state.under_capacity_since = None
         self.pending[cmd_id] = (state.model_dir, victim.engine_host)
-        drain = ev.DrainPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=victim.pipeline_id)
+        last = len(state.replicas()) == 1
+        drain = ev.DrainPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=victim.pipeline_id, last=last)
         return [Send(victim.engine_host, drain), self._logged(decision)]
 
     def _refactor(self, state: ModelState, decision, cmd_id: int, pipeline_id: str, now: float, **target) -> list:

@@ -40,6 +40,7 @@ class ModelState:
     target_replicas: int = 0
     decisions_by_kind: dict[str, int] = field(default_factory=dict)
     held: dict[str, float] = field(default_factory=dict)  # action -> when it was last recorded as held
+    last_replica: str = ""  # a replica seen last: the template of new ones, also after scaling to zero
 
     def serving(self) -> list[ev.PipelineLoad]:
         """Replicas taking requests: READY and not being drained."""

@@ -183,6 +183,7 @@ class EngineHost:
         self.http_address = http_address
         self.on_refactor_outcome = on_refactor_outcome
         self.traffic = traffic
+        self.scaled_to_zero: set[str] = set()  # model dirs whose last replica the policy drained
         self.key_dir, self.insecure = key_dir, insecure
         self.context = bus.context
         self.requests_socket = self.context.socket(zmq.ROUTER)
@@ -312,6 +313,7 @@ class EngineHost:
             old.close()
         hosted = HostedEngine(self.context, command, self.session_dir)
         self.engines[command.pipeline_id] = hosted
+        self.scaled_to_zero.discard(command.model_dir)
         return ev.EnginePrepared(
             sender=self.host_id,
             reply_to=command.cmd_id,
@@ -400,8 +402,11 @@ class EngineHost:
 
     def _drain(self, command: ev.DrainPipeline) -> ev.Ack:
         """New requests go to the model's other replicas from now on; those admitted here finish."""
-        self._hosted(command.pipeline_id).draining = True
-        emit(self.log, "engine.draining", pipeline_id=command.pipeline_id)
+        hosted = self._hosted(command.pipeline_id)
+        hosted.draining = True
+        if command.last:
+            self.scaled_to_zero.add(hosted.deployed_model_dir)
+        emit(self.log, "engine.draining", pipeline_id=command.pipeline_id, last=command.last)
         return ev.Ack(sender=self.host_id, reply_to=command.cmd_id)
 
     def _hosted(self, pipeline_id: str) -> HostedEngine:

@@ -72,7 +72,11 @@ class GatewayProcess:
         traffic = TrafficRecorder(host_id)
         self.host.traffic = traffic.reports
         self.gateway = Gateway(
-            lambda: self.host.engines, config.gateway, cluster=self.cluster_view.latest, traffic=traffic
+            lambda: self.host.engines,
+            config.gateway,
+            cluster=self.cluster_view.latest,
+            traffic=traffic,
+            scaled_to_zero=lambda: set(self.host.scaled_to_zero),
         )
         self.host.on_refactor_outcome = self.gateway.metrics.refactor_finished
         server_config = uvicorn.Config(

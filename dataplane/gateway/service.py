@@ -17,7 +17,7 @@ from dataplane.gateway import protocol as api
 from dataplane.gateway.choices import ChoiceDelta, Timing, choice_deltas, interleave
 from dataplane.gateway.generation import Generation
 from dataplane.gateway.metrics import EngineSnapshot, GatewayMetrics
-from dataplane.gateway.replicas import Replica, ReplicaRouter, model_name
+from dataplane.gateway.replicas import ModelNotFound, NotReady, Replica, ReplicaRouter, model_name
 from dataplane.gateway.traffic import TrafficRecorder
 
 
@@ -108,8 +108,10 @@ class Gateway:
         cluster: Callable[[], object] = lambda: None,
         clock: Callable[[], float] = time.perf_counter,
         traffic: TrafficRecorder | None = None,
+        scaled_to_zero: Callable[[], set[str]] = set,
     ) -> None:
         self.engines, self.config, self.clock = engines, config, clock
+        self.scaled_to_zero = scaled_to_zero
         self.traffic = traffic or TrafficRecorder("gateway")
         self.router = ReplicaRouter(self.replicas)
         self.metrics = GatewayMetrics(engines=self.engine_snapshots, cluster=cluster)
@@ -162,7 +164,7 @@ class Gateway:
         api.check_supported(request)
         api.sampling_params(request, api.max_new_tokens(request) or 1, request.seed)  # ranges, before any work
         stops = api.stop_strings(request)
-        replica = self.router.admit(request.model)
+        replica = self._admit(request.model)
         try:
             hosted = self.engines()[replica.pipeline_id]
             prompts = self._prompts(request, hosted)
@@ -175,6 +177,18 @@ class Gateway:
         for generation in generations:
             generation.start()
         return run
+
+    def _admit(self, model: str) -> Replica:
+        """The router's choice; a model the policy scaled to zero counts the request as an arrival (so a replica
+        starts) and answers ``NotReady`` (503, retry) instead of ``ModelNotFound``."""
+        try:
+            return self.router.admit(model)
+        except ModelNotFound:
+            parked = next((d for d in self.scaled_to_zero() if model_name(d) == model), None)
+            if parked is None:
+                raise
+            self.traffic.arrived(parked, 0)
+            raise NotReady(f"the model {model!r} is scaled to zero; a replica is starting, retry shortly") from None
 
     def _prompts(self, request, hosted) -> list[list[int]]:
         requests = hosted.requests

@@ -244,3 +244,15 @@ def test_a_refactor_outcome_ends_the_change_in_flight(outcome, final):
         sender="refactor", reply_to=99, pipeline_id="p0", refactor_id=1, epoch=1, outcome="committed"
     )
     assert policy.handle(stranger, 4.0) == []
+
+
+def test_with_a_minimum_of_zero_an_idle_model_is_scaled_to_zero_and_back_when_requests_come(tiny_model):
+    config = replace(CONFIG, min_replicas=0)
+    busy = gamma_arrivals(60, rate=1.0, cv=1.0, seed=8, output_tokens=64)
+    late = [TracedRequest(400.0 + i, 16, 8) for i in range(3)] + [TracedRequest(440.0, 16, 8)]
+    result = run(busy + late, tiny_model, config=config)
+    to_zero = [d for d in result.decisions if d.kind == "scale_in" and d.replicas_to == 0]
+    assert to_zero and to_zero[0].outcome == "removed" and to_zero[0].at < 400.0
+    back = [d for d in result.decisions if d.kind == "scale_out" and d.at >= 400.0]
+    assert back and back[0].outcome == "ready" and back[0].replicas_from == 0
+    assert back[0].at - 400.0 <= CONFIG.interval_s and back[0].duration_s > 0  # the cold start, measured
