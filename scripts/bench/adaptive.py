@@ -47,7 +47,6 @@ POLICY = {  # seconds instead of the defaults' tens of seconds: the replay lasts
     "FLEXPIPE_POLICY_COOLDOWN_S": "15.0",
     "FLEXPIPE_POLICY_SCALE_IN_IDLE_S": "20.0",
     "FLEXPIPE_POLICY_MIN_ARRIVALS_FOR_CV": "8",
-    "FLEXPIPE_POLICY_MAX_REPLICAS": "2",
     "FLEXPIPE_POLICY_MAX_STAGES": str(WORKERS),
 }
 
@@ -125,12 +124,15 @@ async def replay(url: str, model: str, requests: list[TracedRequest]) -> list[di
     return [dict(r, wall=wall) for r in results]
 
 
-def run(model_dir: Path, label: str, stages: int, mode: str, requests, slo: tuple[float, float]) -> dict:
+def run(
+    model_dir: Path, label: str, stages: int, mode: str, requests, slo: tuple[float, float], max_replicas: int
+) -> dict:
     runtime = Path(tempfile.mkdtemp(prefix=f"flexpipe-bench-adaptive-{label}-"))
     (runtime / "none.toml").write_text("")
     env = dict(os.environ, FLEXPIPE_RUNTIME_DIR=str(runtime), FLEXPIPE_CONFIG=str(runtime / "none.toml"), **POLICY)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["FLEXPIPE_POLICY_MODE"] = mode
+    env["FLEXPIPE_POLICY_MAX_REPLICAS"] = str(max_replicas)
     try:
         log(f"{label}: up, {stages} stage(s), policy {mode}")
         fpctl(env, "up", "--workers", str(WORKERS), "--port", "0", "--stages", str(stages), "--model", str(model_dir))
@@ -175,6 +177,10 @@ def main() -> None:
     parser.add_argument("--slo-ttft", type=float, default=5.0, help="seconds")
     parser.add_argument("--slo-tpot", type=float, default=0.5, help="seconds per output token")
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded default model)")
+    parser.add_argument("--max-replicas", type=int, default=2, help="the flexpipe policy's replica bound")
+    parser.add_argument(
+        "--configs", nargs="+", default=["static_1", f"static_{WORKERS}", "flexpipe"], help="which to run"
+    )
     args = parser.parse_args()
     if args.model is None:
         from dataplane.models.default_model import ensure_default_model
@@ -183,28 +189,31 @@ def main() -> None:
     requests = workload(args.requests, args.rate, args.burst, args.max_prompt, args.max_output)
     slo = (args.slo_ttft, args.slo_tpot)
     configs = {"static_1": (1, "static"), f"static_{WORKERS}": (WORKERS, "static"), "flexpipe": (1, "flexpipe")}
-    runs = {label: run(args.model, label, stages, mode, requests, slo) for label, (stages, mode) in configs.items()}
-    best_static = max(runs["static_1"]["slo_attainment"], runs[f"static_{WORKERS}"]["slo_attainment"])
-    print(
-        json.dumps(
-            {
-                "benchmark": "adaptive",
-                "model": args.model.name,
-                "workers": WORKERS,
-                "cpu_count": os.cpu_count(),
-                "requests": len(requests),
-                "trace_span_s": round(requests[-1].at, 1),
-                "slo": {"ttft_s": slo[0], "tpot_s": slo[1]},
-                "runs": runs,
-                "flexpipe_slo_vs_best_static": round(runs["flexpipe"]["slo_attainment"] - best_static, 3),
-                "flexpipe_worker_seconds_vs_static_max": round(
-                    runs["flexpipe"]["worker_seconds"] / max(runs[f"static_{WORKERS}"]["worker_seconds"], 1e-9), 3
-                ),
-                "meets_target": runs["flexpipe"]["slo_attainment"] >= best_static
-                and runs["flexpipe"]["worker_seconds"] < runs[f"static_{WORKERS}"]["worker_seconds"],
-            }
+    runs = {
+        label: run(args.model, label, stages, mode, requests, slo, args.max_replicas)
+        for label, (stages, mode) in configs.items()
+        if label in args.configs
+    }
+    result = {
+        "benchmark": "adaptive",
+        "model": args.model.name,
+        "workers": WORKERS,
+        "cpu_count": os.cpu_count(),
+        "requests": len(requests),
+        "trace_span_s": round(requests[-1].at, 1),
+        "slo": {"ttft_s": slo[0], "tpot_s": slo[1]},
+        "flexpipe_max_replicas": args.max_replicas,
+        "runs": runs,
+    }
+    if len(runs) == len(configs):
+        static_max = runs[f"static_{WORKERS}"]["worker_seconds"]
+        best_static = max(runs["static_1"]["slo_attainment"], runs[f"static_{WORKERS}"]["slo_attainment"])
+        result["flexpipe_slo_vs_best_static"] = round(runs["flexpipe"]["slo_attainment"] - best_static, 3)
+        result["flexpipe_worker_seconds_vs_static_max"] = round(runs["flexpipe"]["worker_seconds"] / static_max, 3)
+        result["meets_target"] = (
+            runs["flexpipe"]["slo_attainment"] >= best_static and runs["flexpipe"]["worker_seconds"] < static_max
         )
-    )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
