@@ -140,6 +140,7 @@ class Policy:
         state.snapshot = snap
         state.draining &= {p.pipeline_id for p in snap.pipelines}
         state.last_replica = min((p.pipeline_id for p in snap.pipelines), default=state.last_replica)
+        state.scaled_to_zero = state.scaled_to_zero and not snap.pipelines
         actions = self._follow(state, now)
         if state.in_flight is None and not self.paused and self.config.mode == "flexpipe" and state.candidates:
             actions += self._decide(state, snap, now)
@@ -188,8 +189,8 @@ class Policy:
     def _from_zero(self, state: ModelState, snap: ev.TrafficSnapshot, now: float) -> list[Action]:
         """A model the policy scaled to zero (its gateway counts refused requests as arrivals): a replica of
         its last one, at its last granularity, as soon as anything arrives."""
-        if not state.last_replica or snap.arrivals == 0:
-            return []
+        if not state.scaled_to_zero or snap.arrivals == 0:
+            return []  # an operator undeployed it, or nobody asks for it
         state.target_stages = state.target_stages or state.candidates[0].num_stages
         limits = self.config.limits(Path(state.model_dir).name)
         demand = snap.arrival_rate * (snap.output_tokens_mean or DEFAULT_OUTPUT_TOKENS)
@@ -453,6 +454,7 @@ class Policy:
             state.last_change = now
         if decision.kind == "scale_in":
             state.draining.discard(flight.pipeline_id)
+            state.scaled_to_zero = outcome == "removed" and decision.replicas_to == 0
         level = "info" if outcome in ("committed", "ready", "removed") else "warning"
         return [Log("policy.outcome", self._fields(decision), level=level)]
 

@@ -41,6 +41,7 @@ class ModelState:
     decisions_by_kind: dict[str, int] = field(default_factory=dict)
     held: dict[str, float] = field(default_factory=dict)  # action -> when it was last recorded as held
     last_replica: str = ""  # a replica seen last: the template of new ones, also after scaling to zero
+    scaled_to_zero: bool = False  # the policy removed the last replica itself (an operator's undeploy is final)
 
     def serving(self) -> list[ev.PipelineLoad]:
         """Replicas taking requests: READY and not being drained."""

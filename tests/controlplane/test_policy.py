@@ -256,3 +256,10 @@ def test_with_a_minimum_of_zero_an_idle_model_is_scaled_to_zero_and_back_when_re
     back = [d for d in result.decisions if d.kind == "scale_out" and d.at >= 400.0]
     assert back and back[0].outcome == "ready" and back[0].replicas_from == 0
     assert back[0].at - 400.0 <= CONFIG.interval_s and back[0].duration_s > 0  # the cold start, measured
+
+
+def test_a_model_an_operator_undeployed_is_not_brought_back():
+    policy = Policy(replace(CONFIG, min_replicas=0), lambda *_: CANDIDATES)
+    policy.handle(_snapshot("m", 1.0, cv=1.0), 1.0)
+    gone = ev.TrafficSnapshot(model_dir="m", at=2.0, window_s=30, arrivals=30, arrival_rate=5.0, cv=1.0, trend=0.0)
+    assert not [a for a in policy.handle(gone, 2.0) if isinstance(a, Tell) and a.actor == "coordinator"]
