@@ -14,27 +14,25 @@ Each snapshot of a model, in this order, at most one change per model at a time:
 5. **scale in** one replica once Eq. 5 asked for fewer for ``scale_in_idle_s``: drain it, undeploy it when idle.
 
 A change the cluster cannot place (``placeable`` says why) is not taken: recorded as ``held`` with the reason.
+Issuing and following changes is ``controlplane.policy.changes``; recording them, ``controlplane.policy.explain``.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from common import events as ev
 from common.config import PolicyConfig
 from controlplane.actor import Action, Log, Send, Tell
-from controlplane.policy.candidates import Candidate, granularity_scores, queue_stages, replicas_needed, suited_cv
+from controlplane.policy.candidates import Candidate, granularity_scores, queue_stages, replicas_needed
+from controlplane.policy.changes import Changes
+from controlplane.policy.explain import DecisionLog, Explain, demand_tokens_per_s, held
 from controlplane.policy.rebalance import rebalanced_layout
-from controlplane.policy.state import InFlight, ModelState
-
-MAX_DECISIONS_KEPT = 1000
-IN_FLIGHT_LIMIT_S = 600.0  # a change unanswered this long is given up (its own phases time out well before)
-DEFAULT_OUTPUT_TOKENS = 128  # Eq. 5's demand before any request finished (the Azure conversation trace's median ~ 130)
-COMPLETED = {"committed": "committed", "aborted": "failed", "refused": "refused", "planned": "committed"}
+from controlplane.policy.state import ModelState
 
 CandidatesOf = Callable[[str, int, int], list[Candidate]]
 Placeable = Callable[[str, int, str], str]
@@ -69,25 +67,25 @@ class Policy:
         self.placeable = placeable
         self.paused = False
         self.models: dict[str, ModelState] = {}
-        self.decisions: deque[ev.PolicyDecision] = deque(maxlen=MAX_DECISIONS_KEPT)
-        self.pending: dict[int, tuple[str, str]] = {}  # cmd_id -> (model_dir, the peer that answers it)
-        self._cmd_ids = itertools.count(1)
-        self._seq = itertools.count(1)
+        self.log = DecisionLog(config)
+        self.changes = Changes()
+
+    @property
+    def decisions(self):
+        return self.log.decisions
 
     def handle(self, event, now: float) -> list[Action]:
         if isinstance(event, ev.TrafficSnapshot):
             return self._on_snapshot(event, now)
         if isinstance(event, ev.PolicyEventsRequest):
-            decisions = [d for d in self.decisions if d.seq > event.after][-max(1, event.limit) :]
-            return [Send(event.sender, self._reply(event.cmd_id, decisions, now))]
+            return [Send(event.sender, self._reply(event.cmd_id, self.log.after(event.after, event.limit), now))]
         if isinstance(event, ev.PolicyControl):
             return self._on_control(event, now)
         if isinstance(event, ev.Reply):
-            return self._on_reply(event, now)
+            return self.changes.on_reply(self.models, event, now)
         return []
 
     # ---- operators ---------------------------------------------------------------------------
-
     def _on_control(self, event: ev.PolicyControl, now: float) -> list[Action]:
         if event.action not in ("pause", "resume"):
             return [
@@ -131,7 +129,7 @@ class Policy:
                 )
             )
         mode = self.config.mode
-        return ev.PolicyView(mode=mode, paused=self.paused, models=models, decisions=len(self.decisions), at=now)
+        return ev.PolicyView(mode=mode, paused=self.paused, models=models, decisions=len(self.log.decisions), at=now)
 
     # ---- decisions -----------------------------------------------------------------------------
 
@@ -141,7 +139,7 @@ class Policy:
         state.draining &= {p.pipeline_id for p in snap.pipelines}
         state.last_replica = min((p.pipeline_id for p in snap.pipelines), default=state.last_replica)
         state.scaled_to_zero = state.scaled_to_zero and not snap.pipelines
-        actions = self._follow(state, now)
+        actions = self.changes.follow(state, now)
         if state.in_flight is None and not self.paused and self.config.mode == "flexpipe" and state.candidates:
             actions += self._decide(state, snap, now)
         return actions + [Tell("monitor", ev.PolicyViewUpdated(sender=self.name, view=self.view(now)))]
@@ -170,13 +168,12 @@ class Policy:
         best = state.candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))].num_stages
         wanted = min(max_k, max(best, eq11))
         target = state.candidate(state.target_stages) or state.candidates[0]
-        output_tokens = snap.output_tokens_mean or DEFAULT_OUTPUT_TOKENS
         limits = self.config.limits(Path(state.model_dir).name)
-        needed = replicas_needed(target, snap.arrival_rate * output_tokens, self.config)
+        needed = replicas_needed(target, demand_tokens_per_s(snap), self.config)
         if self._slo_missed(snap) and any(p.waiting for p in serving):
             needed = max(needed, len(state.replicas()) + 1)
         state.target_replicas = min(limits.max_replicas, max(limits.min_replicas, needed))
-        explain = self._explainer(state, snap, scores, eq11)
+        explain = self.log.explainer(state, snap, scores, eq11)
         if snap.arrivals < self.config.min_arrivals_for_cv:
             wanted = state.target_stages  # too few arrivals to measure a CV: the granularity stays
         return (
@@ -193,59 +190,18 @@ class Policy:
             return []  # an operator undeployed it, or nobody asks for it
         state.target_stages = state.target_stages or state.candidates[0].num_stages
         limits = self.config.limits(Path(state.model_dir).name)
-        demand = snap.arrival_rate * (snap.output_tokens_mean or DEFAULT_OUTPUT_TOKENS)
-        needed = replicas_needed(state.candidate(state.target_stages) or state.candidates[0], demand, self.config)
+        target = state.candidate(state.target_stages) or state.candidates[0]
+        needed = replicas_needed(target, demand_tokens_per_s(snap), self.config)
         state.target_replicas = min(limits.max_replicas, max(1, limits.min_replicas, needed))
         scores = granularity_scores(state.candidates, snap.cv, self.config)
-        return self._scale_out(state, now, self._explainer(state, snap, scores, 1))
+        return self._scale_out(state, now, self.log.explainer(state, snap, scores, 1))
 
     def _slo_missed(self, snap: ev.TrafficSnapshot) -> bool:
         return snap.ttft_p99_s > self.config.slo_ttft_s or snap.tpot_p99_s > self.config.slo_tpot_s
 
-    def _explainer(self, state: ModelState, snap: ev.TrafficSnapshot, scores: list[float], eq11: int):
-        demand = snap.arrival_rate * (snap.output_tokens_mean or DEFAULT_OUTPUT_TOKENS)
-        candidates = [
-            ev.CandidateScore(
-                num_stages=c.num_stages,
-                throughput=round(c.throughput, 2),
-                latency_s=round(c.latency_s, 6),
-                suited_cv=round(suited_cv(c.num_stages, self.config), 3),
-                score=round(s, 6),
-                replicas=replicas_needed(c, demand, self.config),
-                measured=c.measured,
-            )
-            for c, s in zip(state.candidates, scores)
-        ]
-
-        def explain(kind: str, action: str, **fields) -> ev.PolicyDecision:
-            decision = ev.PolicyDecision(
-                sender=self.name,
-                seq=next(self._seq),
-                at=round(snap.at, 3),
-                model_dir=state.model_dir,
-                kind=kind,
-                action=action,
-                arrival_rate=round(snap.arrival_rate, 4),
-                cv=round(snap.cv, 4),
-                trend=round(snap.trend, 5),
-                queues={p.pipeline_id: [p.waiting, *p.stage_queues] for p in snap.pipelines},
-                ttft_p99_s=round(snap.ttft_p99_s, 4),
-                tpot_p99_s=round(snap.tpot_p99_s, 4),
-                candidates=candidates,
-                queue_stages=eq11,
-                replicas_from=len(state.replicas()),
-                **fields,
-            )
-            self.decisions.append(decision)
-            state.decisions_by_kind[kind] = state.decisions_by_kind.get(kind, 0) + 1
-            return decision
-
-        return explain
-
-    def _scale_out(self, state: ModelState, now: float, explain) -> list[Action]:
+    def _scale_out(self, state: ModelState, now: float, explain: Explain) -> list[Action]:
         replicas = state.replicas()
         if state.target_replicas <= len(replicas):
-            state.over_capacity_since = None
             return []
         state.under_capacity_since = None
         k = state.target_stages
@@ -256,7 +212,6 @@ class Policy:
         reason = self.placeable(state.model_dir, k, "")
         if reason:
             return self._held(state, explain, "scale_out", f"add replica {new_id} ({k} stages)", reason, now)
-        cmd_id = next(self._cmd_ids)
         decision = explain(
             "scale_out",
             f"add replica {new_id} ({k} stages)",
@@ -264,20 +219,10 @@ class Policy:
             stages_to=k,
             replicas_to=len(replicas) + 1,
         )
-        state.in_flight = InFlight(decision, cmd_id, new_id, now)
-        self.pending[cmd_id] = (state.model_dir, "coordinator")
-        deploy = ev.DeployPipeline(
-            sender=self.name,
-            cmd_id=cmd_id,
-            pipeline_id=new_id,
-            model_dir=state.model_dir,
-            num_stages=k,
-            replica_of=template,
-        )
-        return [Tell("coordinator", deploy), self._logged(decision)]
+        return self.changes.deploy(state, decision, new_id, k, template, now)
 
     def _granularity(
-        self, state: ModelState, wanted: int, eq11: int, scores: list[float], now: float, explain
+        self, state: ModelState, wanted: int, eq11: int, scores: list[float], now: float, explain: Explain
     ) -> list[Action]:
         index = {c.num_stages: i for i, c in enumerate(state.candidates)}
         if wanted != state.target_stages:
@@ -305,7 +250,6 @@ class Policy:
         if reason:
             state.target_stages = k_from
             return self._held(state, explain, "granularity", action, reason, now)
-        cmd_id = next(self._cmd_ids)
         decision = explain(
             "granularity",
             action,
@@ -314,9 +258,9 @@ class Policy:
             stages_to=k_to,
             replicas_to=len(state.replicas()),
         )
-        return self._refactor(state, decision, cmd_id, pipeline.pipeline_id, now, num_stages=k_to)
+        return self.changes.refactor(state, decision, pipeline.pipeline_id, now, num_stages=k_to)
 
-    def _rebalance(self, state: ModelState, snap: ev.TrafficSnapshot, now: float, explain) -> list[Action]:
+    def _rebalance(self, state: ModelState, snap: ev.TrafficSnapshot, now: float, explain: Explain) -> list[Action]:
         if now - state.last_change < self.config.cooldown_s:
             return []
         serving = {p.pipeline_id: p for p in state.serving()}
@@ -328,7 +272,6 @@ class Policy:
             layout = rebalanced_layout(pipeline.stage_units, congested.stage, load)
             if layout is None:
                 continue
-            cmd_id = next(self._cmd_ids)
             decision = explain(
                 "rebalance",
                 f"rebalance {pipeline.pipeline_id}: stage {congested.stage} (queue {congested.queue_lengths}) "
@@ -339,10 +282,10 @@ class Policy:
                 replicas_to=len(state.replicas()),
             )
             state.last_change = now
-            return self._refactor(state, decision, cmd_id, pipeline.pipeline_id, now, layout=layout)
+            return self.changes.refactor(state, decision, pipeline.pipeline_id, now, layout=layout)
         return []
 
-    def _scale_in(self, state: ModelState, now: float, explain) -> list[Action]:
+    def _scale_in(self, state: ModelState, now: float, explain: Explain) -> list[Action]:
         serving = state.serving()
         if state.target_replicas >= len(state.replicas()):
             state.under_capacity_since = None
@@ -354,7 +297,6 @@ class Policy:
         victim = min(serving, key=lambda p: (p.running + p.waiting, -len(p.pipeline_id), p.pipeline_id))
         if victim.engine_host == "":
             return []
-        cmd_id = next(self._cmd_ids)
         decision = explain(
             "scale_in",
             f"remove replica {victim.pipeline_id} ({len(victim.stage_units)} stages)",
@@ -362,122 +304,13 @@ class Policy:
             stages_from=len(victim.stage_units),
             replicas_to=len(state.replicas()) - 1,
         )
-        state.in_flight = InFlight(decision, cmd_id, victim.pipeline_id, now)
-        state.draining.add(victim.pipeline_id)
         state.under_capacity_since = None
-        self.pending[cmd_id] = (state.model_dir, victim.engine_host)
-        last = len(state.replicas()) == 1
-        drain = ev.DrainPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=victim.pipeline_id, last=last)
-        return [Send(victim.engine_host, drain), self._logged(decision)]
+        return self.changes.drain(state, decision, victim, len(state.replicas()) == 1, now)
 
-    def _refactor(self, state: ModelState, decision, cmd_id: int, pipeline_id: str, now: float, **target) -> list:
-        state.in_flight = InFlight(decision, cmd_id, pipeline_id, now)
-        self.pending[cmd_id] = (state.model_dir, "refactor")
-        request = ev.RefactorPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=pipeline_id, by="policy", **target)
-        return [Tell("refactor", request), self._logged(decision)]
-
-    def _held(self, state: ModelState, explain, kind: str, action: str, reason: str, now: float) -> list[Action]:
+    def _held(self, state: ModelState, explain: Explain, kind: str, action: str, reason: str, now: float) -> list:
         """A change the cluster cannot take: recorded once per cooldown (per action), nothing issued."""
         recent = state.held.get(action)
         if recent is not None and now - recent < max(self.config.cooldown_s, self.config.interval_s):
             return []
         state.held[action] = now
-        decision = explain(kind, action, outcome="held", reason=reason)
-        return [Log("policy.held", self._fields(decision), level="warning")]
-
-    # ---- following a change to its end -----------------------------------------------------------
-
-    def _on_reply(self, reply: ev.Reply, now: float) -> list[Action]:
-        model_dir, peer = self.pending.get(reply.reply_to, ("", ""))
-        if reply.sender != peer:  # another actor's command with the same id, answered on the bus
-            return []
-        state = self.models.get(model_dir)
-        if state is None or state.in_flight is None or state.in_flight.cmd_id != reply.reply_to:
-            return []
-        del self.pending[reply.reply_to]
-        flight = state.in_flight
-        if isinstance(reply, ev.RefactorOutcome):
-            return self._finish(state, COMPLETED.get(reply.outcome, "failed"), reply.reason, now)
-        if isinstance(reply, ev.ErrorReply):
-            state.draining.discard(flight.pipeline_id)
-            return self._finish(state, "refused", reply.message, now)
-        flight.cmd_id = 0  # DeployAccepted, or the Ack of a drain or an undeploy: the cluster's state tells the rest
-        if flight.undeploying:
-            return self._finish(state, "removed", "", now)
-        return []
-
-    def _follow(self, state: ModelState, now: float) -> list[Action]:
-        """Advance the change in flight from the cluster's state in the latest snapshot."""
-        flight = state.in_flight
-        if flight is None:
-            return []
-        if now - flight.started > IN_FLIGHT_LIMIT_S:
-            state.draining.discard(flight.pipeline_id)
-            return self._finish(state, "failed", f"no outcome in {IN_FLIGHT_LIMIT_S:.0f} s", now)
-        if flight.cmd_id:
-            return []
-        pipeline = next((p for p in state.snapshot.pipelines if p.pipeline_id == flight.pipeline_id), None)
-        kind = flight.decision.kind
-        if kind == "scale_out":
-            if pipeline is not None and pipeline.state == "READY":
-                flight.decision.placement = list(pipeline.stage_workers)
-                return self._finish(state, "ready", "", now)
-            if pipeline is not None and pipeline.state == "FAILED":
-                return self._finish(state, "failed", "the new replica failed to deploy", now) + self._undeploy(
-                    state, flight.pipeline_id
-                )
-            return []
-        if kind == "scale_in" and not flight.undeploying:
-            idle = pipeline is None or pipeline.running + pipeline.waiting == 0
-            flight.idle_snapshots = flight.idle_snapshots + 1 if idle else 0
-            if flight.idle_snapshots >= 2:
-                flight.undeploying = True
-                cmd_id = next(self._cmd_ids)
-                flight.cmd_id = cmd_id
-                self.pending[cmd_id] = (state.model_dir, "coordinator")
-                undeploy = ev.UndeployPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=flight.pipeline_id)
-                return [Tell("coordinator", undeploy)]
-        return []
-
-    def _undeploy(self, state: ModelState, pipeline_id: str) -> list[Action]:
-        cmd_id = next(self._cmd_ids)
-        return [Tell("coordinator", ev.UndeployPipeline(sender=self.name, cmd_id=cmd_id, pipeline_id=pipeline_id))]
-
-    def _finish(self, state: ModelState, outcome: str, reason: str, now: float) -> list[Action]:
-        flight = state.in_flight
-        state.in_flight = None
-        decision = flight.decision
-        decision.outcome, decision.duration_s = outcome, round(now - flight.started, 3)
-        decision.reason = reason
-        if decision.kind in ("granularity", "rebalance") and outcome != "committed":
-            state.target_stages = decision.stages_from or state.target_stages
-            state.last_change = now
-        if decision.kind == "scale_in":
-            state.draining.discard(flight.pipeline_id)
-            state.scaled_to_zero = outcome == "removed" and decision.replicas_to == 0
-        level = "info" if outcome in ("committed", "ready", "removed") else "warning"
-        return [Log("policy.outcome", self._fields(decision), level=level)]
-
-    def _logged(self, decision: ev.PolicyDecision) -> Log:
-        return Log("policy.decided", self._fields(decision))
-
-    @staticmethod
-    def _fields(decision: ev.PolicyDecision) -> dict:
-        fields = {
-            "seq": decision.seq,
-            "model": Path(decision.model_dir).name,
-            "kind": decision.kind,
-            "action": decision.action,
-            "outcome": decision.outcome,
-            "pipeline_id": decision.pipeline_id,
-            "arrival_rate": decision.arrival_rate,
-            "cv": decision.cv,
-            "trend": decision.trend,
-            "queues": decision.queues,
-            "scores": {c.num_stages: c.score for c in decision.candidates},
-        }
-        if decision.reason:
-            fields["reason"] = decision.reason
-        if decision.outcome != "issued":
-            fields["duration_s"] = decision.duration_s
-        return fields
+        return [held(explain(kind, action, outcome="held", reason=reason))]

@@ -32,7 +32,6 @@ class ModelState:
     last_change: float = float("-inf")
     proposal: int = 0
     proposal_count: int = 0
-    over_capacity_since: float | None = None
     under_capacity_since: float | None = None
     in_flight: InFlight | None = None
     draining: set[str] = field(default_factory=set)
