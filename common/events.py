@@ -381,11 +381,14 @@ class TokenChunk(Reply, tag="tokens"):
 
 class PlaceStages(Command, tag="place_stages"):
     """Ask the allocator for one device per stage; ``stage_memory[k]`` bytes must fit on stage k's device.
-    With ``workers``, stage k must go to ``workers[k]`` (checked and reserved, not chosen)."""
+    With ``workers``, stage k must go to ``workers[k]`` (checked and reserved, not chosen). ``model`` (its
+    checkpoint directory) lets the allocator prefer servers that cached the model's weights for another
+    pipeline (Eq. 13)."""
 
     pipeline_id: str
     stage_memory: list[int]
     workers: list[str] = []
+    model: str = ""
 
 
 class PlacementDecided(Reply, tag="placement"):

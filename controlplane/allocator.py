@@ -56,9 +56,10 @@ class Allocator:
     a refusal leaves all reservations as they were.
 
     ``tenants[d]``: other tenants' pods on device d (``common.topology.fragment_with_pods``),
-    counted as sharing d like another pipeline (Eq. 9). ``hosted[p][server]``: when pipeline p
-    last had a stage on that server (recorded when its reservation leaves the server, or by
-    ``note_hosted``); placing p again prefers those servers (Eq. 13).
+    counted as sharing d like another pipeline (Eq. 9). ``hosted[m][server]``: when a pipeline of
+    model m (``PlaceStages.model``; the pipeline id when none is named) last had a stage on that server
+    (recorded when its reservation leaves the server, or by ``note_hosted``); placing a pipeline of m
+    prefers those servers and those its other replicas hold now (Eq. 13).
     """
 
     name: ClassVar[str] = "allocator"
@@ -80,19 +81,26 @@ class Allocator:
         self.reservations: dict[str, dict[str, int]] = {}
         self.holds: dict[str, dict[str, int]] = {}
         self.hosted: dict[str, dict[str, float]] = {}
+        self.model_of: dict[str, str] = {}  # pipeline id -> the model whose weights its servers cache
+
+    def _model(self, pipeline_id: str) -> str:
+        return self.model_of.get(pipeline_id, pipeline_id)
 
     def note_hosted(self, pipeline_id: str, server: str, now: float) -> None:
-        """``server`` hosted ``pipeline_id`` until ``now`` (seconds) and still caches its weights."""
-        hosts = self.hosted.setdefault(pipeline_id, {})
+        """``server`` hosted ``pipeline_id`` until ``now`` (seconds) and still caches its model's weights."""
+        hosts = self.hosted.setdefault(self._model(pipeline_id), {})
         hosts[server] = max(now, hosts.get(server, now))
         for stale in [s for s, at in hosts.items() if now - at > AFFINITY_MAX_AGE_S]:
             del hosts[stale]
 
     def warm_servers(self, pipeline_id: str, now: float) -> dict[str, float]:
-        """Server -> when it last hosted the pipeline; the servers it holds now count as hosting it at ``now``."""
-        warm = dict(self.hosted.get(pipeline_id, {}))
-        for server in self._servers_of(self.reservations.get(pipeline_id, {})):
-            warm[server] = now
+        """Server -> when it last hosted the pipeline's model; servers a pipeline of that model holds now count as
+        hosting it at ``now``."""
+        model = self._model(pipeline_id)
+        warm = dict(self.hosted.get(model, {}))
+        for owner, devices in self.reservations.items():
+            if self._model(owner) == model:
+                warm.update(dict.fromkeys(self._servers_of(devices), now))
         return warm
 
     def _servers_of(self, devices) -> set[str]:
@@ -157,6 +165,8 @@ class Allocator:
         return []
 
     def _on_place_stages(self, event: ev.PlaceStages, now: float) -> list[Action]:
+        if event.model:
+            self.model_of[event.pipeline_id] = event.model
         warm = self.warm_servers(event.pipeline_id, now)
         previous = self.reservations.pop(event.pipeline_id, None)
         reserved, shared = self._totals()

@@ -170,6 +170,7 @@ class DeployCoordinator:
             pipeline_id=event.pipeline_id,
             stage_memory=plan.stage_memory,
             workers=list(event.workers),
+            model=event.model_dir,
         )
         return [
             Send(

@@ -142,7 +142,9 @@ class VirtualCluster:
 
     def _place(self, pipeline_id: str, num_stages: int) -> list[str]:
         memory = list(stage_memory_of(self.model_dir, num_stages))
-        place = ev.PlaceStages(sender="coordinator", cmd_id=0, pipeline_id=pipeline_id, stage_memory=memory)
+        place = ev.PlaceStages(
+            sender="coordinator", cmd_id=0, pipeline_id=pipeline_id, stage_memory=memory, model=self.model_dir
+        )
         decided = [a.event for a in self.allocator.handle(place, 0.0) if isinstance(a, Send)]
         return list(decided[0].devices) if decided else []
 

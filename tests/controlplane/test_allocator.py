@@ -239,3 +239,25 @@ def test_the_actor_counts_tenants_as_sharing_and_remembers_where_a_pipeline_ran(
     allocator.note_hosted("p2", "sa", 0.0)
     allocator.note_hosted("p2", "sb", 5000.0)
     assert allocator.hosted["p2"] == {"sb": 5000.0}, "a host copy older than the affinity window is forgotten"
+
+
+def test_a_new_replica_prefers_a_server_where_its_model_is_cached():
+    graph = ResourceGraph()
+    for server in ("sa", "sb"):
+        for g in range(2):
+            graph.add_device(Device(f"{server}-gpu{g}", "gpu", "A10", 24 << 30, 24 << 30, server, "rack0"))
+    allocator = Allocator(graph)
+
+    def place(pipeline_id: str, model: str, workers=()) -> list[str]:
+        asked = ev.PlaceStages(
+            sender="c", cmd_id=1, pipeline_id=pipeline_id, stage_memory=[8 << 30], model=model, workers=list(workers)
+        )
+        return next(a.event.devices for a in allocator.handle(asked, 100.0) if isinstance(a, Send))
+
+    cold_choice = place("probe", "/models/other")[0]
+    allocator.handle(ev.ReleasePlacement(pipeline_id="probe"), 100.0)
+    elsewhere = "sb-gpu0" if cold_choice.startswith("sa") else "sa-gpu0"
+    place("p0", "/models/m", workers=[elsewhere])  # the model ran on the server a cold placement would not pick
+    allocator.handle(ev.ReleasePlacement(pipeline_id="p0"), 110.0)
+    assert place("p0-r1", "/models/m")[0].split("-")[0] == elsewhere.split("-")[0]
+    assert place("q", "/models/unrelated")[0].split("-")[0] == cold_choice.split("-")[0]
