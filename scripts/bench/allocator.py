@@ -130,7 +130,7 @@ def decision_times(rounds: int = 2000, seed: int = 0) -> dict:
     for count in (2, 4, 8, 16, 32):
         candidates = [Candidate(k, 100.0 * k**0.8, 0.02 * (1 + 0.05 * k)) for k in range(1, count + 1)]
         config = PolicyConfig(confirm_intervals=1, cooldown_s=0.0, max_stages=count, max_replicas=64)
-        policy = Policy(config, lambda *_: candidates)
+        policy = Policy(config, lambda *_, table=candidates: table)
         units = [[f"u{i}"] for i in range(count)]
         times = []
         for i in range(rounds):
