@@ -843,7 +843,9 @@ class PolicyDecision(Event, tag="policy_decision"):
     """One decision of the policy, with what it saw and how it ended.
 
     ``kind``: ``granularity`` (split or merge one replica), ``scale_out``, ``scale_in``, ``rebalance`` or
-    ``held`` (a better candidate was found but not taken: ``reason`` says why). ``outcome``: ``issued``,
+    ``held`` (a change the cluster cannot place: ``reason`` says why). ``why``: the rule and the numbers that
+    asked for the change (Eq. 4/5/11, the SLO). ``queues``: per replica, [requests waiting, each stage's
+    input queue]. ``at``: the controller's monotonic clock (s), like ``PolicyView.at``. ``outcome``: ``issued``,
     then ``committed`` / ``ready`` / ``removed`` / ``refused`` / ``failed``; ``held`` decisions are final.
     ``duration_s``: from issue to outcome (a replica's cold start for ``scale_out``)."""
 
@@ -865,6 +867,7 @@ class PolicyDecision(Event, tag="policy_decision"):
     tpot_p99_s: float = 0.0
     candidates: list[CandidateScore] = []
     queue_stages: int = 0
+    why: str = ""
     outcome: str = "issued"
     reason: str = ""
     duration_s: float = 0.0

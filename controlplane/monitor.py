@@ -104,6 +104,10 @@ class Monitor:
         best = max(supervisors, key=lambda m: m.spawn_capacity, default=None)
         return (best.member_id, best.spawn_capacity) if best is not None else None
 
+    def stages_served(self, worker_id: str) -> int:
+        """Stages of any pipeline the worker serves, as the coordinator's pipelines say (not its late metrics)."""
+        return sum(1 for p in self.pipelines.values() for s in p.stages if s.worker_id == worker_id)
+
     def engine_load(self, pipeline_id: str) -> tuple[int, float]:
         """(positions with KV written, seconds per micro-batch) the pipeline's engine last reported; zeros if none."""
         metrics = self.engine_metrics.get(pipeline_id)

@@ -423,11 +423,11 @@ def trace_plan(args: argparse.Namespace, config, console: Console) -> int:
     else:
         console.print(f"{result.requests} requests over {result.duration_s:.0f} s, {len(result.decisions)} decisions")
         for decision, layout in zip(result.decisions, result.layouts):
-            console.print(decision_line(decision), soft_wrap=True, highlight=False)
+            console.print(decision_line(decision), soft_wrap=True, highlight=False, markup=False)
             replicas = ", ".join(
                 f"{p}: {r['stages']} on {','.join(r['devices'])}" for p, r in layout["replicas"].items()
             )
-            console.print(f"    layout: {replicas}", soft_wrap=True, highlight=False)
+            console.print(f"    layout: {replicas}", soft_wrap=True, highlight=False, markup=False)
     return 0
 
 

@@ -32,17 +32,22 @@ def policy_table(view: ev.PolicyView) -> Table:
 
 
 def decision_line(d: ev.PolicyDecision, now: float | None = None) -> str:
-    """One decision on one line: when (seconds before ``now``, else seconds into the replay), what, how it ended,
-    and the inputs it was taken on."""
-    scores = " ".join(f"K{c.num_stages}={c.score:.3f}" for c in d.candidates)
-    queues = " ".join(f"{p}:{q}" for p, q in d.queues.items())
+    """One decision: when (seconds before ``now``, else seconds into the replay), what, how it ended, why, and
+    the inputs it was taken on. Scores: ``*`` marks a measured candidate, ``!`` one the cluster cannot place;
+    queues: per replica, waiting requests | each stage's input queue."""
+    scores = " ".join(
+        f"K{c.num_stages}{'*' if c.measured else ''}{'' if c.placeable else '!'}={c.score:.3f}" for c in d.candidates
+    )
+    queues = " ".join(f"{p}:{q[0]}|{','.join(map(str, q[1:]))}" for p, q in d.queues.items() if q)
     when = f"{now - d.at:.0f}s ago" if now is not None else f"t={d.at:.1f}s"
     line = (
         f"#{d.seq} {when} {d.kind}: {d.action} -> {d.outcome}"
         + (f" ({d.reason})" if d.reason else "")
         + (f" in {d.duration_s:.1f}s" if d.outcome not in ("issued", "held") else "")
-        + f" | rate {d.arrival_rate:.2f}/s CV {d.cv:.2f} trend {d.trend:+.3f} queues [{queues}]"
-        + f" | Eq.4 {scores}; Eq.11 {d.queue_stages} stages"
+        + (f"\n    why: {d.why}" if d.why else "")
+        + f"\n    saw: rate {d.arrival_rate:.2f}/s CV {d.cv:.2f} trend {d.trend:+.3f}/s2,"
+        + f" waiting|stage queues [{queues}], TTFT p99 {d.ttft_p99_s:.2f}s TPOT p99 {d.tpot_p99_s:.3f}s"
+        + f"\n    Eq.4 {scores}; Eq.11 {d.queue_stages} stages; Eq.5 replicas {[c.replicas for c in d.candidates]}"
     )
     if d.placement:
         line += f" | on {','.join(d.placement)}"
@@ -51,4 +56,4 @@ def decision_line(d: ev.PolicyDecision, now: float | None = None) -> str:
 
 def print_decisions(console: Console, decisions: list[ev.PolicyDecision], now: float | None = None) -> None:
     for decision in decisions:
-        console.print(decision_line(decision, now), soft_wrap=True, highlight=False)
+        console.print(decision_line(decision, now), soft_wrap=True, highlight=False, markup=False)

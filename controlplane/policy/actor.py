@@ -28,9 +28,10 @@ from typing import Callable, ClassVar
 from common import events as ev
 from common.config import PolicyConfig
 from controlplane.actor import Action, Log, Send, Tell
-from controlplane.policy.candidates import Candidate, granularity_scores, queue_stages, replicas_needed
+from controlplane.policy.candidates import Candidate
 from controlplane.policy.changes import Changes
-from controlplane.policy.explain import DecisionLog, Explain, demand_tokens_per_s, held
+from controlplane.policy.explain import DecisionLog, Explain, held
+from controlplane.policy.reading import Reading, read_snapshot
 from controlplane.policy.rebalance import rebalanced_layout
 from controlplane.policy.state import ModelState
 
@@ -158,29 +159,29 @@ class Policy:
         serving = state.serving()
         if not serving:
             return self._from_zero(state, snap, now) if not state.replicas() else []
-        current = Counter(len(p.stage_units) for p in serving).most_common(1)[0][0]
         if state.target_stages == 0:
+            current = Counter(len(p.stage_units) for p in serving).most_common(1)[0][0]
             state.target_stages, state.proposal = current, current
-        scores = granularity_scores(state.candidates, snap.cv, self.config)
-        queue = sum(p.waiting for p in serving) / len(serving)
-        max_k = max(c.num_stages for c in state.candidates)
-        eq11 = queue_stages(queue, snap.cv, max_k, self.config)
-        best = state.candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))].num_stages
-        wanted = min(max_k, max(best, eq11))
-        target = state.candidate(state.target_stages) or state.candidates[0]
+        probe = serving[0].pipeline_id  # a K-stage layout must fit as if this replica were re-shaped
+        reading = read_snapshot(
+            state.candidates,
+            state.target_stages,
+            snap,
+            serving,
+            self.config,
+            lambda k: not self.placeable(state.model_dir, k, probe),
+        )
         limits = self.config.limits(Path(state.model_dir).name)
-        needed = replicas_needed(target, demand_tokens_per_s(snap), self.config)
-        if self._slo_missed(snap) and any(p.waiting for p in serving):
+        needed = reading.needed if reading.rate_known else min(reading.needed, len(state.replicas()))
+        if reading.slo_missed:
             needed = max(needed, len(state.replicas()) + 1)
         state.target_replicas = min(limits.max_replicas, max(limits.min_replicas, needed))
-        explain = self.log.explainer(state, snap, scores, eq11)
-        if snap.arrivals < self.config.min_arrivals_for_cv:
-            wanted = state.target_stages  # too few arrivals to measure a CV: the granularity stays
+        explain = self.log.explainer(state, snap, reading.scores, reading.eq11, reading.placeable)
         return (
-            self._scale_out(state, now, explain)
-            or self._granularity(state, wanted, eq11, scores, now, explain)
+            self._scale_out(state, reading.why_replicas, now, explain)
+            or self._scale_in(state, reading.why_replicas, now, explain)
+            or self._granularity(state, reading, now, explain)
             or self._rebalance(state, snap, now, explain)
-            or self._scale_in(state, now, explain)
         )
 
     def _from_zero(self, state: ModelState, snap: ev.TrafficSnapshot, now: float) -> list[Action]:
@@ -190,16 +191,13 @@ class Policy:
             return []  # an operator undeployed it, or nobody asks for it
         state.target_stages = state.target_stages or state.candidates[0].num_stages
         limits = self.config.limits(Path(state.model_dir).name)
-        target = state.candidate(state.target_stages) or state.candidates[0]
-        needed = replicas_needed(target, demand_tokens_per_s(snap), self.config)
-        state.target_replicas = min(limits.max_replicas, max(1, limits.min_replicas, needed))
-        scores = granularity_scores(state.candidates, snap.cv, self.config)
-        return self._scale_out(state, now, self.log.explainer(state, snap, scores, 1))
+        reading = read_snapshot(state.candidates, state.target_stages, snap, [], self.config, lambda k: True)
+        state.target_replicas = min(limits.max_replicas, max(1, limits.min_replicas, reading.needed))
+        why = f"scaled to zero; {snap.arrivals} request(s) arrived"
+        explain = self.log.explainer(state, snap, reading.scores, 1, reading.placeable)
+        return self._scale_out(state, why, now, explain)
 
-    def _slo_missed(self, snap: ev.TrafficSnapshot) -> bool:
-        return snap.ttft_p99_s > self.config.slo_ttft_s or snap.tpot_p99_s > self.config.slo_tpot_s
-
-    def _scale_out(self, state: ModelState, now: float, explain: Explain) -> list[Action]:
+    def _scale_out(self, state: ModelState, why: str, now: float, explain: Explain) -> list[Action]:
         replicas = state.replicas()
         if state.target_replicas <= len(replicas):
             return []
@@ -218,16 +216,51 @@ class Policy:
             pipeline_id=new_id,
             stages_to=k,
             replicas_to=len(replicas) + 1,
+            why=why,
         )
+        state.added.add(new_id)
         return self.changes.deploy(state, decision, new_id, k, template, now)
 
-    def _granularity(
-        self, state: ModelState, wanted: int, eq11: int, scores: list[float], now: float, explain: Explain
-    ) -> list[Action]:
+    def _scale_in(self, state: ModelState, why: str, now: float, explain: Explain) -> list[Action]:
+        surplus = self._surplus(state)
+        if not surplus:
+            state.under_capacity_since = None
+            return []
+        if state.under_capacity_since is None:
+            state.under_capacity_since = now
+        idle_for = now - state.under_capacity_since
+        if idle_for < self.config.scale_in_idle_s or not surplus[0].engine_host:
+            return []
+        victim = surplus[0]
+        decision = explain(
+            "scale_in",
+            f"remove replica {victim.pipeline_id} ({len(victim.stage_units)} stages)",
+            pipeline_id=victim.pipeline_id,
+            stages_from=len(victim.stage_units),
+            replicas_to=len(state.replicas()) - 1,
+            why=f"{why}, for {idle_for:.0f} s",
+        )
+        state.under_capacity_since = None
+        return self.changes.drain(state, decision, victim, len(state.replicas()) == 1, now)
+
+    def _surplus(self, state: ModelState) -> list[ev.PipelineLoad]:
+        """The serving replicas beyond the target count, in the order they would be removed: those the policy
+        added first (an operator's own deploy last), the least loaded, the newest."""
+        serving = state.serving()
+        extra = len(state.replicas()) - state.target_replicas
+        order = sorted(
+            serving,
+            key=lambda p: (p.pipeline_id not in state.added, p.running + p.waiting, -len(p.pipeline_id), p.pipeline_id),
+        )
+        return order[: max(0, min(extra, len(serving)))]
+
+    def _granularity(self, state: ModelState, reading: Reading, now: float, explain: Explain) -> list[Action]:
+        wanted = max(reading.best, reading.eq11)
         index = {c.num_stages: i for i, c in enumerate(state.candidates)}
+        scores = reading.scores
         if wanted != state.target_stages:
             better = scores[index[wanted]] >= (1 + self.config.hysteresis) * scores[index.get(state.target_stages, 0)]
-            forced_by_queue = wanted > state.target_stages and wanted == eq11
+            forced_by_queue = wanted > state.target_stages and wanted == reading.eq11
             if better or forced_by_queue:
                 state.proposal_count = state.proposal_count + 1 if state.proposal == wanted else 1
                 state.proposal = wanted
@@ -236,10 +269,13 @@ class Policy:
             confirmed = state.proposal == wanted and state.proposal_count >= self.config.confirm_intervals
             if confirmed and now - state.last_change >= self.config.cooldown_s:
                 state.target_stages, state.proposal_count = wanted, 0
-                state.last_change = now
+                state.last_change, state.target_why = now, reading.why_granularity
         else:
             state.proposal, state.proposal_count = wanted, 0
-        behind = [p for p in state.serving() if len(p.stage_units) != state.target_stages]
+        surplus = {p.pipeline_id for p in self._surplus(state)}  # about to be removed: not worth re-shaping
+        behind = [
+            p for p in state.serving() if len(p.stage_units) != state.target_stages and p.pipeline_id not in surplus
+        ]
         if not behind:
             return []
         pipeline = min(behind, key=lambda p: (p.running + p.waiting, p.pipeline_id))
@@ -257,6 +293,7 @@ class Policy:
             stages_from=k_from,
             stages_to=k_to,
             replicas_to=len(state.replicas()),
+            why=f"the target is {k_to} stages since {now - state.last_change:.0f} s ago: {state.target_why}",
         )
         return self.changes.refactor(state, decision, pipeline.pipeline_id, now, num_stages=k_to)
 
@@ -274,38 +311,16 @@ class Policy:
                 continue
             decision = explain(
                 "rebalance",
-                f"rebalance {pipeline.pipeline_id}: stage {congested.stage} (queue {congested.queue_lengths}) "
-                f"gives a unit to its lighter neighbour",
+                f"rebalance {pipeline.pipeline_id}: stage {congested.stage} gives a unit to its lighter neighbour",
                 pipeline_id=pipeline.pipeline_id,
                 stages_from=len(pipeline.stage_units),
                 stages_to=len(layout),
                 replicas_to=len(state.replicas()),
+                why=f"stage {congested.stage}'s input queue grew {congested.queue_lengths}",
             )
             state.last_change = now
             return self.changes.refactor(state, decision, pipeline.pipeline_id, now, layout=layout)
         return []
-
-    def _scale_in(self, state: ModelState, now: float, explain: Explain) -> list[Action]:
-        serving = state.serving()
-        if state.target_replicas >= len(state.replicas()):
-            state.under_capacity_since = None
-            return []
-        if state.under_capacity_since is None:
-            state.under_capacity_since = now
-        if now - state.under_capacity_since < self.config.scale_in_idle_s or not serving:
-            return []
-        victim = min(serving, key=lambda p: (p.running + p.waiting, -len(p.pipeline_id), p.pipeline_id))
-        if victim.engine_host == "":
-            return []
-        decision = explain(
-            "scale_in",
-            f"remove replica {victim.pipeline_id} ({len(victim.stage_units)} stages)",
-            pipeline_id=victim.pipeline_id,
-            stages_from=len(victim.stage_units),
-            replicas_to=len(state.replicas()) - 1,
-        )
-        state.under_capacity_since = None
-        return self.changes.drain(state, decision, victim, len(state.replicas()) == 1, now)
 
     def _held(self, state: ModelState, explain: Explain, kind: str, action: str, reason: str, now: float) -> list:
         """A change the cluster cannot take: recorded once per cooldown (per action), nothing issued."""

@@ -1,10 +1,14 @@
-"""Candidate granularities of a model: measured where ``fpctl profile`` measured them, else estimated from
-the partitioner's cost model (Eq. 2's stage costs) and calibrated by the measurement nearest in stage count.
+"""Candidate granularities of a model: measured where ``fpctl profile`` measured them, else estimated.
 
-Estimate for K stages cut by ``partition_model``, with per-stage costs c_1..c_K (s per micro-batch):
-throughput ∝ 1 / max_k c_k (K micro-batches in flight, the slowest stage sets the pace), latency
-∝ sum_k c_k + (K - 1) * HOP_OVERHEAD_S. A measured candidate K0 scales both to seconds and tokens/s:
-T_K = T_K0 * model_T(K) / model_T(K0), L_K = L_K0 * model_L(K) / model_L(K0).
+With two or more measurements, the measurements themselves are the model: between two measured stage counts
+T and L are interpolated linearly, beyond the largest they follow the last measured ratio per stage
+(geometrically), below the smallest the cost model's ratio (a host whose stages share its cores gains
+nothing from more stages, and that shows in the measurements, not in the cost model).
+
+Otherwise the partitioner's cost model (Eq. 2's stage costs) estimates K stages cut by ``partition_model``,
+with per-stage costs c_1..c_K (s per micro-batch): throughput ∝ 1 / max_k c_k (K micro-batches in flight,
+the slowest stage sets the pace), latency ∝ sum_k c_k + (K - 1) * HOP_OVERHEAD_S; one measured candidate K0
+scales both to seconds and tokens/s: T_K = T_K0 * model_T(K) / model_T(K0), L_K = L_K0 * model_L(K) / model_L(K0).
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ def candidates_for(spec, stage_counts: list[int], profile: ModelProfile | None =
             result.append(Candidate(k, m.throughput_tokens_per_s, m.latency_s, measured=True))
             continue
         pace, latency = modelled[k]
-        if measured:
+        between = _from_measurements(measured, k)
+        if between is not None:
+            result.append(Candidate(k, *between))
+        elif measured:
             k0 = min(measured, key=lambda j: (abs(j - k), j))
             pace0, latency0 = modelled[k0]
             base = measured[k0]
@@ -57,6 +64,28 @@ def candidates_for(spec, stage_counts: list[int], profile: ModelProfile | None =
         else:
             result.append(Candidate(k, tokens_per_step / pace, latency))
     return result
+
+
+def _from_measurements(measured: dict, k: int) -> tuple[float, float] | None:
+    """(T, L) for ``k`` from two or more measured stage counts around or below it; None below the smallest."""
+    ks = sorted(measured)
+    if len(ks) < 2 or k < ks[0]:
+        return None
+    if k > ks[-1]:
+        a, b = measured[ks[-2]], measured[ks[-1]]
+        step = (k - ks[-1]) / (ks[-1] - ks[-2])
+        return (
+            b.throughput_tokens_per_s * (b.throughput_tokens_per_s / a.throughput_tokens_per_s) ** step,
+            b.latency_s * (b.latency_s / a.latency_s) ** step,
+        )
+    low = max(j for j in ks if j <= k)
+    high = min(j for j in ks if j >= k)
+    share = 0.0 if high == low else (k - low) / (high - low)
+    a, b = measured[low], measured[high]
+    return (
+        a.throughput_tokens_per_s + share * (b.throughput_tokens_per_s - a.throughput_tokens_per_s),
+        a.latency_s + share * (b.latency_s - a.latency_s),
+    )
 
 
 def stage_counts(spec, min_stages: int, max_stages: int) -> list[int]:

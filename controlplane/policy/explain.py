@@ -35,9 +35,11 @@ class DecisionLog:
     def after(self, seq: int, limit: int) -> list[ev.PolicyDecision]:
         return [d for d in self.decisions if d.seq > seq][-max(1, limit) :]
 
-    def explainer(self, state: ModelState, snap: ev.TrafficSnapshot, scores: list[float], eq11: int) -> Explain:
+    def explainer(
+        self, state: ModelState, snap: ev.TrafficSnapshot, scores: list[float], eq11: int, placeable: dict[int, bool]
+    ) -> Explain:
         """``explain(kind, action, **fields)`` records a decision with the snapshot's inputs and every
-        candidate's Eq. 4 score and Eq. 5 replicas, and returns it."""
+        candidate's Eq. 4 score, placeability and Eq. 5 replicas, and returns it."""
         demand = demand_tokens_per_s(snap)
         candidates = [
             ev.CandidateScore(
@@ -48,6 +50,7 @@ class DecisionLog:
                 score=round(s, 6),
                 replicas=replicas_needed(c, demand, self.config),
                 measured=c.measured,
+                placeable=placeable.get(c.num_stages, True),
             )
             for c, s in zip(state.candidates, scores)
         ]
@@ -93,6 +96,8 @@ def log_fields(decision: ev.PolicyDecision) -> dict:
         "queues": decision.queues,
         "scores": {c.num_stages: c.score for c in decision.candidates},
     }
+    if decision.why:
+        fields["why"] = decision.why
     if decision.reason:
         fields["reason"] = decision.reason
     if decision.outcome != "issued":

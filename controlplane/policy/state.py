@@ -41,6 +41,8 @@ class ModelState:
     held: dict[str, float] = field(default_factory=dict)  # action -> when it was last recorded as held
     last_replica: str = ""  # a replica seen last: the template of new ones, also after scaling to zero
     scaled_to_zero: bool = False  # the policy removed the last replica itself (an operator's undeploy is final)
+    added: set[str] = field(default_factory=set)  # replicas the policy deployed (removed before an operator's)
+    target_why: str = ""  # why the target granularity is what it is
 
     def serving(self) -> list[ev.PipelineLoad]:
         """Replicas taking requests: READY and not being drained."""

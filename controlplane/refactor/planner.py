@@ -30,6 +30,8 @@ class ClusterView(Protocol):
 
     def spawner(self) -> tuple[str, int] | None: ...
 
+    def stages_served(self, worker_id: str) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterPlanSummary:
@@ -83,9 +85,9 @@ class RefactorPlanner:
     pipeline that is not READY, an unknown pipeline, a target the planner rejects, one that
     needs more new workers than a supervisor can start, or a stage that does not fit the free
     memory of its worker's device, is refused with the reason. New stages go to alive workers
-    that serve no stage of the pipeline (those whose host cache holds the units first), else to
-    workers started for them. KV bytes and the stall are estimated from the engine's last
-    reported KV use and step time.
+    that serve no stage of the pipeline (those whose host cache holds the units first, then those
+    serving the fewest stages of other pipelines), else to workers started for them. KV bytes and
+    the stall are estimated from the engine's last reported KV use and step time.
     """
 
     def __init__(self, coordinator, cluster: ClusterView) -> None:
@@ -108,7 +110,9 @@ class RefactorPlanner:
         old = Layout.from_sizes([len(units) for units in pipeline.plan.stage_units], len(names))
         new = self._target(request, spec, names, pipeline.plan.max_model_len)
         idle = [w for w in self.cluster.alive_workers() if w not in pipeline.workers and w not in self.coordinator.lost]
-        worker_ids = list(dict.fromkeys(pipeline.workers)) + sorted(idle)
+        worker_ids = list(dict.fromkeys(pipeline.workers)) + sorted(
+            idle, key=lambda w: (self.cluster.stages_served(w), w)
+        )
         index = {w: i for i, w in enumerate(worker_ids)}
         holdings = {
             index[w]: WorkerHoldings(index[w], tuple(units), tuple(sorted(cached.get(w, ()))))
