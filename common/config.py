@@ -36,6 +36,7 @@ overridden by ``FLEXPIPE_<SECTION>_<FIELD>`` (upper case), e.g. ``FLEXPIPE_CONTR
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -214,16 +215,19 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         models = tuple(m if isinstance(m, ModelLimits) else _model_limits(m) for m in self.model)
         object.__setattr__(self, "model", models)
-        positive = (self.interval_s, self.window_s, self.sigma, self.target_utilization, self.queue_capacity)
         if self.mode not in ("flexpipe", "static"):
             raise ConfigError(f"policy.mode must be 'flexpipe' or 'static', not {self.mode!r}")
-        if min(positive) <= 0 or self.target_utilization > 1 or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"invalid [policy] settings: {self}")
-        if min(self.cooldown_s, self.hysteresis, self.scale_in_idle_s, self.beta1, self.beta2, self.queue_beta) < 0:
-            raise ConfigError(f"invalid [policy] settings: {self}")
-        if self.confirm_intervals < 1 or self.congestion_intervals < 1:
-            raise ConfigError("policy.confirm_intervals and congestion_intervals must be >= 1")
-        ModelLimits("*", self.min_replicas, self.max_replicas, self.min_stages, self.max_stages)
+        for name, rule in _POLICY_RULES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"policy.{name} must be a finite number, not {value!r}")
+            if not rule[0](value):
+                raise ConfigError(f"policy.{name} must be {rule[1]}, not {value!r}")
+        if self.min_replicas > self.max_replicas or self.min_stages > self.max_stages:
+            raise ConfigError(
+                f"[policy] needs min_replicas <= max_replicas and min_stages <= max_stages, got replicas "
+                f"{self.min_replicas}..{self.max_replicas}, stages {self.min_stages}..{self.max_stages}"
+            )
 
     def limits(self, model_name: str) -> ModelLimits:
         """The bounds for ``model_name``: its ``[[policy.model]]`` entry, else the section's defaults."""
@@ -231,6 +235,38 @@ class PolicyConfig:
             if limits.name == model_name:
                 return limits
         return ModelLimits(model_name, self.min_replicas, self.max_replicas, self.min_stages, self.max_stages)
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NOT_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_ONE = (lambda v: v >= 1 and v == int(v), "an integer >= 1")
+_POLICY_RULES = {
+    "interval_s": _POSITIVE,
+    "window_s": _POSITIVE,
+    "cooldown_s": _NOT_NEGATIVE,
+    "confirm_intervals": _AT_LEAST_ONE,
+    "hysteresis": _NOT_NEGATIVE,
+    "scale_in_idle_s": _NOT_NEGATIVE,
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "sigma": _POSITIVE,
+    "suited_cv_base": _POSITIVE,
+    "suited_cv_exponent": _NOT_NEGATIVE,
+    "beta1": _NOT_NEGATIVE,
+    "beta2": _NOT_NEGATIVE,
+    "target_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "queue_capacity": _AT_LEAST_ONE,
+    "queue_beta": _NOT_NEGATIVE,
+    "queue_gamma": _NOT_NEGATIVE,
+    "min_arrivals_for_cv": _NOT_NEGATIVE,
+    "congestion_intervals": _AT_LEAST_ONE,
+    "congestion_min_queue": _NOT_NEGATIVE,
+    "slo_ttft_s": _POSITIVE,
+    "slo_tpot_s": _POSITIVE,
+    "min_replicas": _NOT_NEGATIVE,
+    "max_replicas": _AT_LEAST_ONE,
+    "min_stages": _AT_LEAST_ONE,
+    "max_stages": _AT_LEAST_ONE,
+}
 
 
 def _model_limits(entry) -> ModelLimits:

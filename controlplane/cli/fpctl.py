@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +78,8 @@ class Fpctl:
         self.endpoint = args.endpoint or self.config.controller.ipc_endpoint
 
     def bus(self) -> BusClient:
+        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[len("ipc://") :]).exists():
+            raise FlexPipeError(f"no controller listens at {self.endpoint}; is the cluster up (`fpctl up`)?")
         return BusClient(
             self.endpoint,
             sender=f"fpctl-{os.getpid()}",
@@ -302,7 +306,7 @@ class Fpctl:
         if self.args.json:
             print(to_json({"path": lines[-1], "profile": profile}))
         else:
-            self.console.print(f"profile stored in {lines[-1]}")
+            self.console.print(f"profile stored in {lines[-1]}", soft_wrap=True)
             for c in profile.candidates if profile else []:
                 speed = f"{c.throughput_tokens_per_s:.1f} tokens/s, TPOT {c.latency_s * 1e3:.1f} ms"
                 self.console.print(
@@ -311,21 +315,28 @@ class Fpctl:
         return 0
 
     def events(self) -> int:
-        """``fpctl events``: the policy's decisions so far; with ``--follow``, new ones as they come (Ctrl-C ends)."""
-        after, first = 0, True
+        """``fpctl events``: the policy's decisions so far; with ``--follow``, new ones and the outcomes of those
+        still in progress as they come (a decision is shown again when its outcome changes; Ctrl-C ends)."""
+        if self.args.limit < 1:
+            raise FlexPipeError("--limit must be at least 1")
+        shown: dict[int, str] = {}  # seq -> the outcome printed
+        first = True
         with self.bus() as bus:
             while first or self.args.follow:
+                unsettled = [seq for seq, outcome in shown.items() if outcome == "issued"]
+                after = min(unsettled) - 1 if unsettled else max(shown, default=0)
                 reply = bus.request(ev.PolicyEventsRequest, after=after, limit=self.args.limit)
+                fresh = [d for d in reply.decisions if shown.get(d.seq) != d.outcome]
+                shown.update({d.seq: d.outcome for d in reply.decisions})
                 if self.args.json and not self.args.follow:
-                    print(to_json(reply.decisions))
+                    print(to_json(fresh))
                 elif self.args.json:
-                    for decision in reply.decisions:
+                    for decision in fresh:
                         print(msgspec.json.encode(decision).decode(), flush=True)
                 else:
-                    print_decisions(self.console, reply.decisions, reply.view.at)
+                    print_decisions(self.console, fresh, reply.view.at)
                     if first and not reply.decisions:
                         self.console.print(f"no decisions yet (policy {_policy_state(reply.view)})")
-                after = reply.decisions[-1].seq if reply.decisions else after
                 first = False
                 if self.args.follow:
                     time.sleep(1.0)
@@ -394,6 +405,12 @@ def trace_plan(args: argparse.Namespace, config, console: Console) -> int:
     from controlplane.simulation.traces import read_azure_trace, with_cv
     from controlplane.simulation.virtual_cluster import local_inventory
 
+    if args.workers is not None and args.workers < 1:
+        raise FlexPipeError("--workers must be at least 1")
+    if args.cv is not None and not (math.isfinite(args.cv) and args.cv >= 0):
+        raise FlexPipeError(f"--cv must be a finite number >= 0, not {args.cv}")
+    if args.limit_requests is not None and args.limit_requests < 1:
+        raise FlexPipeError("--limit-requests must be at least 1")
     requests = read_azure_trace(args.trace, limit=args.limit_requests)
     if args.cv is not None:
         requests = with_cv(requests, args.cv, seed=args.seed)
@@ -405,6 +422,13 @@ def trace_plan(args: argparse.Namespace, config, console: Console) -> int:
         if args.inventory
         else local_inventory(args.workers or config.cluster.workers, config.cluster.worker_memory)
     )
+    profile = load_profile(model)
+    kinds = {d.kind for d in inventory.devices.values()}
+    if profile is not None and profile.device.split(":")[0] not in kinds:
+        print(
+            f"fpctl: note: the profile was measured on {profile.device!r}; the inventory has {sorted(kinds)}",
+            file=sys.stderr,
+        )
     policy = replace(config.policy, mode="flexpipe")
     result = replay(requests, model, policy, candidates, inventory, initial_stages=args.stages or 1, cv=args.cv or 0.0)
     if args.json:
@@ -421,7 +445,9 @@ def trace_plan(args: argparse.Namespace, config, console: Console) -> int:
             )
         )
     else:
-        console.print(f"{result.requests} requests over {result.duration_s:.0f} s, {len(result.decisions)} decisions")
+        by_kind = Counter(f"{d.kind} {d.outcome}" for d in result.decisions)
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items())) or "none"
+        console.print(f"{result.requests} requests over {result.duration_s:.0f} s; decisions: {summary}")
         for decision, layout in zip(result.decisions, result.layouts):
             console.print(decision_line(decision), soft_wrap=True, highlight=False, markup=False)
             replicas = ", ".join(
@@ -559,7 +585,9 @@ def parser() -> argparse.ArgumentParser:
     ):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("pipeline_id", nargs="?" if name == "plan" else None)
-        command.add_argument("--stages", type=int, help="target number of stages")
+        command.add_argument(
+            "--stages", type=int, help="target number of stages (plan --trace: the stage count the replay starts at)"
+        )
         command.add_argument("--layout", help="target unit ranges, e.g. embed..L1.attn,L1.mlp..head")
         command.add_argument("--migrate", help="stage indices to move to other workers, e.g. 1 or 0,2")
         command.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the outcome")

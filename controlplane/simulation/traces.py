@@ -18,6 +18,8 @@ from pathlib import Path
 
 from common.errors import FlexPipeError
 
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
 
 class TraceError(FlexPipeError):
     """A trace file cannot be read or has no requests."""
@@ -36,19 +38,25 @@ def read_azure_trace(path: str | Path, limit: int | None = None) -> list[TracedR
     """The requests of an Azure LLM trace CSV, times relative to the first; raises TraceError naming the line."""
     requests, start = [], None
     try:
-        with open(path, newline="") as f:
-            for line, row in enumerate(csv.DictReader(f), start=2):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in AZURE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise TraceError(f"{path}:1: the header lacks {missing}; an Azure LLM trace has {list(AZURE_COLUMNS)}")
+            for line, row in enumerate(reader, start=2):
                 try:
                     stamp = datetime.fromisoformat(row["TIMESTAMP"].strip()[:26]).timestamp()
                     prompt, output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
-                except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                    raise TraceError(f"{path}:{line}: not an Azure trace row ({exc})") from None
+                except (ValueError, TypeError, AttributeError) as exc:
+                    raise TraceError(f"{path}:{line}: not an Azure trace row: {exc}") from None
                 start = stamp if start is None else start
                 requests.append(TracedRequest(stamp - start, prompt, output))
                 if limit is not None and len(requests) >= limit:
                     break
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise TraceError(f"{path} is not a CSV text file: {exc}") from None
     if not requests:
         raise TraceError(f"trace {path} has no requests")
     requests.sort(key=lambda r: r.at)

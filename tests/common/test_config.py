@@ -72,3 +72,30 @@ def test_sizes(value, expected):
 def test_bad_sizes(value):
     with pytest.raises(ConfigError):
         parse_bytes(value)
+
+
+def test_policy_settings_are_checked_field_by_field_and_models_get_their_own_bounds(tmp_path):
+    import pytest
+
+    from common.config import ConfigError, load_config
+
+    path = tmp_path / "flexpipe.toml"
+    for line, named in [
+        ("interval_s = -1", "policy.interval_s must be > 0"),
+        ('interval_s = "fast"', "policy.interval_s must be a finite number"),
+        ("cooldown_s = nan", "policy.cooldown_s must be a finite number"),
+        ("alpha = 2", "policy.alpha must be in [0, 1]"),
+        ('mode = "auto"', "policy.mode must be 'flexpipe' or 'static'"),
+        ("min_stages = 5", "min_stages <= max_stages"),
+    ]:
+        path.write_text(f"[policy]\n{line}\n")
+        with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            load_config(path, environ={})
+    path.write_text('[policy]\nmax_stages = 3\n[[policy.model]]\nname = "m"\nmax_replicas = 2\nmin_replicas = 0\n')
+    config = load_config(path, environ={"FLEXPIPE_POLICY_COOLDOWN_S": "7.5"})
+    assert config.policy.cooldown_s == 7.5
+    assert config.policy.limits("m").max_replicas == 2 and config.policy.limits("m").min_replicas == 0
+    assert config.policy.limits("other").max_stages == 3
+    path.write_text('[[policy.model]]\nmax_replicas = 2\n')
+    with pytest.raises(ConfigError, match="needs a name"):
+        load_config(path, environ={})
