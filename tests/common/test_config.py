@@ -96,6 +96,6 @@ def test_policy_settings_are_checked_field_by_field_and_models_get_their_own_bou
     assert config.policy.cooldown_s == 7.5
     assert config.policy.limits("m").max_replicas == 2 and config.policy.limits("m").min_replicas == 0
     assert config.policy.limits("other").max_stages == 3
-    path.write_text('[[policy.model]]\nmax_replicas = 2\n')
+    path.write_text("[[policy.model]]\nmax_replicas = 2\n")
     with pytest.raises(ConfigError, match="needs a name"):
         load_config(path, environ={})

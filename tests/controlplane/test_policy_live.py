@@ -113,5 +113,9 @@ def test_the_policy_follows_the_traffic_by_itself(tmp_path, profiled_model):
         by_policy = [t for t in timeline if t["by"] == "policy" and t["outcome"] == "committed"]
         assert len(by_policy) >= 2, timeline
         shown = fpctl(env, "events").stdout
-        assert "granularity" in shown and "scale_out" in shown and "Eq.4" in shown
+        assert "granularity" in shown and "scale_out" in shown and "Eq.4" in shown and "why: " in shown
         assert "policy (flexpipe" in fpctl(env, "status").stdout
+        fpctl(env, "policy", "pause")
+        assert status(env)["policy"]["paused"] is True
+        fpctl(env, "policy", "resume")
+        assert status(env)["policy"]["paused"] is False
