@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from functools import lru_cache
+from pathlib import Path
 
 import zmq
 
@@ -160,11 +161,15 @@ class Controller:
         return self.shell.actors[name]
 
     def close(self) -> None:
+        """Close every socket and remove the IPC endpoint's file, so no one mistakes it for a live controller."""
         for socket in [*self.routers, *self.remote_sockets]:
             socket.close(linger=0)
         if self.authenticator is not None:
             self.authenticator.stop()
         self.context.term()
+        endpoint = self.config.controller.ipc_endpoint
+        if endpoint.startswith("ipc://"):
+            Path(endpoint[len("ipc://") :]).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

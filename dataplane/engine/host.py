@@ -540,6 +540,8 @@ class EngineHost:
             hosted.close()
         self.engines.clear()
         self.requests_socket.close(linger=0)
+        if self.request_endpoint.startswith("ipc://"):
+            Path(self.request_endpoint[len("ipc://") :]).unlink(missing_ok=True)
         self.bus.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
 

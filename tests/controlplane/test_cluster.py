@@ -87,3 +87,11 @@ def test_up_deploy_generate_kill_down(cluster_env, tiny_model):
         time.sleep(0.2)
     assert not (Path(env["FLEXPIPE_RUNTIME_DIR"]) / "cluster.json").exists()
     assert not [ring for pid in pids for ring in shared_memory_dir().glob(f"flexpipe-{pid}-*")]
+    assert not list(Path(env["FLEXPIPE_RUNTIME_DIR"]).glob("*.sock")), "fpctl down leaves no endpoint behind"
+
+
+def test_commands_fail_at_once_when_no_cluster_is_up(cluster_env):
+    started = time.monotonic()
+    result = fpctl(cluster_env, "events", check=False)
+    assert result.returncode == 1 and "is the cluster up" in result.stderr
+    assert time.monotonic() - started < 8  # not the 10 s bus timeout
