@@ -10,24 +10,26 @@ from rich.table import Table
 from common import events as ev
 
 
-def policy_table(view: ev.PolicyView) -> Table:
-    """One row per model: stages of its replicas, replicas now and wanted, rate, CV, trend, cooldown, in flight."""
+def policy_table(view: ev.PolicyView, wide: bool = False) -> Table:
+    """One row per model: its replicas' stage counts, replicas now, the target (stages x replicas), rate and CV;
+    ``wide`` adds the trend, the cooldown left and the change in flight. Cells never wrap."""
     state = "paused" if view.paused else view.mode
     table = Table(title=f"policy ({state}, {view.decisions} decisions)")
-    for column in ("model", "stages", "replicas", "target", "rate/s", "CV", "trend", "cooldown", "in flight"):
+    columns = ("model", "stages", "replicas", "target", "rate/s", "CV")
+    for column in columns + (("trend", "cooldown", "in flight") if wide else ()):
         table.add_column(column, no_wrap=True)
     for m in view.models:
-        table.add_row(
+        row = [
             Path(m.model_dir).name,
             ",".join(map(str, m.stages)) or "-",
             str(m.replicas),
-            f"{m.target_stages} stages x {m.target_replicas}",
+            f"{m.target_stages}x{m.target_replicas}",
             f"{m.arrival_rate:.2f}",
             f"{m.cv:.2f}",
-            f"{m.trend:+.3f}",
-            f"{m.cooldown_left_s:.0f}s",
-            m.in_flight or "-",
-        )
+        ]
+        if wide:
+            row += [f"{m.trend:+.3f}", f"{m.cooldown_left_s:.0f}s", m.in_flight or "-"]
+        table.add_row(*row)
     return table
 
 

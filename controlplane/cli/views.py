@@ -106,7 +106,7 @@ def print_status(console: Console, status: ev.StatusReply, wide: bool = False) -
     if status.rejected_messages:
         console.print(f"rejected messages: {status.rejected_messages}")
     if status.policy is not None:
-        console.print(policy_table(status.policy))
+        console.print(policy_table(status.policy, wide))
 
 
 def print_refactor_outcome(console: Console, outcome) -> None:

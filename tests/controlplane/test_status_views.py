@@ -68,8 +68,27 @@ def realistic_status() -> ev.StatusReply:
         reason="worker worker-5 was lost: exited with code -9",
     )
     host = ev.EngineHostView(host_id="engine-0", state="alive", pid=411999, request_address="tcp://10.0.3.17:7701")
+    model = ev.ModelPolicyView(
+        model_dir=pipeline.model_dir,
+        stages=[4, 2],
+        replicas=2,
+        target_stages=4,
+        target_replicas=3,
+        arrival_rate=12.5,
+        cv=3.75,
+        trend=-0.125,
+        cooldown_left_s=12.0,
+        in_flight="split chat-prod-r1 2 -> 4 stages",
+    )
+    policy = ev.PolicyView(mode="flexpipe", paused=False, models=[model], decisions=17)
     return ev.StatusReply(
-        sender="controller", reply_to=1, workers=workers, engine_hosts=[host], pipelines=[pipeline], rejected_messages=3
+        sender="controller",
+        reply_to=1,
+        workers=workers,
+        engine_hosts=[host],
+        pipelines=[pipeline],
+        rejected_messages=3,
+        policy=policy,
     )
 
 
@@ -92,6 +111,9 @@ def test_the_default_tables_fit_80_columns_with_one_line_per_row():
         assert stage.worker_id in row and " 17 " in row
     assert any("worker worker-5 was lost: exited with code -9" in line for line in lines), "the reason is shown"
     assert any("tcp://10.0.3.17:7701" in line for line in lines), "the engine host's address is shown"
+    (row,) = [line for line in lines if "SmolLM2-135M-Instruct" in line]
+    assert "4,2" in row and "4x3" in row and "12.50" in row and "3.75" in row
+    assert any("policy (flexpipe, 17 decisions)" in line for line in lines)
 
 
 def test_wide_tables_show_every_column_on_one_line_per_row():
@@ -103,3 +125,6 @@ def test_wide_tables_show_every_column_on_one_line_per_row():
     pipelines = render(lambda console: console.print(pipelines_table(status, wide=True)), 200)
     (row,) = [line for line in pipelines if "L0.attn..L7.mlp" in line]
     assert "50%" in row and "1200/52000" in row and "exited with code -9" in row
+    policy = render(lambda console: print_status(console, status, wide=True), 200)
+    (row,) = [line for line in policy if "SmolLM2-135M-Instruct" in line and "4x3" in line]
+    assert "-0.125" in row and "12s" in row and "split chat-prod-r1 2 -> 4 stages" in row
