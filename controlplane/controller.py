@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-from functools import lru_cache
 from pathlib import Path
 
 import zmq
@@ -49,7 +48,7 @@ def build_actors(config: FlexPipeConfig, inventory=None, refactor_timeouts_s: di
         allocator = Allocator(inventory) if inventory is not None else Allocator()
         actors.append(allocator)
         placeable = AllocatorCapacity(allocator)
-    actors.append(Policy(config.policy, lru_cache(maxsize=64)(load_candidates), placeable or (lambda *_: "")))
+    actors.append(Policy(config.policy, load_candidates, placeable or (lambda *_: "")))
     return actors
 
 

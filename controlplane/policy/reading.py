@@ -23,7 +23,6 @@ class Reading:
     requests waiting; ``why_*``: the reasons."""
 
     cv: float
-    quiet: bool
     scores: list[float]
     placeable: dict[int, bool]
     best: int
@@ -82,4 +81,4 @@ def read_snapshot(
             f"; SLO missed: TTFT p99 {snap.ttft_p99_s:.2f} s (SLO {config.slo_ttft_s} s), "
             f"TPOT p99 {snap.tpot_p99_s:.3f} s (SLO {config.slo_tpot_s} s) with requests waiting"
         )
-    return Reading(cv, quiet, scores, fits, best, eq11, needed, rate_known, slo_missed, why_granularity, why_replicas)
+    return Reading(cv, scores, fits, best, eq11, needed, rate_known, slo_missed, why_granularity, why_replicas)

@@ -53,6 +53,3 @@ class ModelState:
         """Every replica counted as capacity: serving or on its way (deploying), not draining, not failed."""
         pipelines = self.snapshot.pipelines if self.snapshot else []
         return [p for p in pipelines if p.state not in ("FAILED", "DEGRADED") and p.pipeline_id not in self.draining]
-
-    def candidate(self, num_stages: int) -> Candidate | None:
-        return next((c for c in self.candidates if c.num_stages == num_stages), None)

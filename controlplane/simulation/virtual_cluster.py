@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import events as ev
+from common.model.partition import partition_model
 from common.model.spec import ModelSpec
 from common.model.units import Layout, unit_names
 from common.topology import Device, ResourceGraph
 from controlplane.actor import Send
 from controlplane.allocator import Allocator
 from controlplane.policy.candidates import Candidate
+from controlplane.policy.estimate import CONTEXT_TOKENS
 from controlplane.policy.placement import stage_memory_of
 from controlplane.simulation.traces import TracedRequest
 
@@ -74,7 +76,8 @@ class VirtualCluster:
         self.speed = {c.num_stages: c for c in candidates}
         self.allocator = allocator
         self.max_num_seqs, self.deploy_s, self.refactor_s = max_num_seqs, deploy_s, refactor_s
-        self.names = unit_names(ModelSpec.from_dir(Path(model_dir)).num_layers)
+        self.spec = ModelSpec.from_dir(Path(model_dir))
+        self.names = unit_names(self.spec.num_layers)
         self.replicas: dict[str, VirtualReplica] = {}
         self.pending_replies: list[tuple[float, str, ev.Event]] = []
         self.arrivals: list[ev.Arrival] = []
@@ -149,10 +152,7 @@ class VirtualCluster:
         return list(decided[0].devices) if decided else []
 
     def _layout(self, num_stages: int) -> list[str]:
-        from common.model.partition import partition_model
-
-        spec = ModelSpec.from_dir(Path(self.model_dir))
-        return partition_model(spec, num_stages, 512).describe(self.names)
+        return partition_model(self.spec, num_stages, CONTEXT_TOKENS).describe(self.names)
 
     def _view(self, replica: VirtualReplica, now: float) -> ev.PipelineUpdated:
         layout = Layout.from_spec(replica.layout, self.names)
